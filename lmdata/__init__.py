@@ -1,0 +1,46 @@
+"""lmdata: memory-mapped token shards, Numba batch gathering, resumable samplers and a prefetching loader.
+
+lmdata knows nothing of models: it turns token files into int64 (B, T) tensors on a device.
+"""
+
+from lmdata.batch import get_batch
+from lmdata.dataset import TokenDataset, resolve_source
+from lmdata.errors import (
+    DatasetNotFoundError,
+    LmDataError,
+    ManifestError,
+    SamplerStateError,
+    ShardFormatError,
+)
+from lmdata.format import Shard, make_header, open_shard
+from lmdata.gather import gather_batch, gather_windows
+from lmdata.manifest import Manifest, ShardEntry
+from lmdata.sampler import EpochSampler, RandomSampler, make_sampler
+from lmdata.validate import ShardReport, ValidationResult, validate_shards
+from lmdata.writer import ShardWriter, write_shards
+
+__all__ = [
+    "DatasetNotFoundError",
+    "EpochSampler",
+    "LmDataError",
+    "Manifest",
+    "ManifestError",
+    "RandomSampler",
+    "SamplerStateError",
+    "Shard",
+    "ShardEntry",
+    "ShardFormatError",
+    "ShardReport",
+    "ShardWriter",
+    "TokenDataset",
+    "ValidationResult",
+    "gather_batch",
+    "gather_windows",
+    "get_batch",
+    "make_header",
+    "make_sampler",
+    "open_shard",
+    "resolve_source",
+    "validate_shards",
+    "write_shards",
+]

@@ -1,0 +1,71 @@
+"""Durable, atomic file replacement, shared by every writer in the project (shards, manifests, checkpoints).
+
+A reader of ``path`` sees either the old complete file or the new complete file, never a partial one, even if
+the process is killed with SIGKILL at any instant or the machine loses power after this returns:
+
+1. write into a temporary file in the *same directory* (``os.replace`` is atomic only within a file system),
+2. flush Python's buffer and ``fsync`` the file so its bytes are on disk before the rename,
+3. ``os.replace`` it onto the final name,
+4. ``fsync`` the directory so the rename itself is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename or unlink inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a temporary file for binary writing; on a clean exit, atomically put it at ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` is untouched. A crash leaves at worst a
+    ``.tmp-*`` file beside ``path``; :func:`remove_stale_temporaries` cleans those up.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete temporary files that a killed writer left in ``directory`` (only those for ``name`` if given).
+
+    Call this only when no other process is writing into the directory.
+    """
+    pattern = f"{TMP_PREFIX}{name}.*" if name else f"{TMP_PREFIX}*"
+    removed = []
+    for stale in Path(directory).glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed.append(stale)
+    return removed

@@ -1,0 +1,28 @@
+"""Typed exceptions raised by lmdata.
+
+Library code raises these with a message that names the file, the value and what to do; only command-line
+entry points turn them into exit codes. Each also derives from the builtin a caller would naturally catch
+(``ValueError`` for bad data, ``FileNotFoundError`` for a missing path).
+"""
+
+from __future__ import annotations
+
+
+class LmDataError(Exception):
+    """Base class of every error lmdata raises on purpose."""
+
+
+class DatasetNotFoundError(LmDataError, FileNotFoundError):
+    """A dataset path, directory or glob that names no readable shard."""
+
+
+class ShardFormatError(LmDataError, ValueError):
+    """A shard file whose bytes do not match any supported format (bad header, odd size, wrong dtype...)."""
+
+
+class ManifestError(LmDataError, ValueError):
+    """A ``manifest.json`` that cannot be parsed or disagrees with the shards beside it."""
+
+
+class SamplerStateError(LmDataError, ValueError):
+    """A sampler or loader state that cannot be loaded here (other world size, other dataset...)."""

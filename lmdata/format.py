@@ -1,0 +1,132 @@
+"""On-disk shard formats, and opening one shard as a read-only memory map.
+
+lmdata writes the llm.c / modded-nanogpt shard, all little-endian::
+
+    byte offset   size               content
+    0             256 x int32        header: [0] = 20240520 (magic), [1] = 1 (version),
+                                             [2] = token count n, [3..255] = 0
+    1024          n x uint16         the tokens
+
+and also reads, unchanged:
+
+* nanoGPT's headerless ``.bin``: the whole file is little-endian uint16 tokens;
+* ``.npy``: any 1-D integer array, opened with ``np.load(mmap_mode="r")``.
+
+A ``.bin`` file of at least 1024 bytes whose first int32 is the magic is read as headered; any other ``.bin``
+as headerless. (A headerless file whose first two tokens happen to be 50120, 308 would be mistaken for a
+headered one; its version and size checks then fail loudly rather than silently misreading it.)
+
+Opening never reads tokens: it checks the header and the file size, then maps the file. Pages are read by the
+kernel only when a batch touches them, and they are clean, file-backed pages that the OS can drop at any time,
+so a process's private memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmdata.errors import DatasetNotFoundError, ShardFormatError
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+SHARD_SUFFIXES = (".bin", ".npy")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One memory-mapped shard. ``tokens`` is a read-only 1-D integer array that is never read whole."""
+
+    path: Path
+    tokens: np.ndarray
+    format: str  # "llmc" (headered), "nanogpt" (headerless .bin) or "npy"
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def make_header(num_tokens: int) -> bytes:
+    """The 1024-byte llm.c header for a shard of ``num_tokens`` uint16 tokens."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, num_tokens
+    return header.tobytes()
+
+
+def open_shard(path: str | os.PathLike) -> Shard:
+    """Map one shard read-only after checking its header and size. Raises ShardFormatError if it is bad."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DatasetNotFoundError(f"{path}: no such shard file") from None
+    if size == 0:
+        raise ShardFormatError(f"{path}: empty file (0 bytes); delete it or re-run data preparation")
+    if path.suffix == ".npy":
+        return _open_npy(path)
+    return _open_bin(path, size)
+
+
+def _open_bin(path: Path, size: int) -> Shard:
+    if size >= HEADER_BYTES:
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+        if header[0] == MAGIC:
+            return _open_headered(path, size, header)
+    if size % 2:
+        raise ShardFormatError(
+            f"{path}: odd byte count {size}, so it is not a file of uint16 tokens "
+            "(truncated copy, or written with another dtype?)"
+        )
+    return Shard(path, np.memmap(path, dtype=TOKEN_DTYPE, mode="r"), "nanogpt")
+
+
+def _open_headered(path: Path, size: int, header: np.ndarray) -> Shard:
+    version, count = int(header[1]), int(header[2])
+    if version != VERSION:
+        raise ShardFormatError(
+            f"{path}: header version {version} is not supported (expected {VERSION}); "
+            "rewrite the shard with lmdata.write_shards"
+        )
+    expected = HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise ShardFormatError(
+            f"{path}: header says {count} tokens ({expected} bytes with the header) but the file has {size} "
+            "bytes; it is truncated or padded, so re-create it"
+        )
+    if count == 0:
+        raise ShardFormatError(f"{path}: header says 0 tokens; delete the shard or re-run data preparation")
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+    return Shard(path, tokens, "llmc")
+
+
+def _open_npy(path: Path) -> Shard:
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ShardFormatError(f"{path}: not a readable .npy file ({e})") from None
+    check_token_array(tokens, what=str(path))
+    if tokens.shape[0] == 0:
+        raise ShardFormatError(f"{path}: holds no tokens; delete it or re-run data preparation")
+    return Shard(path, tokens, "npy")
+
+
+def check_token_array(tokens: np.ndarray, what: str) -> None:
+    """Raise ShardFormatError unless ``tokens`` is a 1-D native-endian integer array the kernels can read."""
+    if not isinstance(tokens, np.ndarray):
+        raise ShardFormatError(f"{what}: expected a numpy array of token ids, got {type(tokens).__name__}")
+    if tokens.ndim != 1:
+        raise ShardFormatError(f"{what}: token array must be 1-D, got shape {tokens.shape}")
+    if tokens.dtype.kind not in "iu":
+        raise ShardFormatError(f"{what}: token dtype must be an integer type, got {tokens.dtype}")
+    if not tokens.dtype.isnative:
+        raise ShardFormatError(
+            f"{what}: token dtype {tokens.dtype} is not in this machine's byte order; "
+            f"convert it with arr.astype('{tokens.dtype.newbyteorder('=').str}')"
+        )

@@ -1,0 +1,252 @@
+"""Samplers: which windows make up batch ``step`` on ``rank``, as pure functions of (seed, step, rank, world).
+
+A window is identified by a *global window id* ``g`` in ``[0, num_windows)``; :class:`WindowIndex` maps it to
+(shard, start). Windows never cross a shard boundary.
+
+* ``random`` (:class:`RandomSampler`): every start position ``0 .. len - T - 1`` of every shard is a window
+  (stride 1), drawn uniformly with replacement, the course's and nanoGPT's semantics. Rank ``r`` draws from its
+  own stream, so ranks are independent.
+* ``epoch`` (:class:`EpochSampler`): windows start at multiples of T (stride T: window k holds tokens
+  ``kT .. kT+T``, so consecutive windows share one boundary token and every token but a shard's first is a
+  target exactly once per epoch). The stream of all ranks together visits every window once per epoch in an
+  order shuffled anew each epoch; rank ``r`` takes items ``(step*W + r)*B .. +B`` of it, so ranks are disjoint.
+
+No per-window index array is ever built: the epoch order is a keyed Feistel permutation on window ids, computed
+in O(1) memory per lookup, and the random stream is a counter-based hash. So a 10^12-token dataset starts
+instantly, and a sampler's whole state is a few integers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from lmdata.errors import SamplerStateError
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(inline="always")
+def _mix64(z):
+    """SplitMix64's finaliser: a bijective, well-avalanched hash of a uint64."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(nogil=True, cache=True)
+def hash3(a, b, c):
+    """A uint64 hash of three non-negative int64 keys (seed, stream, counter)."""
+    h = _mix64(np.uint64(a) + np.uint64(0x9E3779B97F4A7C15))
+    h = _mix64(h ^ (np.uint64(b) + np.uint64(0x9E3779B97F4A7C15)))
+    return _mix64(h ^ (np.uint64(c) + np.uint64(0x9E3779B97F4A7C15)))
+
+
+@njit(nogil=True, cache=True)
+def random_windows(seed, stream, first, count, num_windows, out):
+    """out[i] = uniform id in [0, num_windows) for counter ``first + i`` of ``stream``.
+
+    ``hash % n`` has a bias below n / 2^64 (< 1e-7 for 10^12 windows): negligible for sampling.
+    """
+    n = np.uint64(num_windows)
+    for i in range(count):
+        out[i] = np.int64(hash3(seed, stream, first + i) % n)
+
+
+@njit(nogil=True, cache=True)
+def permute(position, num_windows, key, half_bits):
+    """The epoch permutation: a bijection of [0, num_windows), keyed by ``key``.
+
+    A 4-round Feistel network on ``2 * half_bits`` bits (a bijection on [0, 4^half_bits)), with cycle walking:
+    re-apply until the value lands in range. Because 4^half_bits < 4 * num_windows, this takes < 4 rounds of
+    the network on average. Restricting a permutation by cycle walking keeps it a bijection of the range.
+    """
+    mask = (np.uint64(1) << np.uint64(half_bits)) - np.uint64(1)
+    shift = np.uint64(half_bits)
+    n = np.uint64(num_windows)
+    x = np.uint64(position)
+    while True:
+        left = x >> shift
+        right = x & mask
+        for r in range(4):
+            f = _mix64(right ^ _mix64(np.uint64(key) + np.uint64(r) * np.uint64(0x9E3779B97F4A7C15))) & mask
+            left, right = right, left ^ f
+        x = (left << shift) | right
+        if x < n:
+            return np.int64(x)
+
+
+@njit(nogil=True, cache=True)
+def epoch_windows(seed, first, count, num_windows, half_bits, out):
+    """out[i] = the window at position ``first + i`` of the endless epoch stream (epoch e = pos // n)."""
+    for i in range(count):
+        g = first + i
+        epoch = g // num_windows
+        key = hash3(seed, epoch, 0x5EED)
+        out[i] = permute(g % num_windows, num_windows, np.int64(key >> np.uint64(1)), half_bits)
+
+
+def feistel_half_bits(num_windows: int) -> int:
+    """Smallest h >= 1 with 4^h >= num_windows."""
+    h = 1
+    while (1 << (2 * h)) < num_windows:
+        h += 1
+    return h
+
+
+class WindowIndex:
+    """Maps global window ids to (shard, start) for windows of ``context_length + 1`` tokens at ``stride``.
+
+    ``lengths`` are shard lengths in tokens (0 for a skipped shard). Memory is O(number of shards).
+    """
+
+    def __init__(self, lengths: np.ndarray, context_length: int, stride: int):
+        lengths = np.asarray(lengths, dtype=np.int64)
+        span = context_length + 1
+        counts = np.where(lengths >= span, (lengths - span) // stride + 1, 0)
+        self.context_length = context_length
+        self.stride = stride
+        self.ends = np.cumsum(counts)  # ends[i]: one past the last window id of shard i
+        self.num_windows = int(self.ends[-1]) if len(self.ends) else 0
+        if self.num_windows == 0:
+            raise ValueError(
+                f"no shard holds a window of context_length + 1 = {span} tokens "
+                f"(longest shard: {int(lengths.max(initial=0))} tokens); use a shorter context_length"
+            )
+
+    def locate(self, window_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard_ids, starts) for an int64 array of window ids."""
+        shard_ids = np.searchsorted(self.ends, window_ids, side="right")
+        first_of_shard = np.where(shard_ids > 0, self.ends[shard_ids - 1], 0)
+        return shard_ids, (window_ids - first_of_shard) * self.stride
+
+
+class _Sampler:
+    """Common state and resume logic. Subclasses implement :meth:`window_ids`."""
+
+    kind: int  # stored in state dicts, which hold ints only
+    stride_is_context: bool
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        context_length: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        problems = []
+        if batch_size <= 0:
+            problems.append(f"batch_size must be positive, got {batch_size}")
+        if context_length <= 0:
+            problems.append(f"context_length must be positive, got {context_length}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            problems.append(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if seed < 0:
+            problems.append(f"seed must be non-negative, got {seed}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        stride = context_length if self.stride_is_context else 1
+        self.index = WindowIndex(lengths, context_length, stride)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.step = 0
+
+    @property
+    def num_windows(self) -> int:
+        return self.index.num_windows
+
+    def window_ids(self, step: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
+        return self.index.locate(self.window_ids(step))
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "batch_size": self.batch_size,
+            "context_length": self.index.context_length,
+            "num_windows": self.num_windows,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``; refuses a state made for another sampler, world size or dataset."""
+        mine = self.state_dict()
+        if int(state["world_size"]) != self.world_size:
+            raise SamplerStateError(
+                f"the sampler state was saved with world_size={int(state['world_size'])} but this run has "
+                f"world_size={self.world_size}; resume with the same number of processes"
+            )
+        diffs = [
+            f"{k}: saved {int(state[k])}, now {mine[k]}"
+            for k in ("kind", "seed", "rank", "batch_size", "context_length", "num_windows")
+            if int(state[k]) != mine[k]
+        ]
+        if diffs:
+            raise SamplerStateError(
+                "the sampler state does not match this sampler (" + "; ".join(diffs) + "); "
+                "resume with the same data, sampler, seed, batch size and context length"
+            )
+        self.step = int(state["step"])
+
+
+class RandomSampler(_Sampler):
+    """Windows uniformly with replacement; rank r draws stream r, so ranks are independent."""
+
+    kind = 0
+    stride_is_context = False
+
+    def window_ids(self, step: int) -> np.ndarray:
+        out = np.empty(self.batch_size, dtype=np.int64)
+        random_windows(self.seed, self.rank, step * self.batch_size, self.batch_size, self.num_windows, out)
+        return out
+
+
+class EpochSampler(_Sampler):
+    """Every window once per epoch in a freshly shuffled order; ranks take disjoint slices of each step."""
+
+    kind = 1
+    stride_is_context = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._half_bits = feistel_half_bits(self.num_windows)
+
+    def first_position(self, step: int) -> int:
+        return (step * self.world_size + self.rank) * self.batch_size
+
+    def epoch(self, step: int) -> int:
+        """The epoch in which batch ``step`` of this rank begins."""
+        return self.first_position(step) // self.num_windows
+
+    def window_ids(self, step: int) -> np.ndarray:
+        out = np.empty(self.batch_size, dtype=np.int64)
+        first = self.first_position(step)
+        epoch_windows(self.seed, first, self.batch_size, self.num_windows, self._half_bits, out)
+        return out
+
+
+SAMPLERS = {"random": RandomSampler, "epoch": EpochSampler}
+
+
+def make_sampler(name: str, lengths: np.ndarray, context_length: int, batch_size: int, **kwargs) -> _Sampler:
+    """Build the sampler called ``name`` ("random" or "epoch")."""
+    try:
+        cls = SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
+    return cls(lengths, context_length, batch_size, **kwargs)

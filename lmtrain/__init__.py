@@ -1,0 +1,1 @@
+"""lmtrain: the Transformer LM, optimizer, schedule, checkpoints and the training command."""

@@ -1,0 +1,121 @@
+"""Gathering: every token of every window checked against consecutive-integer shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmdata import TokenDataset, gather_batch, get_batch
+from lmdata.sampler import WindowIndex
+from tests.conftest import SHARD_BASE, make_shards
+
+
+def expected_window(shard: int, start: int, T: int) -> np.ndarray:
+    return shard * SHARD_BASE + np.arange(start, start + T + 1)
+
+
+@pytest.mark.parametrize("fmt", ["llmc", "nanogpt", "npy"])
+@pytest.mark.parametrize("out_dtype", [np.int64, np.int32])
+def test_gather_every_window_of_every_shard_exactly(tmp_path, fmt, out_dtype):
+    T = 16
+    ds = TokenDataset(make_shards(tmp_path, [T + 1, 100, 57], fmt))
+    index = WindowIndex(ds.lengths, T, stride=1)
+    all_ids = np.arange(index.num_windows)
+    shard_ids, starts = index.locate(all_ids)
+    # The last valid window of each shard is included: start = len - T - 1.
+    for sid, n in enumerate(ds.lengths):
+        assert starts[shard_ids == sid].max() == n - T - 1
+    inputs = np.empty((len(all_ids), T), out_dtype)
+    targets = np.empty_like(inputs)
+    gather_batch([s.tokens for s in ds.shards], shard_ids, starts, inputs, targets)
+    for row, (sid, start) in enumerate(zip(shard_ids, starts, strict=True)):
+        window = expected_window(sid, start, T)
+        np.testing.assert_array_equal(inputs[row], window[:-1])
+        np.testing.assert_array_equal(targets[row], window[1:])
+
+
+def test_get_batch_shapes_values_and_shift():
+    x = np.arange(1000, dtype=np.uint16)
+    inputs, targets = get_batch(x, 4, 8, "cpu")
+    assert inputs.shape == targets.shape == (4, 8)
+    assert inputs.dtype == targets.dtype == torch.int64
+    assert inputs.device.type == "cpu"
+    torch.testing.assert_close(targets, inputs + 1)
+    torch.testing.assert_close(inputs - inputs[:, :1], torch.arange(8).expand(4, 8))
+
+
+def test_get_batch_accepts_int64_arrays_and_memmaps(tmp_path):
+    big = np.arange(2**40, 2**40 + 500, dtype=np.int64)
+    inputs, targets = get_batch(big, 3, 5, "cpu")
+    assert int(inputs.min()) >= 2**40
+    torch.testing.assert_close(targets, inputs + 1)
+    (path,) = make_shards(tmp_path, [500], "nanogpt")
+    inputs, _ = get_batch(np.memmap(path, dtype=np.uint16, mode="r"), 3, 5, "cpu")
+    assert int(inputs.max()) < 500
+
+
+def test_get_batch_reaches_every_start_and_no_other():
+    x = np.arange(20, dtype=np.int64)
+    T = 5
+    torch.manual_seed(0)
+    starts = torch.cat([get_batch(x, 64, T, "cpu")[0][:, 0] for _ in range(40)])
+    assert sorted(set(starts.tolist())) == list(range(len(x) - T))  # 0 .. len(x) - T - 1
+
+
+def test_get_batch_is_reproducible_under_manual_seed_and_generator():
+    x = np.arange(10_000, dtype=np.uint16)
+    torch.manual_seed(123)
+    a = get_batch(x, 8, 32, "cpu")
+    torch.manual_seed(123)
+    b = get_batch(x, 8, 32, "cpu")
+    c = get_batch(x, 8, 32, "cpu", generator=torch.Generator().manual_seed(123))
+    for u, v, w in zip(a, b, c, strict=True):
+        assert torch.equal(u, v) and torch.equal(u, w)
+
+
+def test_get_batch_returns_new_tensors_each_call():
+    x = np.arange(10_000, dtype=np.uint16)
+    first, _ = get_batch(x, 4, 16, "cpu")
+    kept = first.clone()
+    for _ in range(5):
+        get_batch(x, 4, 16, "cpu")
+    assert torch.equal(first, kept)
+
+
+@pytest.mark.parametrize(
+    ("n", "B", "T", "message"),
+    [
+        (10, 2, 10, "x has 10 tokens but a window needs context_length + 1 = 11"),
+        (5, 2, 9, "x has 5 tokens but a window needs context_length + 1 = 10"),
+        (100, 0, 4, "batch_size=0, context_length=4"),
+        (100, 2, -1, "batch_size=2, context_length=-1"),
+    ],
+)
+def test_get_batch_bad_sizes_raise_value_error_naming_numbers(n, B, T, message):
+    with pytest.raises(ValueError) as err:
+        get_batch(np.arange(n, dtype=np.uint16), B, T, "cpu")
+    assert message in str(err.value)
+
+
+def test_get_batch_refuses_non_integer_and_2d_input():
+    with pytest.raises(ValueError, match="dtype must be an integer type, got float32"):
+        get_batch(np.zeros(100, np.float32), 2, 4, "cpu")
+    with pytest.raises(ValueError, match="must be 1-D"):
+        get_batch(np.zeros((10, 10), np.int64), 2, 4, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only build's behaviour")
+def test_get_batch_unusable_device_raises_instead_of_falling_back():
+    with pytest.raises((RuntimeError, AssertionError)):
+        get_batch(np.arange(100, dtype=np.uint16), 2, 4, "cuda:99")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_get_batch_on_cuda():
+    inputs, targets = get_batch(np.arange(1000, dtype=np.uint16), 4, 8, "cuda")
+    assert inputs.is_cuda and targets.is_cuda
+    torch.testing.assert_close(targets, inputs + 1)
+    with pytest.raises((RuntimeError, AssertionError)):
+        get_batch(np.arange(100, dtype=np.uint16), 2, 4, f"cuda:{torch.cuda.device_count() + 7}")
