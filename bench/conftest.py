@@ -2,8 +2,9 @@
 
 Each benchmark sets ``benchmark.extra_info["role"]``: "baseline" (what the others are compared with),
 "memcpy" (a plain copy of the same bytes, the speed limit), or nothing. At the end, for every group,
-``pytest_terminal_summary`` prints each benchmark's speed-up over the baseline (median times) and its speed
-as a fraction of the memcpy's.
+``pytest_terminal_summary`` prints each benchmark's speed-up over the baseline (from median times, and from
+minimum times, which are less disturbed by other load on a shared machine) and its speed as a fraction of the
+memcpy's.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def pytest_terminal_summary(terminalreporter):
     groups: dict[str, list] = {}
     for bench in session.benchmarks:
         groups.setdefault(bench.group or "", []).append(bench)
-    terminalreporter.section("ratios measured in this run (median times)")
+    terminalreporter.section("speed ratios measured in this run (baseline time / time; median, and min)")
     for group, benches in groups.items():
         by_role = {b.extra_info.get("role"): b for b in benches}
         base, memcpy = by_role.get("baseline"), by_role.get("memcpy")
@@ -56,7 +57,7 @@ def pytest_terminal_summary(terminalreporter):
                 continue
             text = f"{b.name.split('[')[0].removeprefix('test_')}"
             if base is not None:
-                text += f" {base.stats.median / b.stats.median:.1f}x"
+                text += f" {base.stats.median / b.stats.median:.3g}x (min: {base.stats.min / b.stats.min:.3g}x)"
             if memcpy is not None:
                 text += f" ({memcpy.stats.median / b.stats.median:.0%} of memcpy)"
             parts.append(text)

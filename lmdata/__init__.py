@@ -14,13 +14,16 @@ from lmdata.errors import (
 )
 from lmdata.format import Shard, make_header, open_shard
 from lmdata.gather import gather_batch, gather_windows
+from lmdata.loader import BatchLoader, LoaderStats
 from lmdata.manifest import Manifest, ShardEntry
 from lmdata.sampler import EpochSampler, RandomSampler, make_sampler
 from lmdata.validate import ShardReport, ValidationResult, validate_shards
 from lmdata.writer import ShardWriter, write_shards
 
 __all__ = [
+    "BatchLoader",
     "DatasetNotFoundError",
+    "LoaderStats",
     "EpochSampler",
     "LmDataError",
     "Manifest",
