@@ -18,6 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from numba import njit
+from numba.typed import List
+
+from lmdata.sampler import _Sampler, locate_into, window_ids_into
 
 
 @njit(nogil=True, cache=True)
@@ -36,6 +39,53 @@ def gather_windows(tokens, starts, rows, inputs, targets):
             inputs[r, t] = window[t]
         for t in range(T):
             targets[r, t] = window[t + 1]
+
+
+@njit(nogil=True, cache=True)
+def gather_from_shards(shards, shard_ids, starts, inputs, targets):
+    """Like :func:`gather_windows`, row j from ``shards[shard_ids[j]]``; ``shards`` is a typed List of arrays."""
+    T = inputs.shape[1]
+    for j in range(starts.shape[0]):
+        s = starts[j]
+        window = shards[shard_ids[j]][s : s + T + 1]
+        for t in range(T):
+            inputs[j, t] = window[t]
+            targets[j, t] = window[t + 1]
+
+
+@njit(nogil=True, cache=True)
+def sample_and_gather(
+    kind, seed, rank, world_size, num_windows, half_bits, ends, stride, step, shards, scratch, inputs, targets
+):
+    """Batch ``step`` of a sampler (see ``_Sampler.kernel_args``) gathered in one call that never holds the GIL.
+
+    scratch: (3, B) int64 workspace for window ids, shard ids and starts.
+    """
+    window_ids_into(kind, seed, rank, world_size, step, num_windows, half_bits, scratch[0])
+    locate_into(scratch[0], ends, stride, scratch[1], scratch[2])
+    gather_from_shards(shards, scratch[1], scratch[2], inputs, targets)
+
+
+class BatchFiller:
+    """Fills host arrays with batch ``step`` of a sampler, for the loader's background thread.
+
+    When every shard has the same dtype (the usual case) the whole batch, from step number to tokens, is one
+    Numba call: the thread then holds the GIL for microseconds a batch, so it barely delays the model's Python
+    thread. Mixed dtypes (an int32 .npy beside uint16 .bin files, say) take the per-shard path.
+    """
+
+    def __init__(self, sampler: _Sampler, shards: Sequence[np.ndarray]):
+        self.sampler = sampler
+        self.shards = [np.asarray(s) for s in shards]  # plain ndarrays over the same pages
+        same = len({(s.dtype, s.flags.writeable) for s in self.shards}) == 1
+        self._typed = List(self.shards) if same else None
+        self._scratch = np.empty((3, sampler.batch_size), dtype=np.int64)
+
+    def fill(self, step: int, inputs: np.ndarray, targets: np.ndarray) -> None:
+        if self._typed is not None:
+            sample_and_gather(*self.sampler.kernel_args, step, self._typed, self._scratch, inputs, targets)
+        else:
+            gather_batch(self.shards, *self.sampler.batch(step), inputs, targets)
 
 
 def gather_batch(

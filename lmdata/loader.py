@@ -2,8 +2,8 @@
 
 Pipeline for one batch (B, T)::
 
-    sampler.batch(step) -> (shard ids, starts)          background thread, pure function of the step
-    gather_batch(...) -> host (2, B, T) int64            background thread, Numba kernel, GIL released
+    BatchFiller.fill(step) -> host (2, B, T) int64      background thread, one Numba call, GIL released:
+                                                         step -> window ids -> (shard, start) -> tokens
     host.to(device, non_blocking=True)                   CUDA only: pinned host buffer, dedicated copy stream
     queue of `prefetch` ready batches -> __next__        consumer: no host-device sync
 
@@ -22,18 +22,20 @@ yields exactly the batch the consumer would have seen next.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
 import queue
 import threading
 import time
 import weakref
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lmdata.dataset import TokenDataset
 from lmdata.errors import SamplerStateError
-from lmdata.gather import gather_batch
+from lmdata.gather import BatchFiller
 from lmdata.sampler import make_sampler
 
 _POLL_S = 0.05  # how often blocked threads look at the stop flag: bounds shutdown time
@@ -55,15 +57,62 @@ class _Failure:
     error: BaseException
 
 
+class _Channel:
+    """Bounded FIFO from the producer thread to the consumer that wakes the producer only once it has drained
+    to half its capacity, so the producer refills in bursts.
+
+    Why not ``queue.Queue``: it wakes the producer at every ``get``. Each wake-up costs futex and GIL hand-offs
+    that, on the 2-core machine here, stalled the model's thread for ~150 us a batch (1.5% of a 10 ms step);
+    waking once per ``capacity // 2`` batches brought the loader to within 0.5% of in-memory batches.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: collections.deque = collections.deque()
+        lock = threading.Lock()
+        self._not_empty = threading.Condition(lock)
+        self._not_full = threading.Condition(lock)
+
+    def put(self, item, timeout: float) -> bool:
+        """Append ``item``, waiting up to ``timeout`` s for room; False if there was none."""
+        with self._not_full:
+            if len(self._items) >= self.capacity:
+                self._not_full.wait(timeout)
+                if len(self._items) >= self.capacity:
+                    return False
+            self._items.append(item)
+            self._not_empty.notify()
+            return True
+
+    def get(self, timeout: float):
+        """Pop the oldest item, waiting up to ``timeout`` s; raises queue.Empty if none came."""
+        with self._not_empty:
+            if not self._items:
+                self._not_empty.wait(timeout)
+                if not self._items:
+                    raise queue.Empty
+            item = self._items.popleft()
+            if len(self._items) <= self.capacity // 2:
+                self._not_full.notify()
+            return item
+
+    def full(self) -> bool:
+        return len(self._items) >= self.capacity
+
+    def empty(self) -> bool:
+        return not self._items
+
+
 class _Producer:
     """The background thread and its buffers. Holds no reference to the BatchLoader, so the loader can be
     garbage-collected (which stops this thread) while the thread runs."""
 
-    def __init__(self, sampler, tokens, start_step: int, device: torch.device, prefetch: int, dtype: torch.dtype):
-        self.sampler, self.tokens, self.step = sampler, tokens, start_step
+    def __init__(self, filler: BatchFiller, start_step: int, device: torch.device, prefetch: int, dtype: torch.dtype):
+        self.filler, self.step = filler, start_step
+        sampler = filler.sampler
         self.device, self.dtype = device, dtype
         self.shape = (2, sampler.batch_size, sampler.index.context_length)
-        self.ready: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.ready = _Channel(prefetch)
         self.stopping = threading.Event()
         # Ring of prefetch + 2 host buffers. When the thread fills the slot of step s, the queue holds at most
         # steps s - prefetch .. s - 1, so the slot's previous batch (step s - prefetch - 2) was handed out and
@@ -79,30 +128,26 @@ class _Producer:
         self.thread.start()
 
     def _run(self) -> None:
+        _lower_this_threads_priority()
         try:
             while not self.stopping.is_set():
-                shard_ids, starts = self.sampler.batch(self.step)
-                item = (
-                    self._make_cuda_batch(shard_ids, starts)
-                    if self.device.type == "cuda"
-                    else (self._make_host_batch(shard_ids, starts))
-                )
+                item = self._make_cuda_batch() if self.device.type == "cuda" else self._make_host_batch()
                 if not self._put((self.step, *item)):
                     return
                 self.step += 1
         except BaseException as e:  # handed to the consumer, raised at its next batch
             self._put(_Failure(e))
 
-    def _make_host_batch(self, shard_ids, starts):
+    def _make_host_batch(self):
         slot = self.step % len(self.ring)
         batch = self.ring[slot]
         if batch is None or _in_use(batch):
             batch = self.ring[slot] = torch.empty(self.shape, dtype=self.dtype)
         arr = batch.numpy()
-        gather_batch(self.tokens, shard_ids, starts, arr[0], arr[1])
+        self.filler.fill(self.step, arr[0], arr[1])
         return batch, None
 
-    def _make_cuda_batch(self, shard_ids, starts):
+    def _make_cuda_batch(self):
         slot = self.step % len(self.ring)
         if self.copied[slot] is not None:
             # Sync point (this thread only): wait until the previous copy out of this pinned buffer has
@@ -110,7 +155,7 @@ class _Producer:
             self.copied[slot].synchronize()
         host = self.ring[slot]
         arr = host.numpy()
-        gather_batch(self.tokens, shard_ids, starts, arr[0], arr[1])
+        self.filler.fill(self.step, arr[0], arr[1])
         with torch.cuda.stream(self.copy_stream):
             batch = host.to(self.device, non_blocking=True)  # async H2D on the copy stream
             done = torch.cuda.Event()
@@ -121,17 +166,14 @@ class _Producer:
     def _put(self, item) -> bool:
         """Queue ``item``, waking up regularly to notice a stop request; False if stopped first."""
         while not self.stopping.is_set():
-            try:
-                self.ready.put(item, timeout=_POLL_S)
+            if self.ready.put(item, timeout=_POLL_S):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def get(self):
         while True:
             try:
-                return self.ready.get(timeout=_POLL_S)
+                return self.ready.get(_POLL_S)
             except queue.Empty:
                 if not self.thread.is_alive() and self.ready.empty():
                     raise RuntimeError("the lmdata prefetch thread stopped without a batch or an error") from None
@@ -140,6 +182,18 @@ class _Producer:
         self.stopping.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
+
+
+def _lower_this_threads_priority() -> None:
+    """Give the calling thread the lowest CPU priority (nice 19), where the OS allows it (Linux: per thread).
+
+    The prefetch thread has slack (``prefetch`` batches queued), so it should run in the gaps of the model's
+    threads rather than preempt them: when torch's intra-op threads occupy every core, each preemption stalls
+    a whole parallel region. Measured here on 2 cores: 0.981-0.988 of in-memory throughput at normal priority,
+    0.991-0.994 at nice 19, with the same data-stall fraction.
+    """
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: only speed depends on it
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _in_use(buffer: torch.Tensor) -> bool:
@@ -202,7 +256,7 @@ class BatchLoader:
             rank=rank,
             world_size=world_size,
         )
-        self._tokens = [np.asarray(s.tokens).view(np.ndarray) for s in dataset.shards]
+        self._filler = BatchFiller(self.sampler, [s.tokens for s in dataset.shards])
         self._consumed = 0  # batches handed to the consumer: the resume point
         self._producer: _Producer | None = None
         self._finalizer = None
@@ -232,7 +286,7 @@ class BatchLoader:
         return batch[0], batch[1]
 
     def _start(self) -> None:
-        self._producer = _Producer(self.sampler, self._tokens, self._consumed, self.device, self.prefetch, self.dtype)
+        self._producer = _Producer(self._filler, self._consumed, self.device, self.prefetch, self.dtype)
         # Stops the thread when the loader is garbage-collected or the interpreter exits.
         self._finalizer = weakref.finalize(self, self._producer.stop)
 

@@ -86,6 +86,29 @@ def epoch_windows(seed, first, count, num_windows, half_bits, out):
         out[i] = permute(g % num_windows, num_windows, np.int64(key >> np.uint64(1)), half_bits)
 
 
+RANDOM, EPOCH = 0, 1  # sampler kinds, as stored in state dicts (which hold ints only)
+
+
+@njit(nogil=True, cache=True)
+def window_ids_into(kind, seed, rank, world_size, step, num_windows, half_bits, out):
+    """Global window ids of batch ``step`` on ``rank`` into ``out`` (B,) int64: the whole sampling rule."""
+    batch_size = out.shape[0]
+    if kind == RANDOM:
+        random_windows(seed, rank, step * batch_size, batch_size, num_windows, out)
+    else:
+        epoch_windows(seed, (step * world_size + rank) * batch_size, batch_size, num_windows, half_bits, out)
+
+
+@njit(nogil=True, cache=True)
+def locate_into(window_ids, ends, stride, shard_ids, starts):
+    """Shard and start of each window id; ``ends[i]`` is one past the last window id of shard i."""
+    for i in range(window_ids.shape[0]):
+        shard = np.searchsorted(ends, window_ids[i], side="right")
+        first = ends[shard - 1] if shard > 0 else 0
+        shard_ids[i] = shard
+        starts[i] = (window_ids[i] - first) * stride
+
+
 def feistel_half_bits(num_windows: int) -> int:
     """Smallest h >= 1 with 4^h >= num_windows."""
     h = 1
@@ -116,16 +139,16 @@ class WindowIndex:
 
     def locate(self, window_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard_ids, starts) for an int64 array of window ids."""
-        shard_ids = np.searchsorted(self.ends, window_ids, side="right")
-        first_of_shard = np.where(shard_ids > 0, self.ends[shard_ids - 1], 0)
-        return shard_ids, (window_ids - first_of_shard) * self.stride
+        window_ids = np.ascontiguousarray(window_ids, dtype=np.int64)
+        shard_ids, starts = np.empty_like(window_ids), np.empty_like(window_ids)
+        locate_into(window_ids, self.ends, self.stride, shard_ids, starts)
+        return shard_ids, starts
 
 
 class _Sampler:
     """Common state and resume logic. Subclasses implement :meth:`window_ids`."""
 
-    kind: int  # stored in state dicts, which hold ints only
-    stride_is_context: bool
+    kind: int  # RANDOM or EPOCH
 
     def __init__(
         self,
@@ -147,17 +170,35 @@ class _Sampler:
             problems.append(f"seed must be non-negative, got {seed}")
         if problems:
             raise ValueError("; ".join(problems))
-        stride = context_length if self.stride_is_context else 1
+        stride = context_length if self.kind == EPOCH else 1
         self.index = WindowIndex(lengths, context_length, stride)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.half_bits = feistel_half_bits(self.num_windows)
         self.step = 0
 
     @property
     def num_windows(self) -> int:
         return self.index.num_windows
 
+    @property
+    def kernel_args(self) -> tuple:
+        """What :func:`window_ids_into` and :func:`locate_into` need besides the step, for fused kernels."""
+        return (
+            self.kind,
+            self.seed,
+            self.rank,
+            self.world_size,
+            self.num_windows,
+            self.half_bits,
+            self.index.ends,
+            self.index.stride,
+        )
+
     def window_ids(self, step: int) -> np.ndarray:
-        raise NotImplementedError
+        """Global window ids, int64 (B,), of batch ``step`` on this rank."""
+        out = np.empty(self.batch_size, dtype=np.int64)
+        window_ids_into(self.kind, self.seed, self.rank, self.world_size, step, self.num_windows, self.half_bits, out)
+        return out
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
@@ -207,37 +248,17 @@ class _Sampler:
 class RandomSampler(_Sampler):
     """Windows uniformly with replacement; rank r draws stream r, so ranks are independent."""
 
-    kind = 0
-    stride_is_context = False
-
-    def window_ids(self, step: int) -> np.ndarray:
-        out = np.empty(self.batch_size, dtype=np.int64)
-        random_windows(self.seed, self.rank, step * self.batch_size, self.batch_size, self.num_windows, out)
-        return out
+    kind = RANDOM
 
 
 class EpochSampler(_Sampler):
     """Every window once per epoch in a freshly shuffled order; ranks take disjoint slices of each step."""
 
-    kind = 1
-    stride_is_context = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._half_bits = feistel_half_bits(self.num_windows)
-
-    def first_position(self, step: int) -> int:
-        return (step * self.world_size + self.rank) * self.batch_size
+    kind = EPOCH
 
     def epoch(self, step: int) -> int:
         """The epoch in which batch ``step`` of this rank begins."""
-        return self.first_position(step) // self.num_windows
-
-    def window_ids(self, step: int) -> np.ndarray:
-        out = np.empty(self.batch_size, dtype=np.int64)
-        first = self.first_position(step)
-        epoch_windows(self.seed, first, self.batch_size, self.num_windows, self._half_bits, out)
-        return out
+        return (step * self.world_size + self.rank) * self.batch_size // self.num_windows
 
 
 SAMPLERS = {"random": RandomSampler, "epoch": EpochSampler}

@@ -114,14 +114,14 @@ def test_state_from_another_world_size_is_refused(dataset):
 
 def test_error_in_the_thread_is_raised_in_the_consumer(dataset, monkeypatch):
     loader = BatchLoader(dataset, B, T)
-    real_batch = loader.sampler.batch
+    real_fill = loader._filler.fill
 
-    def batch(step):
+    def fill(step, inputs, targets):
         if step == 2:
             raise ShardFormatError("shard_002.bin: odd byte count 7 (simulated)")
-        return real_batch(step)
+        real_fill(step, inputs, targets)
 
-    monkeypatch.setattr(loader.sampler, "batch", batch)
+    monkeypatch.setattr(loader._filler, "fill", fill)
     next(loader)
     next(loader)
     with pytest.raises(ShardFormatError, match=r"shard_002.bin: odd byte count 7 \(simulated\)"):
@@ -248,3 +248,18 @@ def test_cpu_buffers_are_recycled_once_the_consumer_drops_them(dataset):
         for step, (x, y) in enumerate(held, start=12):
             want = expected_batch(loader, step)
             assert torch.equal(x, want[0]) and torch.equal(y, want[1])
+
+
+def test_batches_are_exact_when_shard_dtypes_differ(tmp_path):
+    # uint16 .bin beside int32 .npy: the per-shard gather path instead of the fused kernel
+    paths = make_shards(tmp_path / "a", [300, 200]) + make_shards(tmp_path / "b", [250], "npy", dtype=np.int32)
+    ds = TokenDataset(paths)
+    with BatchLoader(ds, B, T, sampler="random", seed=2) as loader:
+        assert loader._filler._typed is None
+        for step in range(10):
+            x, y = next(loader)
+            shard_ids, starts = loader.sampler.batch(step)
+            for row, (sid, start) in enumerate(zip(shard_ids, starts, strict=True)):
+                base = 0 if sid == 2 else sid * SHARD_BASE  # the .npy shard is shard 0 of its own set
+                assert x[row].tolist() == list(range(base + start, base + start + T))
+                assert torch.equal(y[row, :-1], x[row, 1:])
