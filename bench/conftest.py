@@ -55,7 +55,7 @@ def pytest_terminal_summary(terminalreporter):
         for b in benches:
             if b is memcpy:
                 continue
-            text = f"{b.name.split('[')[0].removeprefix('test_')}"
+            text = b.name.removeprefix("test_")
             if base is not None:
                 text += f" {base.stats.median / b.stats.median:.3g}x (min: {base.stats.min / b.stats.min:.3g}x)"
             if memcpy is not None:

@@ -1,1 +1,29 @@
-"""lmtrain: the Transformer LM, optimizer, schedule, checkpoints and the training command."""
+"""lmtrain: the Transformer LM, optimizer, schedule, checkpoints and the training command.
+
+lmtrain knows of data only what lmdata exposes (TokenDataset, BatchLoader).
+"""
+
+from lmtrain.checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes, unwrap
+from lmtrain.checkpoint_manager import CheckpointManager
+from lmtrain.errors import CheckpointError, ConfigError, InsufficientDiskError, LmTrainError
+from lmtrain.model import TransformerLM
+from lmtrain.optim import lr_cosine_schedule, make_optimizer, parameter_groups
+from lmtrain.rng import capture_rng_state, restore_rng_state
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "ConfigError",
+    "InsufficientDiskError",
+    "LmTrainError",
+    "TransformerLM",
+    "capture_rng_state",
+    "load_checkpoint",
+    "lr_cosine_schedule",
+    "make_optimizer",
+    "parameter_groups",
+    "restore_rng_state",
+    "save_checkpoint",
+    "strip_wrapper_prefixes",
+    "unwrap",
+]

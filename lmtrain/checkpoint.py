@@ -1,0 +1,113 @@
+"""Checkpoints: the course API, written atomically and durably, loaded without running any pickled code.
+
+``save_checkpoint(model, optimizer, iteration, out)`` / ``load_checkpoint(src, model, optimizer)``; ``out`` and
+``src`` are a path or a binary file object. For a path the write goes through :func:`lmdata.atomic.atomic_write`
+(temporary file, fsync, rename, fsync of the directory), so a ``kill -9`` at any instant leaves the old complete
+file or the new complete file.
+
+Loading uses ``torch.load(weights_only=True, map_location="cpu")``: only tensors and plain Python values are
+unpickled, and a file whose pickle would build any other object (and so could run code) is refused with
+:class:`CheckpointError` before anything runs. Everything we store is therefore tensors, numbers, strings,
+lists and dicts (RNG states included, see :mod:`lmtrain.rng`).
+
+Models are saved unwrapped: no ``_orig_mod.`` (torch.compile) or ``module.`` (DDP) prefixes, and a state dict
+carrying them loads too, into a wrapped or a plain model.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from lmdata.atomic import atomic_write
+from lmtrain.errors import CheckpointError
+
+Target = str | os.PathLike | IO[bytes]
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        )
+        if inner is None:
+            return model
+        model = inner
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Keys without leading ``_orig_mod.`` / ``module.`` (in any nesting), as a plain model names them."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def save_object(obj: dict, out: Target) -> None:
+    """``torch.save`` to a file object, or atomically and durably to a path."""
+    if isinstance(out, (str, os.PathLike)):
+        with atomic_write(out) as f:
+            torch.save(obj, f)
+    else:
+        torch.save(obj, out)
+
+
+def load_object(src: Target) -> dict:
+    """``torch.load`` restricted to tensors and plain values, on the CPU; CheckpointError if unsafe or damaged."""
+    name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else "the checkpoint stream"
+    try:
+        obj = torch.load(src, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{name}: refused to load: it contains objects other than tensors and plain values, which could run "
+            f"code when unpickled ({str(e).splitlines()[0]}). Only load checkpoints from sources you trust, "
+            "and re-save them as plain state dicts"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{name}: cannot read the checkpoint ({e}); it is damaged or not a checkpoint") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{name}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def save_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int, out: Target, extra: dict | None = None
+) -> None:
+    """Save ``{"model", "optimizer", "iteration", **extra}``; ``extra`` must hold only tensors and plain values."""
+    obj = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "iteration": int(iteration)}
+    obj.update(extra or {})
+    save_object(obj, out)
+
+
+def load_checkpoint(src: Target, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Restore model (and optimizer) state from ``src``; returns the saved iteration."""
+    obj = load_object(src)
+    restore(obj, model, optimizer)
+    return int(obj["iteration"])
+
+
+def restore(obj: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load a loaded checkpoint dict's model and optimizer state; CheckpointError naming mismatched keys."""
+    missing = [k for k in ("model", "optimizer", "iteration") if k not in obj]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {missing}; it was not written by save_checkpoint")
+    try:
+        unwrap(model).load_state_dict(strip_wrapper_prefixes(obj["model"]))
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint's weights do not fit this model: {e}") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(obj["optimizer"])

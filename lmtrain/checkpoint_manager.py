@@ -1,0 +1,177 @@
+"""Checkpoints of a run: numbered files, an atomic ``latest`` pointer, retention, disk checks, verified resume.
+
+Layout::
+
+    out_dir/checkpoints/step_00001000.pt     torch.save zip, written atomically (see lmtrain.checkpoint)
+    out_dir/checkpoints/latest               the newest committed file's name, written atomically after it
+
+Order of a save: (1) check free space covers the estimated size, else raise InsufficientDiskError with nothing
+written; (2) write the file atomically and durably; (3) point ``latest`` at it; (4) only then delete checkpoints
+beyond the last ``keep`` (milestones, every ``milestone_every`` steps, are kept for good). A crash at any point
+leaves the previous checkpoints usable.
+
+Resume (:meth:`CheckpointManager.load_latest`) tries the newest checkpoint first and checks it by reading its
+zip directory and every member's CRC; if that fails it warns and falls back to the previous one.
+
+Async saves copy the state to host memory at the step boundary (the only part that blocks training) and write
+the file from a background thread. The next save waits for the previous one, and an ``atexit`` hook waits for
+a write in flight, so the process never exits with a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import shutil
+import threading
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from lmdata.atomic import remove_stale_temporaries, write_bytes_atomic
+from lmtrain.checkpoint import load_object, save_object
+from lmtrain.errors import CheckpointError, InsufficientDiskError
+
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+LATEST = "latest"
+_SIZE_MARGIN = 1.05  # zip headers and pickled structure on top of the tensor bytes
+_FREE_RESERVE = 64 * 2**20  # never fill the disk to the last byte
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+def estimate_bytes(obj) -> int:
+    """Bytes of every tensor inside ``obj`` (nested dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(estimate_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(estimate_bytes(v) for v in obj)
+    return 0
+
+
+def to_host(obj):
+    """A deep copy of ``obj`` with every tensor copied to the CPU: a snapshot that training cannot modify."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` is a complete torch zip whose members all pass their CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as e:  # damaged bytes surface as many types (BadZipFile, UnicodeDecodeError, EOFError...)
+        raise CheckpointError(f"{path}: not a complete checkpoint ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: member {bad} fails its CRC check; the file is corrupt")
+
+
+class CheckpointManager:
+    """Saves and finds the checkpoints of one run under ``out_dir/checkpoints``."""
+
+    def __init__(
+        self, out_dir: str | Path, keep: int = 3, milestone_every: int | None = None, async_save: bool = False
+    ):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.dir = Path(out_dir) / "checkpoints"
+        self.keep, self.milestone_every, self.async_save = keep, milestone_every, async_save
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        atexit.register(self.wait)
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def save(self, step: int, state: dict) -> Path:
+        """Save ``state`` (tensors and plain values only) as the checkpoint of ``step``; returns its path.
+
+        With ``async_save`` this returns once the state is copied to host memory; the file is written by a
+        background thread. Raises InsufficientDiskError before writing anything if the disk is too full.
+        """
+        self.wait()  # one write in flight at most; also re-raises a failed background write
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / checkpoint_name(step)
+        self.check_disk(estimate_bytes(state))
+        if not self.async_save:
+            self._commit(step, path, state)
+            return path
+        snapshot = to_host(state)  # the only blocking part: training may now change the live tensors
+        self._thread = threading.Thread(
+            target=self._commit_in_background, args=(step, path, snapshot), name="lmtrain-checkpoint"
+        )
+        self._thread.start()
+        return path
+
+    def check_disk(self, needed_tensor_bytes: int) -> None:
+        needed = int(needed_tensor_bytes * _SIZE_MARGIN) + _FREE_RESERVE
+        free = shutil.disk_usage(self.dir).free
+        if free < needed:
+            raise InsufficientDiskError(
+                f"{self.dir}: a checkpoint needs about {needed / 2**20:,.0f} MiB but only {free / 2**20:,.0f} MiB "
+                "is free; free some space (earlier checkpoints are intact) or point --out-dir elsewhere"
+            )
+
+    def _commit(self, step: int, path: Path, state: dict) -> None:
+        save_object(state, path)  # atomic and durable
+        write_bytes_atomic(self.dir / LATEST, path.name.encode())  # only after the checkpoint is durable
+        self._prune(step)
+
+    def _commit_in_background(self, step: int, path: Path, state: dict) -> None:
+        try:
+            self._commit(step, path, state)
+        except BaseException as e:  # re-raised in the training thread at the next save or wait
+            self._error = e
+
+    def _prune(self, newest: int) -> None:
+        steps = self.steps()
+        recent = set(steps[-self.keep :])
+        for step in steps:
+            milestone = self.milestone_every and step % self.milestone_every == 0
+            if step not in recent and not milestone and step != newest:
+                (self.dir / checkpoint_name(step)).unlink(missing_ok=True)
+
+    def wait(self) -> None:
+        """Block until a background write has finished; re-raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    # -- finding and loading --------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Steps of the checkpoint files present, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _NAME.match(p.name)))
+
+    def latest_path(self) -> Path | None:
+        steps = self.steps()
+        return self.dir / checkpoint_name(steps[-1]) if steps else None
+
+    def load_latest(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that verifies and loads, as (path, state); None if there is none.
+
+        A damaged newest checkpoint (a disk error, a copy cut short) is skipped with a warning.
+        """
+        if self.dir.is_dir():
+            remove_stale_temporaries(self.dir)  # left by a writer killed mid-write; we are the only writer
+        for step in reversed(self.steps()):
+            path = self.dir / checkpoint_name(step)
+            try:
+                verify(path)
+                return path, load_object(path)
+            except CheckpointError as e:
+                warnings.warn(f"skipping damaged checkpoint: {e}; trying the previous one", stacklevel=2)
+        return None
