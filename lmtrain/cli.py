@@ -1,0 +1,69 @@
+"""The command line of ``python -m lmtrain.main``, generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from lmtrain.config import SECTIONS, base_type
+
+DESCRIPTION = """Train a decoder-only Transformer LM on token shards.
+
+Settings come from the defaults, then --config FILE (TOML, one table per group below, e.g. [model]), then
+flags; a flag overrides the file. The resolved config is printed at start and saved as OUT_DIR/config.json.
+A run killed at any point continues where it stopped when the same command is run again (--resume auto)."""
+
+GROUP_TITLES = {
+    "data": "data and output",
+    "model": "model",
+    "optim": "optimizer and schedule",
+    "run": "run",
+    "log": "logging and evaluation",
+    "checkpoint": "checkpoints and resume",
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lmtrain.main",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings (flags override it)")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even if settings other than run length, logging or checkpointing changed",
+    )
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(GROUP_TITLES[section])
+        for f in dataclasses.fields(cls):
+            kind = base_type(f.type)
+            kwargs = {"dest": f"{section}.{f.name}", "help": f.metadata["help"], "default": argparse.SUPPRESS}
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = kind
+                kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
+                if "choices" in f.metadata:
+                    kwargs["choices"] = f.metadata["choices"]
+            if f.default is not None:
+                kwargs["help"] += f" (default: {f.default})"
+            group.add_argument(flag(f.name), **kwargs)
+    return parser
+
+
+def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, dict]]:
+    """(namespace with config and allow_config_change, {section: {field: value}} of the flags given)."""
+    args = build_parser().parse_args(argv)
+    values: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            values.setdefault(section, {})[name] = value
+    return args, values

@@ -1,0 +1,312 @@
+"""The training loop: model, optimizer, loaders and checkpoints put together, resumable bit for bit.
+
+Exactness of resume (same seed, same world size, CPU): a checkpoint holds the model, the optimizer (with its
+step counts), the GradScaler, every RNG state, and the loader's position (batches consumed). The learning rate
+is a function of the step, evaluation uses a fixed set of validation batches and changes no state, so a run
+resumed from step c repeats steps c+1.. exactly as the uninterrupted run did.
+
+Sync points (host waits for the GPU) per step: one, reading the loss and gradient norm to stop *before* a
+non-finite update. Logging reads values accumulated on the device only at log intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from lmdata import BatchLoader, SamplerStateError, TokenDataset
+from lmdata.atomic import write_bytes_atomic
+from lmtrain.checkpoint import load_object, restore, unwrap
+from lmtrain.checkpoint_manager import CheckpointManager
+from lmtrain.config import TrainConfig, config_diff
+from lmtrain.errors import ConfigError, LmTrainError
+from lmtrain.metrics import MetricsLog, peak_flops
+from lmtrain.model import TransformerLM
+from lmtrain.optim import lr_cosine_schedule, make_optimizer
+from lmtrain.rng import capture_rng_state, restore_rng_state
+from lmtrain.runtime import Runtime, any_rank
+
+VAL_SEED_OFFSET = 1_000_003  # the validation batches' sampler seed: fixed, and distinct from training's
+
+
+class NonFiniteLossError(LmTrainError):
+    """The loss or gradient norm became NaN or infinite; training stopped before the optimizer step."""
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, runtime: Runtime):
+        self.c, self.rt = config, runtime
+        c, rt = config, runtime
+        torch.manual_seed(c.run.seed)
+        self.out_dir = Path(c.data.out_dir)
+        self.model = TransformerLM(**vars(c.model)).to(rt.device)
+        self.optimizer = make_optimizer(
+            self.model, c.optim.lr, c.optim.weight_decay, (c.optim.beta1, c.optim.beta2), c.optim.eps
+        )
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+        self.train_model = self._wrap(self.model)
+        self.train_data, self.val_data = TokenDataset(c.data.train_data), TokenDataset(c.data.val_data)
+        self.loader = BatchLoader(
+            self.train_data,
+            c.run.batch_size,
+            c.model.context_length,
+            rt.device,
+            c.run.sampler,
+            c.run.seed,
+            c.run.prefetch,
+            rt.rank,
+            rt.world_size,
+        )
+        self.val_batches = self._fixed_val_batches()
+        self.manager = CheckpointManager(
+            self.out_dir, c.checkpoint.keep_checkpoints, c.checkpoint.milestone_every, c.checkpoint.async_checkpoint
+        )
+        self.step = 0
+        self.stop_requested = False
+        self.log: MetricsLog | None = None
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.rt.distributed:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            # No buffer needs syncing (RoPE tables are derived from the config), so skip the broadcast.
+            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return torch.compile(model) if self.c.run.compile else model
+
+    def _fixed_val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same ``eval_batches`` batches at every evaluation, on every rank (only rank 0 evaluates)."""
+        c = self.c
+        with BatchLoader(
+            self.val_data,
+            c.run.batch_size,
+            c.model.context_length,
+            self.rt.device,
+            "random",
+            c.run.seed + VAL_SEED_OFFSET,
+            prefetch=1,
+            rank=0,
+            world_size=1,
+        ) as loader:
+            return [tuple(t.clone() for t in next(loader)) for _ in range(c.log.eval_batches)]
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.step,
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng_state(),
+            "loader": self.loader.state_dict(),
+            "config": self.c.to_dict(),
+            "data": {"train": self.train_data.fingerprint(), "val": self.val_data.fingerprint()},
+        }
+
+    def resume(self, allow_config_change: bool) -> None:
+        choice = self.c.checkpoint.resume
+        if choice == "never":
+            return
+        if choice == "auto":
+            found = self.manager.load_latest()
+            if found is None:
+                return
+            path, obj = found
+        else:
+            path, obj = Path(choice), load_object(choice)
+        self._check_compatible(path, obj, allow_config_change)
+        restore(obj, self.model, self.optimizer)
+        if obj.get("scaler"):
+            self.scaler.load_state_dict(obj["scaler"])
+        restore_rng_state(obj["rng"])
+        try:
+            self.loader.load_state_dict(obj["loader"])
+        except SamplerStateError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        self.step = int(obj["iteration"])
+        self._say(f"resumed from {path} at step {self.step}")
+
+    def _check_compatible(self, path: Path, obj: dict, allow_config_change: bool) -> None:
+        missing = [k for k in ("config", "data", "loader", "rng") if k not in obj]
+        if missing:
+            raise ConfigError(f"{path}: not a training checkpoint of this tool (it lacks {missing})")
+        same_data = obj["data"] == {"train": self.train_data.fingerprint(), "val": self.val_data.fingerprint()}
+        if not same_data and not allow_config_change:
+            raise ConfigError(
+                f"{path}: the data differs from the data this run was trained on (file names, "
+                "sizes or checksums changed); pass --allow-config-change to resume anyway"
+            )
+        diff = config_diff(obj["config"], self.c.to_dict())
+        if diff and not allow_config_change:
+            raise ConfigError(
+                f"{path}: settings changed since this run started:\n  "
+                + "\n  ".join(diff)
+                + "\npass --allow-config-change to resume with them, or use a new --out-dir"
+            )
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def train(self, allow_config_change: bool = False) -> None:
+        """Train to max_steps. Raises NonFiniteLossError; returns normally on completion or SIGTERM/SIGINT."""
+        c, rt = self.c, self.rt
+        self.resume(allow_config_change)
+        if rt.is_main:
+            self.log = MetricsLog(
+                self.out_dir, self.c.to_dict(), c.run.max_steps, self.step, c.log.wandb_project, c.log.tensorboard
+            )
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._loop()
+            if not self.stop_requested and rt.is_main:
+                self.evaluate()
+            self.save()
+            self.manager.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.loader.close()
+            if self.log is not None:
+                self.log.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self._say(f"received {signal.Signals(signum).name}: finishing step {self.step + 1}, then checkpointing")
+
+    def _loop(self) -> None:
+        c = self.c
+        tokens_per_step = self._tokens_per_step()
+        loss_sum, window_start, window_steps = torch.zeros((), device=self.rt.device), time.perf_counter(), 0
+        self.loader.stats.reset()
+        while self.step < c.run.max_steps:
+            loss_sum += self._train_step()
+            self.step += 1
+            window_steps += 1
+            if self.step % c.log.log_interval == 0 or self.step == c.run.max_steps:
+                elapsed = time.perf_counter() - window_start
+                self._log_train(loss_sum.item() / window_steps, elapsed, window_steps * tokens_per_step)
+                loss_sum.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+                self.loader.stats.reset()
+            eval_due = c.log.eval_interval and self.step % c.log.eval_interval == 0
+            if eval_due and self.step < c.run.max_steps and self.rt.is_main:
+                self.evaluate()
+            if any_rank(self.stop_requested, self.rt):
+                self.stop_requested = True
+                return
+            if self.step % c.checkpoint.checkpoint_interval == 0 and self.step < c.run.max_steps:
+                self.save()
+
+    def _train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (a device scalar)."""
+        c, model = self.c, self.train_model
+        lr = lr_cosine_schedule(self.step, c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, self.c.lr_decay_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = c.run.grad_accum_steps
+        total = torch.zeros((), device=self.rt.device)
+        for micro in range(accum):
+            x, y = next(self.loader)  # int64 (B, T) on the device, prefetched
+            last = micro == accum - 1
+            no_sync = model.no_sync() if self.rt.distributed and not last else contextlib.nullcontext()
+            with no_sync, self.rt.autocast():
+                logits = model(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+            with no_sync:
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        clip = c.optim.grad_clip if c.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # Sync point: stop before a non-finite update reaches the weights (fp16 overflows are the scaler's job).
+        check = total if self.scaler.is_enabled() else total + grad_norm
+        if not math.isfinite(check.item()):
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: loss {total.item()} / gradient norm {grad_norm.item()} is not finite; "
+                "stopped before the optimizer step, the last checkpoint is intact. Lower --lr or raise --warmup-steps"
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_lr, self.last_grad_norm = lr, grad_norm
+        return total
+
+    def _log_train(self, loss: float, elapsed: float, tokens: int) -> None:
+        if self.log is None:
+            return
+        record = {
+            "event": "train",
+            "step": self.step,
+            "tokens": self.step * self._tokens_per_step(),
+            "train_loss": loss,
+            "lr": self.last_lr,
+            "grad_norm": float(self.last_grad_norm),
+            "tokens_per_s": tokens / elapsed,
+            "data_stall_pct": 100 * self.loader.stats.wait_seconds / elapsed,
+            "elapsed_s": elapsed,
+        }
+        mfu = self._mfu(tokens / elapsed)
+        if mfu is not None:
+            record["mfu_pct"] = mfu
+        self.log.log(record)
+
+    def _tokens_per_step(self) -> int:
+        c = self.c
+        return c.run.batch_size * c.model.context_length * c.run.grad_accum_steps * self.rt.world_size
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if self.rt.device.type != "cuda":
+            return None
+        peak = peak_flops(torch.cuda.get_device_name(self.rt.device))
+        if peak is None:
+            return None
+        m = self.c.model
+        flops_per_token = 6 * self.model.num_parameters() + 12 * m.num_layers * m.d_model * m.context_length
+        return 100 * flops_per_token * tokens_per_s / (peak * self.rt.world_size)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        model = unwrap(self.model)
+        model.eval()
+        total = 0.0
+        for x, y in self.val_batches:
+            with self.rt.autocast():
+                logits = model(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+        model.train()
+        val_loss = total / len(self.val_batches)
+        if self.log is not None:
+            self.log.log(
+                {
+                    "event": "eval",
+                    "step": self.step,
+                    "tokens": self.step * self._tokens_per_step(),
+                    "val_loss": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 700)),
+                }
+            )
+        return val_loss
+
+    def save(self) -> None:
+        if self.rt.is_main:
+            path = self.manager.save(self.step, self.state())
+            self._say(f"checkpoint: {path}" + (" (writing in the background)" if self.manager.async_save else ""))
+
+    def _say(self, text: str) -> None:
+        if not self.rt.is_main:
+            return
+        if self.log is not None:
+            self.log.message(text)
+        else:
+            print(text, flush=True)
+
+
+def write_config(out_dir: Path, config: TrainConfig) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out_dir / "config.json", (json.dumps(config.to_dict(), indent=1) + "\n").encode())
