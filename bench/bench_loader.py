@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.conftest import run_interleaved
 from lmdata import BatchLoader, TokenDataset, get_batch
 
 B, T = 32, 1024
@@ -62,11 +63,10 @@ def setup(tokens_200m):
 
 
 def test_training_loop_feeders_interleaved(benchmark, setup):
-    """One benchmark round runs STEPS steps with each feeder in turn, so that all three see the same machine
-    load; the ratios are medians over rounds of the per-round time ratios."""
+    """The three feeders take turns within each round; see bench.conftest.run_interleaved."""
     step, dataset, data = setup
     in_memory = [get_batch(data, B, T, "cpu") for _ in range(8)]
-    times: dict[str, list[float]] = {"in_memory": [], "get_batch_inline": [], "batch_loader": []}
+    benchmark.group = f"training loop, {B}x{T}, ~10 ms compute/step"
     with BatchLoader(dataset, B, T, sampler="random", prefetch=4) as loader:
         next(loader)
         feeders = {
@@ -74,25 +74,8 @@ def test_training_loop_feeders_interleaved(benchmark, setup):
             "get_batch_inline": lambda i: get_batch(data, B, T, "cpu"),
             "batch_loader": lambda i: next(loader),
         }
-
-        def cycle():
-            for name, feed in feeders.items():
-                start = time.perf_counter()
-                for i in range(STEPS):
-                    x, y = feed(i)
-                    step(x)
-                times[name].append(time.perf_counter() - start)
-
-        benchmark.group = f"training loop, {B}x{T}, ~10 ms compute/step"
-        benchmark.pedantic(cycle, rounds=ROUNDS, warmup_rounds=2)
-        stall = loader.stats.wait_seconds / sum(times["batch_loader"])
-    base = np.array(times["in_memory"][2:])
-    lines = []
-    for name, t in times.items():
-        t = np.array(t[2:])
-        ratio = float(np.median(base / t))
-        benchmark.extra_info[f"{name}_ms_per_step"] = round(float(np.median(t)) / STEPS * 1e3, 3)
-        benchmark.extra_info[f"{name}_throughput_vs_in_memory"] = round(ratio, 4)
-        lines.append(f"{name}: {np.median(t) / STEPS * 1e3:.3f} ms/step, throughput {ratio:.4f} of in_memory")
+        start = time.perf_counter()
+        run_interleaved(benchmark, feeders, lambda x, y: step(x), STEPS, ROUNDS, baseline="in_memory")
+        stall = loader.stats.wait_seconds / (time.perf_counter() - start) * len(feeders)
     benchmark.extra_info["batch_loader_stall_fraction"] = round(stall, 5)
-    print("\n" + "\n".join(lines) + f"\nbatch_loader data stall: {stall:.2%} of its loop time")
+    print(f"batch_loader data stall: about {stall:.2%} of its loop time")

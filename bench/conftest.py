@@ -10,6 +10,7 @@ memcpy's.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +19,17 @@ import pytest
 BENCH_DIR = Path(os.environ.get("LMDATA_BENCH_DIR", "/tmp/lmdata-bench"))
 
 
-def token_file(num_tokens: int) -> Path:
-    """A headerless uint16 file of ``num_tokens`` pseudo-random tokens, created once and read into page cache."""
+def token_file(num_tokens: int, vocab_size: int = 50257) -> Path:
+    """A headerless uint16 file of ``num_tokens`` pseudo-random tokens below ``vocab_size``, created once and read
+    into page cache."""
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    path = BENCH_DIR / f"tokens_{num_tokens}.bin"
+    path = BENCH_DIR / (f"tokens_{num_tokens}.bin" if vocab_size == 50257 else f"tokens_{num_tokens}_v{vocab_size}.bin")
     if not path.exists() or path.stat().st_size != 2 * num_tokens:
         tmp = path.with_suffix(".tmp")
         rng = np.random.default_rng(0)
         with open(tmp, "wb") as f:
             for begin in range(0, num_tokens, 1 << 24):
-                rng.integers(0, 50257, min(1 << 24, num_tokens - begin), dtype=np.uint16).tofile(f)
+                rng.integers(0, vocab_size, min(1 << 24, num_tokens - begin), dtype=np.uint16).tofile(f)
         tmp.replace(path)
     with open(path, "rb") as f:  # warm the page cache: the benchmarks measure gathering, not disk reads
         while f.read(1 << 26):
@@ -38,6 +40,38 @@ def token_file(num_tokens: int) -> Path:
 @pytest.fixture(scope="session")
 def tokens_200m() -> Path:
     return token_file(200_000_000)
+
+
+def run_interleaved(benchmark, feeders: dict, step, steps: int, rounds: int, baseline: str) -> dict[str, float]:
+    """Time ``steps`` calls of ``step(*feed(i))`` for each feeder in turn, ``rounds`` times, as one benchmark.
+
+    Taking turns within each round means all feeders see the same machine load (on a shared 2-core machine it
+    drifts over the seconds that sequential benchmarks take). Returns each feeder's throughput relative to
+    ``baseline``: the median over rounds of the per-round time ratio. Also records ms/step in extra_info.
+    """
+    times: dict[str, list[float]] = {name: [] for name in feeders}
+
+    def cycle():
+        for name, feed in feeders.items():
+            start = time.perf_counter()
+            for i in range(steps):
+                step(*feed(i))
+            times[name].append(time.perf_counter() - start)
+
+    warmup = 2
+    benchmark.pedantic(cycle, rounds=rounds, warmup_rounds=warmup)
+    base = np.array(times[baseline][warmup:])
+    ratios = {}
+    for name, t in times.items():
+        t = np.array(t[warmup:])
+        ratios[name] = float(np.median(base / t))
+        benchmark.extra_info[f"{name}_ms_per_step"] = round(float(np.median(t)) / steps * 1e3, 3)
+        benchmark.extra_info[f"{name}_throughput_vs_{baseline}"] = round(ratios[name], 4)
+        print(
+            f"\n{name}: {np.median(t) / steps * 1e3:.3f} ms/step, throughput {ratios[name]:.4f} of {baseline}", end=""
+        )
+    print()
+    return ratios
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,0 +1,123 @@
+"""python -m lmdata.prepare: token counts, manifests, lossless decoding, splits, and every bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lmdata import TokenDataset
+from lmdata.prepare import main
+from lmdata.tokenizer import load_tokenizer
+
+DOCS = [f"Document {i}: the quick brown fox {'jumps ' * (i % 7)}over the lazy dog. ünïcödé ✓\n" for i in range(40)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "text"
+    d.mkdir()
+    for i, doc in enumerate(DOCS):
+        (d / f"doc_{i:03d}.txt").write_text(doc, encoding="utf-8")
+    return d
+
+
+def split_tokens(out, split):
+    ds = TokenDataset(out / split)
+    return np.concatenate([np.asarray(s.tokens) for s in ds.shards]), ds.manifest
+
+
+def decoded_documents(out, split):
+    tokens, manifest = split_tokens(out, split)
+    tok = load_tokenizer(manifest.tokenizer, out / split)
+    cuts = np.flatnonzero(tokens == manifest.eot_id)
+    assert cuts[-1] == len(tokens) - 1  # every document ends with end-of-text
+    starts = np.concatenate([[0], cuts[:-1] + 1])
+    return [tok.decode(tokens[a:b]) for a, b in zip(starts, cuts, strict=True)]
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe:400"])
+def test_documents_round_trip_through_the_shards(corpus, tmp_path, tokenizer):
+    out = tmp_path / "out"
+    assert main([str(corpus), "--out", str(out), "--tokenizer", tokenizer, "--val-fraction", "0.1"]) == 0
+    train, val = decoded_documents(out, "train"), decoded_documents(out, "val")
+    assert len(val) == 4 and len(train) == 36  # every 10th document goes to validation
+    assert sorted(train + val) == sorted(DOCS)
+    tokens, manifest = split_tokens(out, "train")
+    assert manifest.tokenizer == tokenizer and manifest.num_tokens == len(tokens)
+    if tokenizer == "byte":
+        assert (manifest.vocab_size, manifest.eot_id) == (257, 256)
+        assert len(tokens) == sum(len(d.encode()) + 1 for d in DOCS) - sum(len(d.encode()) + 1 for d in val)
+    else:
+        assert (
+            257 <= manifest.vocab_size <= 400 and (out / "tokenizer.json").exists()
+        )  # a small corpus has fewer merges
+        assert len(tokens) < sum(len(d.encode()) for d in train)  # BPE compresses
+
+
+def test_stdin_and_end_of_text_lines(tmp_path):
+    text = "first doc\n<|endoftext|>\nsecond doc\n<|endoftext|>\nthird\n"
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmdata.prepare", "-", "--out", str(out), "--val-fraction", "0.5"],
+        input=text.encode(),
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = decoded_documents(out, "train") + decoded_documents(out, "val")
+    assert sorted(docs) == sorted(["first doc\n", "second doc\n", "third\n"])
+
+
+def test_one_large_file_still_gets_a_validation_split(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("A line of a long book.\n" * 30_000)  # ~690 KB: about 11 segments
+    out = tmp_path / "out"
+    assert main([str(book), "--out", str(out), "--val-fraction", "0.2"]) == 0
+    train, _ = split_tokens(out, "train")
+    val, _ = split_tokens(out, "val")
+    assert len(val) > 0 and len(train) > 3 * len(val)
+    assert len(train) + len(val) == book.stat().st_size + 1
+
+
+def test_tiny_input_puts_its_last_segment_in_val(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "b.txt").write_text("beta\n")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--out", str(out)]) == 0
+    assert decoded_documents(out, "train") == ["alpha\n"] and decoded_documents(out, "val") == ["beta\n"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["missing.txt"], "missing.txt: no such file or directory"),
+        (["emptydir"], "emptydir: names no file"),
+        (["text", "--tokenizer", "bpe:70000"], "vocab 70000 does not fit uint16 shards (at most 65535)"),
+        (["text", "--tokenizer", "bpe:big"], "expected bpe:N with N a whole number"),
+        (["text", "--tokenizer", "sentencepiece"], "unknown; use byte, bpe:N or tiktoken:NAME"),
+        (["text", "--tokenizer", "tiktoken:gpt2"], "tiktoken"),
+        (["text", "--val-fraction", "0"], "--val-fraction must be in (0, 1), got 0.0"),
+        (["one.txt"], "too little text to make both a train and a val split"),
+    ],
+)
+def test_bad_inputs_exit_2_with_a_message(tmp_path, corpus, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "one.txt").write_text("x")
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unreadable_input(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    path = tmp_path / "secret.txt"
+    path.write_text("x")
+    path.chmod(0)
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "not readable" in capsys.readouterr().err
