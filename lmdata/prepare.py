@@ -10,7 +10,8 @@ and DIR/val (``bpe`` also saves DIR/tokenizer.json).
 
 Memory stays bounded: text is read and tokenized in segments of about 64 KB (cut at line ends), never a whole
 file. The validation split takes every k-th segment (k = 1 / val_fraction), so a single large file (a book)
-splits too; and if the input is so small that no segment fell to validation, the last one goes there.
+splits too; and if the input is so small that no segment fell to validation, the last one goes there (or, for a
+single segment, its last val_fraction of tokens).
 """
 
 from __future__ import annotations
@@ -196,9 +197,15 @@ def _write(files: list[Path], out: Path, tok: Tokenizer, val_fraction: float, sh
                     progress.update(len(seg.text.encode("utf-8")), ids.size)
                 batch = []
         if pending is not None:
-            split = "val" if counts["val"] == 0 else pending[0]
-            counts[split] += pending[1].size
-            writers[split].write(pending[1])
+            split, ids = pending
+            if counts["val"] == 0 and counts["train"] == 0:  # one segment in all: cut it, val at the end
+                cut = int(ids.size * (1 - val_fraction))
+                parts = {"train": ids[:cut], "val": ids[cut:]}
+            else:
+                parts = {"val" if counts["val"] == 0 else split: ids}
+            for name, part in parts.items():
+                counts[name] += part.size
+                writers[name].write(part)
         if counts["train"] == 0 or counts["val"] == 0:
             raise InputError("the input holds too little text to make both a train and a val split")
         for writer in writers.values():

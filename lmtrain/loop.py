@@ -161,6 +161,8 @@ class Trainer:
             )
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if self.step == 0 and rt.is_main:
+                self.evaluate()  # the val loss before training, for comparison
             self._loop()
             if not self.stop_requested and rt.is_main:
                 self.evaluate()

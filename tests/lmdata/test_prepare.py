@@ -89,6 +89,15 @@ def test_tiny_input_puts_its_last_segment_in_val(tmp_path):
     assert decoded_documents(out, "train") == ["alpha\n"] and decoded_documents(out, "val") == ["beta\n"]
 
 
+def test_a_single_small_file_is_cut_into_train_and_val(tmp_path):
+    (tmp_path / "a.txt").write_text("0123456789" * 10)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "a.txt"), "--out", str(out), "--val-fraction", "0.1"]) == 0
+    train, _ = split_tokens(out, "train")
+    val, _ = split_tokens(out, "val")
+    assert (len(train), len(val)) == (90, 11)  # 100 bytes + end-of-text, the last 10% to val
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -99,13 +108,13 @@ def test_tiny_input_puts_its_last_segment_in_val(tmp_path):
         (["text", "--tokenizer", "sentencepiece"], "unknown; use byte, bpe:N or tiktoken:NAME"),
         (["text", "--tokenizer", "tiktoken:gpt2"], "tiktoken"),
         (["text", "--val-fraction", "0"], "--val-fraction must be in (0, 1), got 0.0"),
-        (["one.txt"], "too little text to make both a train and a val split"),
+        (["empty.txt"], "too little text to make both a train and a val split"),  # just one end-of-text
     ],
 )
 def test_bad_inputs_exit_2_with_a_message(tmp_path, corpus, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "emptydir").mkdir()
-    (tmp_path / "one.txt").write_text("x")
+    (tmp_path / "empty.txt").write_text("")
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -1,0 +1,148 @@
+"""``python -m lmtrain.sample``: continue a prompt with a trained model.
+
+    python -m lmtrain.sample --checkpoint RUN_DIR|FILE --prompt "..." [--max-new-tokens N] [--temperature T]
+                             [--top-p P] [--seed S] [--tokenizer SPEC]
+
+The model's settings come from the checkpoint (the run's resolved config); the tokenizer is the one named by
+the training data's manifest (``bpe`` ones read ``tokenizer.json`` saved beside the shards). Generation stops at
+the end-of-text token or after --max-new-tokens, and the same seed gives the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from lmdata import LmDataError, Manifest
+from lmdata.tokenizer import load_tokenizer
+from lmtrain.checkpoint import load_object, restore
+from lmtrain.checkpoint_manager import CheckpointManager
+from lmtrain.errors import CheckpointError, LmTrainError
+from lmtrain.model import TransformerLM
+
+
+def load_run(checkpoint: str | Path) -> tuple[TransformerLM, dict]:
+    """(model in eval mode on the CPU, resolved config) from a run directory's newest checkpoint or a file."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = CheckpointManager(path).load_latest()
+        if found is None:
+            raise CheckpointError(f"{path}: no checkpoint in {path / 'checkpoints'}")
+        obj = found[1]
+    elif path.exists():
+        obj = load_object(path)
+    else:
+        raise CheckpointError(f"{path}: no such run directory or checkpoint file")
+    if "config" not in obj:
+        raise CheckpointError(f"{path}: the checkpoint has no config; it was not written by lmtrain.main")
+    model = TransformerLM(**obj["config"]["model"])
+    restore(obj, model)
+    return model.eval(), obj["config"]
+
+
+def tokenizer_for(config: dict, spec: str | None):
+    train = Path(config["data"]["train_data"])
+    if spec is not None:
+        return load_tokenizer(spec, train)
+    if not (train / "manifest.json").exists():
+        raise LmDataError(f"{train}: no manifest.json names the tokenizer; pass --tokenizer")
+    return load_tokenizer(Manifest.load(train).tokenizer, train)
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerLM,
+    ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eot_id: int | None = None,
+) -> list[int]:
+    """Sampled continuation of ``ids`` (without them): temperature 0 is greedy; top-p keeps the smallest set of
+    tokens whose probabilities sum to at least ``top_p``."""
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.tensor([ids], dtype=torch.int64)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(context[:, -model.context_length :])[0, -1].float()  # (V,)
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        if token == eot_id:
+            break
+        out.append(token)
+        context = torch.cat([context, torch.tensor([[token]])], dim=1)
+    return out
+
+
+def sample_text(
+    checkpoint,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    tokenizer: str | None = None,
+) -> str:
+    model, config = load_run(checkpoint)
+    tok = tokenizer_for(config, tokenizer)
+    vocab = config["model"]["vocab_size"]
+    if tok.vocab_size > vocab:
+        raise CheckpointError(
+            f"tokenizer {tok.name} has {tok.vocab_size} ids but the model only {vocab}; "
+            "pass the --tokenizer the training data was made with"
+        )
+    ids = [int(i) for i in tok.encode_batch([prompt])[0]] if prompt else [tok.eot_id]
+    new = generate(model, ids, max_new_tokens, temperature, top_p, seed, tok.eot_id)
+    return prompt + tok.decode(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmtrain.sample", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a .pt file")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold, in (0, 1]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default=None, help="override the tokenizer named by the training manifest")
+    args = parser.parse_args(argv)
+    problems = []
+    if args.max_new_tokens < 0:
+        problems.append(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        problems.append(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if problems:
+        parser.error("; ".join(problems))
+    try:
+        print(
+            sample_text(
+                args.checkpoint,
+                args.prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_p,
+                args.seed,
+                args.tokenizer,
+            )
+        )
+    except (LmTrainError, LmDataError) as e:
+        print(f"sample: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

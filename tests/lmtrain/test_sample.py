@@ -1,0 +1,126 @@
+"""Sampling and plotting from a tiny trained run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmdata.prepare import prepare
+from lmtrain.main import main as train_main
+from lmtrain.plot import plot_metrics
+from lmtrain.sample import generate
+from lmtrain.sample import main as sample_main
+
+TEXT = "".join(f"line {i}: hello world, the cat sat on the mat.\n" for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    (root / "text.txt").write_text(TEXT)
+    prepare([str(root / "text.txt")], root / "data", "byte", val_fraction=0.2)
+    out = root / "run"
+    assert (
+        train_main(
+            [
+                "--train-data",
+                str(root / "data" / "train"),
+                "--val-data",
+                str(root / "data" / "val"),
+                "--out-dir",
+                str(out),
+                "--context-length",
+                "32",
+                "--d-model",
+                "32",
+                "--num-layers",
+                "1",
+                "--num-heads",
+                "2",
+                "--d-ff",
+                "64",
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "30",
+                "--eval-interval",
+                "0",
+                "--eval-batches",
+                "1",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_sampling_is_deterministic_for_a_seed(run_dir, capsys):
+    outputs = []
+    for seed in (1, 1, 2):
+        assert (
+            sample_main(
+                ["--checkpoint", str(run_dir), "--prompt", "line 7", "--max-new-tokens", "40", "--seed", str(seed)]
+            )
+            == 0
+        )
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+    assert outputs[0].startswith("line 7")
+
+
+def test_sampling_from_a_checkpoint_file(run_dir, capsys):
+    ckpt = run_dir / "checkpoints" / "step_00000030.pt"
+    assert sample_main(["--checkpoint", str(ckpt), "--prompt", "x", "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("x")
+
+
+class AlwaysEot(torch.nn.Module):
+    """Logits whose most likely token is 3 for the first two positions generated, then end-of-text (9)."""
+
+    context_length = 16
+
+    def forward(self, ids):
+        logits = torch.zeros(1, ids.shape[1], 10)
+        logits[0, -1, 3 if ids.shape[1] < 4 else 9] = 50.0
+        return logits
+
+
+def test_generation_stops_at_end_of_text():
+    assert generate(AlwaysEot(), [1, 2], max_new_tokens=10, temperature=0, eot_id=9) == [3, 3]
+    assert generate(AlwaysEot(), [1, 2], max_new_tokens=10, temperature=1.0, top_p=0.5, eot_id=9) == [3, 3]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--checkpoint", "/nonexistent/run"], "no such run directory or checkpoint file"),
+        (["--checkpoint", "RUN", "--tokenizer", "bpe:999"], "no tokenizer.json"),
+    ],
+)
+def test_sample_errors(run_dir, capsys, argv, message):
+    argv = [str(run_dir) if a == "RUN" else a for a in argv]
+    assert sample_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_sampling_flags_exit_2(run_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmtrain.sample", "--checkpoint", str(run_dir), "--top-p", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--top-p must be in (0, 1], got 0.0" in proc.stderr
+
+
+def test_plot_metrics_writes_a_png(run_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "tools/plot_metrics.py", str(run_dir), "--out", str(tmp_path / "l.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_metrics(run_dir).name == "loss.png"
