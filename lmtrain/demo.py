@@ -22,7 +22,7 @@ DEMO_SETTINGS = {
     "log": {"log_interval": 50, "eval_interval": 200, "eval_batches": 10},
     "checkpoint": {"checkpoint_interval": 250},
 }
-SAMPLE_PROMPT = "def "
+SAMPLE_PROMPT = "class Parser:\n    def "
 
 
 def cache_dir() -> Path:

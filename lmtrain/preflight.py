@@ -5,6 +5,7 @@ Each returns problems as text, so that main can report them together with the co
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -91,7 +92,18 @@ def check_out_dir(c: TrainConfig) -> list[str]:
     return []
 
 
+def check_logging_packages(c: TrainConfig) -> list[str]:
+    """Optional integrations need their package; say which, rather than failing after training started."""
+    problems = []
+    if c.log.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append("--wandb-project needs the wandb package: pip install wandb (WANDB_MODE=offline works)")
+    if c.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return problems
+
+
 def preflight(c: TrainConfig) -> list[str]:
+    problems = check_logging_packages(c)
     if None in (c.data.train_data, c.data.val_data, c.data.out_dir):
-        return []  # already reported as missing
-    return check_data(c) + check_out_dir(c)
+        return problems  # the missing ones are already reported
+    return problems + check_data(c) + check_out_dir(c)

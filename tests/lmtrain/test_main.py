@@ -341,3 +341,27 @@ def test_torchrun_two_processes_track_one_process_with_the_same_global_batch(cor
     assert a < first_a - 0.5 and b < first_b - 0.5
     assert records(tmp_path / "ddp", "train")[-1]["tokens"] == 40 * 16 * 32  # global batch 2 x 8
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["latest", "step_00000040.pt"]
+
+
+def test_tensorboard_event_files(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "3", "--eval-interval", "0", "--tensorboard")) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_wandb_offline(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "3", "--eval-interval", "0", "--wandb-project", "t")) == 0
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_missing_logging_package_is_a_config_error(corpus, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert main(args(corpus, tmp_path / "run", "--wandb-project", "p")) == 2
+    assert "--wandb-project needs the wandb package" in capsys.readouterr().err
