@@ -22,6 +22,13 @@ def test_every_flag_and_default_is_in_the_readme_reference():
 
 
 def test_readme_shows_the_main_commands():
-    for text in ("python -m lmtrain.main", "python -m pytest", "python -m lmdata.prepare", "torchrun",
-                 "tools/validate_shards.py", "tools/plot_metrics.py", "python -m lmtrain.sample"):
+    for text in (
+        "python -m lmtrain.main",
+        "python -m pytest",
+        "python -m lmdata.prepare",
+        "torchrun",
+        "tools/validate_shards.py",
+        "tools/plot_metrics.py",
+        "python -m lmtrain.sample",
+    ):
         assert text in README

@@ -17,9 +17,24 @@ def test_demo_from_an_empty_home(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"}
     env.update(HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run(
-        [sys.executable, "-m", "lmtrain.main", "--max-steps", "6", "--log-interval", "3", "--eval-batches", "2",
-         "--batch-size", "4"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lmtrain.main",
+            "--max-steps",
+            "6",
+            "--log-interval",
+            "3",
+            "--eval-batches",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

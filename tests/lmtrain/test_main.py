@@ -101,7 +101,7 @@ def test_end_to_end_loss_falls_and_files_exist(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "60", "--eval-interval", "20", "--checkpoint-interval", "20")) == 0
     train, evals = records(out, "train"), records(out, "eval")
-    assert [r["step"] for r in evals] == [20, 40, 60]
+    assert [r["step"] for r in evals] == [0, 20, 40, 60]  # step 0: the untrained loss
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
     assert np.mean([r["train_loss"] for r in train[-5:]]) < np.mean([r["train_loss"] for r in train[:5]]) - 0.5
     for key in ("train_loss", "lr", "tokens_per_s", "data_stall_pct", "grad_norm", "tokens"):
