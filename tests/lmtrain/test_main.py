@@ -365,3 +365,43 @@ def test_missing_logging_package_is_a_config_error(corpus, tmp_path, capsys, mon
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     assert main(args(corpus, tmp_path / "run", "--wandb-project", "p")) == 2
     assert "--wandb-project needs the wandb package" in capsys.readouterr().err
+
+
+def test_changed_data_on_resume_is_refused(corpus, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_shards([np.arange(3000) % 64], data, vocab_size=64)
+    out = tmp_path / "run"
+    common = [
+        "--train-data",
+        str(data),
+        "--val-data",
+        str(corpus / "val"),
+        "--out-dir",
+        str(out),
+        *TINY,
+        "--max-steps",
+        "2",
+        "--eval-interval",
+        "0",
+    ]
+    assert main(common) == 0
+    write_shards([np.arange(3100) % 64], data, vocab_size=64)  # the same path, other tokens
+    assert main([*common[:-4], "--max-steps", "4", "--eval-interval", "0"]) == 2
+    assert "the data differs from the data this run was trained on" in capsys.readouterr().err
+
+
+def test_too_little_disk_is_reported_at_start(corpus, tmp_path, capsys, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("lmtrain.preflight.shutil.disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    assert main(args(corpus, tmp_path / "run")) == 2
+    assert "MiB free, but checkpoints need about" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_float16_autocast_with_grad_scaler_runs(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "3", "--eval-interval", "0", "--dtype", "float16")) == 0
+    state = torch.load(out / "checkpoints" / "step_00000003.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed
