@@ -256,10 +256,6 @@ class EpochSampler(_Sampler):
 
     kind = EPOCH
 
-    def epoch(self, step: int) -> int:
-        """The epoch in which batch ``step`` of this rank begins."""
-        return (step * self.world_size + self.rank) * self.batch_size // self.num_windows
-
 
 SAMPLERS = {"random": RandomSampler, "epoch": EpochSampler}
 

@@ -184,18 +184,20 @@ class Trainer:
     def _loop(self) -> None:
         c = self.c
         tokens_per_step = self._tokens_per_step()
-        loss_sum, window_start, window_steps = torch.zeros((), device=self.rt.device), time.perf_counter(), 0
+        loss_sum, window_steps = torch.zeros((), device=self.rt.device), 0
+        window_start, paused = time.perf_counter(), 0.0  # evaluation and checkpoint time is not training time
         self.loader.stats.reset()
         while self.step < c.run.max_steps:
             loss_sum += self._train_step()
             self.step += 1
             window_steps += 1
             if self.step % c.log.log_interval == 0 or self.step == c.run.max_steps:
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start - paused
                 self._log_train(loss_sum.item() / window_steps, elapsed, window_steps * tokens_per_step)
                 loss_sum.zero_()
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, paused, window_steps = time.perf_counter(), 0.0, 0
                 self.loader.stats.reset()
+            pause_start = time.perf_counter()
             eval_due = c.log.eval_interval and self.step % c.log.eval_interval == 0
             if eval_due and self.step < c.run.max_steps and self.rt.is_main:
                 self.evaluate()
@@ -204,6 +206,7 @@ class Trainer:
                 return
             if self.step % c.checkpoint.checkpoint_interval == 0 and self.step < c.run.max_steps:
                 self.save()
+            paused += time.perf_counter() - pause_start
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (a device scalar)."""
