@@ -336,6 +336,7 @@ def test_torchrun_two_processes_track_one_process_with_the_same_global_batch(cor
     assert two.returncode == 0, two.stderr[-3000:]
     assert one.wait(timeout=300) == 0
     a, b = records(single, "eval")[-1]["val_loss"], records(tmp_path / "ddp", "eval")[-1]["val_loss"]
+    print(f"final val loss: 1 process {a:.4f}, 2 processes {b:.4f}")
     assert abs(a - b) < 0.1 * a, (a, b)
     first_a, first_b = records(single, "train")[0]["train_loss"], records(tmp_path / "ddp", "train")[0]["train_loss"]
     assert a < first_a - 0.5 and b < first_b - 0.5
