@@ -59,14 +59,26 @@ class SyntheticStep:
 
 @pytest.fixture(scope="module")
 def setup(tokens_200m):
-    return SyntheticStep(), TokenDataset(tokens_200m), np.memmap(tokens_200m, dtype=np.uint16, mode="r")
+    return TokenDataset(tokens_200m), np.memmap(tokens_200m, dtype=np.uint16, mode="r")
 
 
-def test_training_loop_feeders_interleaved(benchmark, setup):
+@pytest.fixture(params=[2, 1], ids=["compute-on-both-cores", "compute-on-one-core"])
+def compute_threads(request):
+    """torch's intra-op threads for the synthetic compute: both cores (a CPU training run), or one core (the
+    host side of a GPU run, where the model's thread leaves the other cores free)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_training_loop_feeders_interleaved(benchmark, setup, compute_threads):
     """The three feeders take turns within each round; see bench.conftest.run_interleaved."""
-    step, dataset, data = setup
+    dataset, data = setup
+    step = SyntheticStep()  # calibrated for this thread count
     in_memory = [get_batch(data, B, T, "cpu") for _ in range(8)]
-    benchmark.group = f"training loop, {B}x{T}, ~10 ms compute/step"
+    benchmark.group = f"training loop, {B}x{T}, ~10 ms compute/step on {compute_threads} thread(s)"
+    print(f"\ncompute on {compute_threads} thread(s):", end="")
     with BatchLoader(dataset, B, T, sampler="random", prefetch=4) as loader:
         next(loader)
         feeders = {
