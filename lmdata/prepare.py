@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lmdata.errors import LmDataError
 from lmdata.tokenizer import (
     EOT_TEXT,
@@ -224,9 +226,7 @@ def _with_sentinel(items):
     yield None
 
 
-def _append(ids, value):
-    import numpy as np
-
+def _append(ids: np.ndarray, value: int) -> np.ndarray:
     return np.append(ids.astype(np.uint16, copy=False), np.uint16(value))
 
 
