@@ -1,6 +1,6 @@
 """Private memory while drawing 10,000 batches from a 1.1 GB shard: it must stay flat.
 
-    python bench/memory_check.py [--batches 10000] [--batch-size 32] [--context-length 1024]
+    python -m bench.memory_check [--batches 10000] [--batch-size 32] [--context-length 1024]
 
 How it is measured: ``/proc/self/status`` splits resident memory into RssAnon (private, anonymous memory:
 what the process itself allocated and what a leak would grow) and RssFile (file-backed pages of the memory
