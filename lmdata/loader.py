@@ -62,8 +62,9 @@ class _Channel:
     to half its capacity, so the producer refills in bursts.
 
     Why not ``queue.Queue``: it wakes the producer at every ``get``. Each wake-up costs futex and GIL hand-offs
-    that, on the 2-core machine here, stalled the model's thread for ~150 us a batch (1.5% of a 10 ms step);
-    waking once per ``capacity // 2`` batches brought the loader to within 0.5% of in-memory batches.
+    that, on the 2-core machine here, stalled the model's thread for ~150 us a batch (1.5% of a 10 ms step).
+    Waking once per ``capacity // 2`` batches raised the loader from ~0.98 to ~0.99-0.997 of in-memory
+    throughput in a side-by-side experiment with the model on one core (bench/bench_loader.py varies more).
     """
 
     def __init__(self, capacity: int):
@@ -189,8 +190,8 @@ def _lower_this_threads_priority() -> None:
 
     The prefetch thread has slack (``prefetch`` batches queued), so it should run in the gaps of the model's
     threads rather than preempt them: when torch's intra-op threads occupy every core, each preemption stalls
-    a whole parallel region. Measured here on 2 cores: 0.981-0.988 of in-memory throughput at normal priority,
-    0.991-0.994 at nice 19, with the same data-stall fraction.
+    a whole parallel region. In a side-by-side experiment on 2 cores (two runs each): 0.981-0.988 of in-memory
+    throughput at normal priority, 0.991-0.994 at nice 19, with the same data-stall fraction.
     """
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: only speed depends on it
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

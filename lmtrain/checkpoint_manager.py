@@ -156,10 +156,6 @@ class CheckpointManager:
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _NAME.match(p.name)))
 
-    def latest_path(self) -> Path | None:
-        steps = self.steps()
-        return self.dir / checkpoint_name(steps[-1]) if steps else None
-
     def load_latest(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that verifies and loads, as (path, state); None if there is none.
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from lmdata.manifest import MANIFEST_NAME
 from lmdata.prepare import prepare
+from lmtrain.errors import LmTrainError
+from lmtrain.plot import plot_metrics
+from lmtrain.sample import sample_text
 
 DEMO_SETTINGS = {
     "model": {"context_length": 128, "d_model": 192, "num_layers": 4, "num_heads": 6, "d_ff": 512},
@@ -74,10 +77,6 @@ def demo_values(data: Path) -> dict[str, dict]:
 
 def report(run_dir: Path, checkpoint_dir: Path) -> None:
     """Where everything is, the loss plot, and a sample from the trained model."""
-    from lmtrain.errors import LmTrainError
-    from lmtrain.plot import plot_metrics
-    from lmtrain.sample import sample_text
-
     print(f"\nrun dir:     {run_dir}\ncheckpoints: {checkpoint_dir}")
     try:
         print(f"loss plot:   {plot_metrics(run_dir)}")

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lmdata import BatchLoader, SamplerStateError, TokenDataset
 from lmdata.atomic import write_bytes_atomic
-from lmtrain.checkpoint import load_object, restore, unwrap
+from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import TrainConfig, config_diff
 from lmtrain.errors import ConfigError, LmTrainError
@@ -99,7 +99,7 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {
-            "model": unwrap(self.model).state_dict(),
+            "model": self.model.state_dict(),  # the plain model: no wrapper prefixes
             "optimizer": self.optimizer.state_dict(),
             "iteration": self.step,
             "scaler": self.scaler.state_dict(),
@@ -277,7 +277,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        model = unwrap(self.model)
+        model = self.model  # the plain model, not the compiled/DDP wrapper: no collectives, no recompiles
         model.eval()
         total = 0.0
         for x, y in self.val_batches:
