@@ -48,4 +48,27 @@ def make_shards(directory: Path, lengths: list[int], fmt: str = "llmc", dtype=np
     ]
 
 
+# Training flags of a model small enough for end-to-end tests to run in seconds on a CPU.
+TINY = [
+    "--context-length",
+    "32",
+    "--d-model",
+    "32",
+    "--num-layers",
+    "2",
+    "--num-heads",
+    "2",
+    "--d-ff",
+    "64",
+    "--batch-size",
+    "8",
+    "--warmup-steps",
+    "5",
+    "--eval-batches",
+    "2",
+    "--log-interval",
+    "1",
+]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,28 +16,7 @@ import torch
 
 from lmdata import write_shards
 from lmtrain.main import main
-from tests.conftest import write_nanogpt
-
-TINY = [
-    "--context-length",
-    "32",
-    "--d-model",
-    "32",
-    "--num-layers",
-    "2",
-    "--num-heads",
-    "2",
-    "--d-ff",
-    "64",
-    "--batch-size",
-    "8",
-    "--warmup-steps",
-    "5",
-    "--eval-batches",
-    "2",
-    "--log-interval",
-    "1",
-]
+from tests.conftest import TINY, write_nanogpt
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from lmtrain.main import main as train_main
 from lmtrain.plot import plot_metrics
 from lmtrain.sample import generate
 from lmtrain.sample import main as sample_main
+from tests.conftest import TINY
 
 TEXT = "".join(f"line {i}: hello world, the cat sat on the mat.\n" for i in range(400))
 
@@ -23,37 +24,9 @@ def run_dir(tmp_path_factory):
     (root / "text.txt").write_text(TEXT)
     prepare([str(root / "text.txt")], root / "data", "byte", val_fraction=0.2)
     out = root / "run"
-    assert (
-        train_main(
-            [
-                "--train-data",
-                str(root / "data" / "train"),
-                "--val-data",
-                str(root / "data" / "val"),
-                "--out-dir",
-                str(out),
-                "--context-length",
-                "32",
-                "--d-model",
-                "32",
-                "--num-layers",
-                "1",
-                "--num-heads",
-                "2",
-                "--d-ff",
-                "64",
-                "--batch-size",
-                "8",
-                "--max-steps",
-                "30",
-                "--eval-interval",
-                "0",
-                "--eval-batches",
-                "1",
-            ]
-        )
-        == 0
-    )
+    data = root / "data"
+    argv = ["--train-data", str(data / "train"), "--val-data", str(data / "val"), "--out-dir", str(out)]
+    assert train_main([*argv, *TINY, "--max-steps", "30", "--eval-interval", "0"]) == 0
     return out
 
 
