@@ -41,7 +41,7 @@ def test_training_tokens_per_second(benchmark, setup):
     step, dataset, data = setup
     in_memory = [get_batch(data, B, T, "cpu") for _ in range(8)]
     benchmark.group = f"train steps, {CFG['d_model']}x{CFG['num_layers']} model, {B}x{T}"
-    with BatchLoader(dataset, B, T, sampler="random", prefetch=4) as loader:
+    with BatchLoader(dataset, B, T, sampler="random") as loader:
         next(loader)
         feeders = {"in_memory": lambda i: in_memory[i % len(in_memory)], "batch_loader": lambda i: next(loader)}
         ratios = run_interleaved(benchmark, feeders, step, STEPS, ROUNDS, baseline="in_memory")

@@ -46,13 +46,21 @@ def run_interleaved(benchmark, feeders: dict, step, steps: int, rounds: int, bas
     """Time ``steps`` calls of ``step(*feed(i))`` for each feeder in turn, ``rounds`` times, as one benchmark.
 
     Taking turns within each round means all feeders see the same machine load (on a shared 2-core machine it
-    drifts over the seconds that sequential benchmarks take). Returns each feeder's throughput relative to
-    ``baseline``: the median over rounds of the per-round time ratio. Also records ms/step in extra_info.
+    drifts over the seconds that sequential benchmarks take); the order rotates from round to round. Returns
+    each feeder's throughput relative to ``baseline``: the median over rounds of the per-round time ratio. Also
+    records ms/step in extra_info.
     """
     times: dict[str, list[float]] = {name: [] for name in feeders}
+    names = list(feeders)
+    rounds_done = [0]
 
     def cycle():
-        for name, feed in feeders.items():
+        # Each round starts with the next feeder, so none always runs right after the same other one (a
+        # loader's thread refilling its queue during the next feeder's turn, say).
+        first = rounds_done[0] % len(names)
+        rounds_done[0] += 1
+        for name in names[first:] + names[:first]:
+            feed = feeders[name]
             start = time.perf_counter()
             for i in range(steps):
                 step(*feed(i))

@@ -84,7 +84,7 @@ def stall_check(device: torch.device, smoke: bool, steps: int) -> dict:
         torch.manual_seed(0)
         model = TransformerLM(**cfg).to(device)
         opt = make_optimizer(model, lr=1e-4)
-        with BatchLoader(TokenDataset(path), batch, T, device=device, sampler="random", prefetch=4) as loader:
+        with BatchLoader(TokenDataset(path), batch, T, device=device, sampler="random") as loader:
             fixed = next(loader)
             in_memory = train_loop(model, opt, iter(lambda: fixed, None), steps, device, dtype)
             loader.stats.reset()

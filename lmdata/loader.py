@@ -1,11 +1,16 @@
 """BatchLoader: batches gathered by a background thread and, on CUDA, copied to the device before they are asked for.
 
-Pipeline for one batch (B, T)::
+Pipeline, in bursts::
 
-    BatchFiller.fill(step) -> host (2, B, T) int64      background thread, one Numba call, GIL released:
+    BatchFiller.fill(s, n) -> n host (2, B, T) int64     background thread, one Numba call per burst, GIL released:
                                                          step -> window ids -> (shard, start) -> tokens
     host.to(device, non_blocking=True)                   CUDA only: pinned host buffer, dedicated copy stream
-    queue of `prefetch` ready batches -> __next__        consumer: no host-device sync
+    queue of up to `prefetch` ready batches -> __next__  consumer: no host-device sync
+
+The thread sleeps until the consumer has drained the queue to a quarter of ``prefetch`` (at least one batch
+left), then refills it in one burst. Each wake-up costs the model's threads tens of microseconds on a small
+machine (futex, GIL hand-offs, the thread's Python running on cold caches), so fewer, longer bursts are what
+keeps a CPU-bound training loop within 1% of in-memory throughput: see ``_Channel`` and bench/bench_loader.py.
 
 The contract with the consumer: **a batch handed out is never modified afterwards**, whatever the device.
 
@@ -31,7 +36,9 @@ import time
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from numba.typed import List
 
 from lmdata.dataset import TokenDataset
 from lmdata.errors import SamplerStateError
@@ -58,32 +65,35 @@ class _Failure:
 
 
 class _Channel:
-    """Bounded FIFO from the producer thread to the consumer that wakes the producer only once it has drained
-    to half its capacity, so the producer refills in bursts.
+    """FIFO from the producer thread to the consumer that wakes the producer only once the consumer has drained it
+    to ``refill_at`` items, so the producer refills in bursts of ``capacity - refill_at`` batches.
 
-    Why not ``queue.Queue``: it wakes the producer at every ``get``. Each wake-up costs futex and GIL hand-offs
-    that, on the 2-core machine here, stalled the model's thread for ~150 us a batch (1.5% of a 10 ms step).
-    Waking once per ``capacity // 2`` batches raised the loader from ~0.98 to ~0.99-0.997 of in-memory
-    throughput in a side-by-side experiment with the model on one core (bench/bench_loader.py varies more).
+    Why not ``queue.Queue``: it wakes the producer at every ``get``, and each wake-up of the sleeping thread cost
+    the model's thread tens of microseconds on the 2-core machine here (futex, GIL hand-offs, the producer's cold
+    caches): a thread that woke once per 10 ms step and did nothing already cost 0.6% of throughput.
     """
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, refill_at: int):
+        self.capacity, self.refill_at = capacity, refill_at
         self._items: collections.deque = collections.deque()
         lock = threading.Lock()
         self._not_empty = threading.Condition(lock)
-        self._not_full = threading.Condition(lock)
+        self._room = threading.Condition(lock)
 
-    def put(self, item, timeout: float) -> bool:
-        """Append ``item``, waiting up to ``timeout`` s for room; False if there was none."""
-        with self._not_full:
-            if len(self._items) >= self.capacity:
-                self._not_full.wait(timeout)
-                if len(self._items) >= self.capacity:
-                    return False
-            self._items.append(item)
+    def wait_for_room(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for the queue to drain to ``refill_at`` items; return how many items fit then
+        (0 if it did not drain in time)."""
+        with self._room:
+            if len(self._items) > self.refill_at:
+                self._room.wait(timeout)
+            n = len(self._items)
+            return self.capacity - n if n <= self.refill_at else 0
+
+    def put_many(self, items: list) -> None:
+        """Append ``items`` without waiting (the producer asked :meth:`wait_for_room` how many fit)."""
+        with self._not_empty:
+            self._items.extend(items)
             self._not_empty.notify()
-            return True
 
     def get(self, timeout: float):
         """Pop the oldest item, waiting up to ``timeout`` s; raises queue.Empty if none came."""
@@ -93,8 +103,8 @@ class _Channel:
                 if not self._items:
                     raise queue.Empty
             item = self._items.popleft()
-            if len(self._items) <= self.capacity // 2:
-                self._not_full.notify()
+            if len(self._items) == self.refill_at:
+                self._room.notify()
             return item
 
     def full(self) -> bool:
@@ -113,63 +123,74 @@ class _Producer:
         sampler = filler.sampler
         self.device, self.dtype = device, dtype
         self.shape = (2, sampler.batch_size, sampler.index.context_length)
-        self.ready = _Channel(prefetch)
+        self.ready = _Channel(prefetch, refill_at=min(prefetch - 1, max(1, prefetch // 4)))
         self.stopping = threading.Event()
-        # Ring of prefetch + 2 host buffers. When the thread fills the slot of step s, the queue holds at most
-        # steps s - prefetch .. s - 1, so the slot's previous batch (step s - prefetch - 2) was handed out and
-        # its views exist in the consumer, where _in_use sees them.
-        self.ring: list[torch.Tensor | None] = [None] * (prefetch + 2)
+        # Ring of prefetch + 2 host buffers; batch s goes into slot s % len(ring). When the thread fills the
+        # slot of step s, the queue holds at most steps s - prefetch .. s - 1, so the slot's previous batch
+        # (step s - prefetch - 2) was handed out and its views exist only in the consumer, where _in_use sees them.
+        # On CUDA they are pinned: up to `prefetch` batches queued, more being gathered, and spares so that the
+        # thread seldom waits for a copy to finish before reusing a buffer.
+        buffers = [self._new_buffer() for _ in range(prefetch + 2)]
+        self.buffers = [tensor for tensor, _ in buffers]
+        self.ring = List([array for _, array in buffers])  # the same memory, as the Numba kernel takes it
+        self.storages = [b.untyped_storage() for b in self.buffers]  # for _in_use, made once (that is slow)
         if device.type == "cuda":
             self.copy_stream = torch.cuda.Stream(device)
-            # Pinned: up to `prefetch` batches queued, one being gathered, one spare so the thread seldom waits
-            # for a copy to finish before reusing a buffer.
-            self.ring = [torch.empty(self.shape, dtype=dtype, pin_memory=True) for _ in self.ring]
-            self.copied = [None] * len(self.ring)  # the CUDA event of each buffer's last copy
+            self.copied: list[torch.cuda.Event | None] = [None] * len(self.buffers)  # each buffer's last copy
         self.thread = threading.Thread(target=self._run, name="lmdata-prefetch", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         _lower_this_threads_priority()
         try:
-            while not self.stopping.is_set():
-                item = self._make_cuda_batch() if self.device.type == "cuda" else self._make_host_batch()
-                if not self._put((self.step, *item)):
-                    return
-                self.step += 1
+            while not self.stopping.is_set():  # checked at least every _POLL_S
+                count = self.ready.wait_for_room(_POLL_S)
+                if count:
+                    self.ready.put_many(self._make_batches(count))
         except BaseException as e:  # handed to the consumer, raised at its next batch
-            self._put(_Failure(e))
+            self.ready.put_many([_Failure(e)])
 
-    def _make_host_batch(self):
-        slot = self.step % len(self.ring)
-        batch = self.ring[slot]
-        if batch is None or _in_use(batch):
-            batch = self.ring[slot] = torch.empty(self.shape, dtype=self.dtype)
-        arr = batch.numpy()
-        self.filler.fill(self.step, arr[0], arr[1])
-        return batch, None
-
-    def _make_cuda_batch(self):
-        slot = self.step % len(self.ring)
-        if self.copied[slot] is not None:
-            # Sync point (this thread only): wait until the previous copy out of this pinned buffer has
-            # finished before overwriting it. The consumer's stream is never blocked by this.
-            self.copied[slot].synchronize()
-        host = self.ring[slot]
-        arr = host.numpy()
-        self.filler.fill(self.step, arr[0], arr[1])
+    def _make_batches(self, count: int) -> list[tuple]:
+        """Batches self.step .. + count - 1 as (step, (2, B, T) tensor on the device, CUDA event or None)."""
+        first, slots = self.step, [(self.step + i) % len(self.buffers) for i in range(count)]
+        for slot in slots:
+            self._prepare(slot)
+        self.filler.fill(first, count, self.ring)  # one Numba call for the burst, GIL released
+        self.step += count
+        if self.device.type != "cuda":
+            return [(first + i, self.buffers[slot], None) for i, slot in enumerate(slots)]
+        batches = []
         with torch.cuda.stream(self.copy_stream):
-            batch = host.to(self.device, non_blocking=True)  # async H2D on the copy stream
-            done = torch.cuda.Event()
-            done.record(self.copy_stream)
-        self.copied[slot] = done
-        return batch, done
+            for i, slot in enumerate(slots):
+                batch = self.buffers[slot].to(self.device, non_blocking=True)  # async H2D on the copy stream
+                done = self.copied[slot] = torch.cuda.Event()
+                done.record(self.copy_stream)
+                batches.append((first + i, batch, done))
+        return batches
 
-    def _put(self, item) -> bool:
-        """Queue ``item``, waking up regularly to notice a stop request; False if stopped first."""
-        while not self.stopping.is_set():
-            if self.ready.put(item, timeout=_POLL_S):
-                return True
-        return False
+    def _prepare(self, slot: int) -> None:
+        """Make ``slot`` safe to overwrite."""
+        if self.device.type == "cuda":
+            if self.copied[slot] is not None:
+                # Sync point (this thread only): wait until the previous copy out of this pinned buffer has
+                # finished. The consumer's stream is never blocked by this.
+                self.copied[slot].synchronize()
+        elif _in_use(self.storages[slot]):  # the consumer still holds the batch: it keeps it, the ring gets new memory
+            self.buffers[slot], self.ring[slot] = self._new_buffer()
+            self.storages[slot] = self.buffers[slot].untyped_storage()
+
+    def _new_buffer(self) -> tuple[torch.Tensor, np.ndarray]:
+        """A host buffer as a tensor (what the consumer or the H2D copy gets) and as an ndarray (what the Numba
+        kernel writes), over the same memory.
+
+        On CPU the memory belongs to the ndarray, and the tensor is the only tensor over it: so the storage's use
+        count shows exactly the consumer's views (see _in_use). (``tensor.numpy()`` would hold a second tensor.)
+        """
+        if self.device.type == "cuda":
+            tensor = torch.empty(self.shape, dtype=self.dtype, pin_memory=True)
+            return tensor, tensor.numpy()
+        array = np.empty(self.shape, dtype=np.int64 if self.dtype == torch.int64 else np.int32)
+        return torch.from_numpy(array), array
 
     def get(self):
         while True:
@@ -197,14 +218,16 @@ def _lower_this_threads_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
-def _in_use(buffer: torch.Tensor) -> bool:
-    """True while any tensor besides ``buffer`` itself (a view the consumer holds) shares its memory.
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private API, see _in_use
 
-    The count includes ``buffer`` and the temporary storage object made here; a missing private API counts as
+
+def _in_use(storage: torch.UntypedStorage) -> bool:
+    """True while a tensor besides the ring's own buffer (a view the consumer holds) uses ``storage``.
+
+    The use count includes the buffer and ``storage``, the ring's handle on it. A missing private API counts as
     in use, which only costs a fresh allocation.
     """
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return use_count is None or use_count(buffer.untyped_storage()._cdata) > 2
+    return _USE_COUNT is None or _USE_COUNT(storage._cdata) > 2
 
 
 def _default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -224,6 +247,10 @@ class BatchLoader:
     replacement; ranks independent); see :mod:`lmdata.sampler`. ``rank`` and ``world_size`` default to
     torch.distributed's when it is initialised. The thread starts at the first batch and stops on
     :meth:`close`, at the end of a ``with`` block, or when the loader is garbage-collected.
+
+    ``prefetch``: at most this many batches wait ready (on ``device``); the thread refills them in bursts of
+    about three quarters of ``prefetch``. The default 8 (bursts of 6) measured better than 4 (bursts of 3) next
+    to a CPU-bound model: see README "Benchmarks". Host memory: ``prefetch + 2`` batches.
     """
 
     def __init__(
@@ -234,7 +261,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         sampler: str = "epoch",
         seed: int = 0,
-        prefetch: int = 4,
+        prefetch: int = 8,
         rank: int | None = None,
         world_size: int | None = None,
         dtype: torch.dtype = torch.int64,

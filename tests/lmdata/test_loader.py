@@ -75,7 +75,7 @@ def test_state_counts_received_batches_not_prefetched(dataset):
     with BatchLoader(dataset, B, T, prefetch=4) as loader:
         next(loader)
         next(loader)
-        wait_until(lambda: loader._producer.ready.full())
+        wait_until(lambda: loader._producer.step >= 4)  # batches made, handed out or queued
         assert loader.state_dict()["step"] == 2
 
 
@@ -113,13 +113,13 @@ def test_state_from_another_world_size_is_refused(dataset):
 
 
 def test_error_in_the_thread_is_raised_in_the_consumer(dataset, monkeypatch):
-    loader = BatchLoader(dataset, B, T)
+    loader = BatchLoader(dataset, B, T, prefetch=1)  # one batch per fill, so batches 0 and 1 arrive
     real_fill = loader._filler.fill
 
-    def fill(step, inputs, targets):
-        if step == 2:
+    def fill(first_step, count, ring):
+        if first_step <= 2 < first_step + count:
             raise ShardFormatError("shard_002.bin: odd byte count 7 (simulated)")
-        real_fill(step, inputs, targets)
+        real_fill(first_step, count, ring)
 
     monkeypatch.setattr(loader._filler, "fill", fill)
     next(loader)
@@ -132,7 +132,7 @@ def test_error_in_the_thread_is_raised_in_the_consumer(dataset, monkeypatch):
 def test_close_stops_a_thread_blocked_on_a_full_queue_promptly(dataset):
     loader = BatchLoader(dataset, B, T, prefetch=2)
     next(loader)
-    wait_until(lambda: loader._producer.ready.full())  # the thread is now blocked in put()
+    wait_until(lambda: loader._producer.ready.full())  # the thread now waits for room
     thread = loader._producer.thread
     start = time.monotonic()
     loader.close()
