@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import queue
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from lmdata import BatchLoader, SamplerStateError, ShardFormatError, TokenDataset
+from lmdata.loader import _Channel
 from tests.conftest import SHARD_BASE, cuda, make_shards
 
 T, B = 16, 4
@@ -198,6 +200,40 @@ def test_rank_and_world_size_default_to_torch_distributed(dataset, monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 3)
     loader = BatchLoader(dataset, B, T)
     assert (loader.sampler.rank, loader.sampler.world_size) == (1, 3)
+
+
+def test_the_thread_refills_in_bursts_of_consecutive_steps(dataset, monkeypatch):
+    loader = BatchLoader(dataset, B, T, prefetch=8)  # refilled once 2 are left
+    real_fill, calls = loader._filler.fill, []
+
+    def fill(first_step, count, ring):
+        calls.append((first_step, count))
+        real_fill(first_step, count, ring)
+
+    monkeypatch.setattr(loader._filler, "fill", fill)
+    with loader:
+        for step in range(40):
+            x, y = next(loader)
+            want = expected_batch(loader, step)
+            assert torch.equal(x, want[0]) and torch.equal(y, want[1])
+            time.sleep(0.002)  # a consumer slower than the thread, as in training
+    assert calls[0] == (0, 8)  # the empty queue is filled whole
+    assert all(count >= 6 for _, count in calls[1:])  # then woken at 2 left, never for a single batch
+    assert all(first + count == nxt for (first, count), (nxt, _) in zip(calls, calls[1:], strict=False))
+
+
+def test_channel_wakes_the_producer_only_at_the_refill_mark():
+    channel = _Channel(capacity=4, refill_at=1)
+    assert channel.wait_for_room(0.01) == 4
+    channel.put_many([0, 1, 2, 3])
+    assert channel.wait_for_room(0.01) == 0  # above the mark: nothing to do yet
+    assert [channel.get(0.01), channel.get(0.01)] == [0, 1]
+    assert channel.wait_for_room(0.01) == 0
+    assert channel.get(0.01) == 2
+    assert channel.wait_for_room(0.01) == 3
+    assert channel.get(0.01) == 3
+    with pytest.raises(queue.Empty):
+        channel.get(0.01)
 
 
 def test_stats_count_batches_and_waiting(dataset):
