@@ -125,11 +125,11 @@ class _Producer:
         self.shape = (2, sampler.batch_size, sampler.index.context_length)
         self.ready = _Channel(prefetch, refill_at=min(prefetch - 1, max(1, prefetch // 4)))
         self.stopping = threading.Event()
-        # Ring of prefetch + 2 host buffers; batch s goes into slot s % len(ring). When the thread fills the
-        # slot of step s, the queue holds at most steps s - prefetch .. s - 1, so the slot's previous batch
-        # (step s - prefetch - 2) was handed out and its views exist only in the consumer, where _in_use sees them.
-        # On CUDA they are pinned: up to `prefetch` batches queued, more being gathered, and spares so that the
-        # thread seldom waits for a copy to finish before reusing a buffer.
+        # Ring of prefetch + 2 host buffers; batch s goes into slot s % len(ring). When the thread fills steps
+        # s .. s+n-1, the queue holds at most prefetch - n batches, all before s, so each slot's previous batch
+        # (its step - prefetch - 2) was handed out and its views exist only in the consumer, where _in_use sees
+        # them. On CUDA the buffers are pinned, and the two spares let the thread seldom wait for a copy to finish
+        # before reusing a buffer.
         buffers = [self._new_buffer() for _ in range(prefetch + 2)]
         self.buffers = [tensor for tensor, _ in buffers]
         self.ring = List([array for _, array in buffers])  # the same memory, as the Numba kernel takes it
