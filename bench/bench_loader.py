@@ -6,7 +6,7 @@
 * ``get_batch_inline``: ``lmdata.get_batch`` called in the loop, as in nanoGPT;
 * ``batch_loader``: ``lmdata.BatchLoader`` prefetching in a background thread.
 
-(B, T) = (32, 1024), a 200M-token memmap in page cache, the loader at its default prefetch (8). Target:
+(B, T) = (32, 1024), a 200M-token memmap in page cache, the loader at its default prefetch (16). Target:
 batch_loader / in_memory >= 0.99 in throughput. The feeders take turns within each round (interleaved), since on
 a shared 2-core machine the load drifts over the seconds that sequential benchmarks would take.
 """
@@ -23,7 +23,7 @@ from bench.conftest import run_interleaved
 from lmdata import BatchLoader, TokenDataset, get_batch
 
 B, T = 32, 1024
-STEPS = 12  # steps per feeder per round: short rounds, a whole number of the loader's refills (6 batches each)
+STEPS = 12  # steps per feeder per round: short rounds, a whole number of the loader's refills (12 batches each)
 ROUNDS = 250  # the per-round ratios spread by +-6% on this shared machine: the median needs many of them
 TARGET_STEP_S = 0.010
 

@@ -69,7 +69,7 @@ class RunConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     compile: bool = doc(False, "torch.compile the model (on CPU here: about 7 percent faster after a 20 s compile)")
-    prefetch: int = doc(8, "batches the loader prepares ahead, refilled in bursts of three quarters")
+    prefetch: int = doc(16, "batches the loader prepares ahead, refilled in bursts of three quarters")
 
 
 @dataclass
