@@ -43,7 +43,7 @@ class SyntheticStep:
         for _ in range(5):
             self(x)  # warm up threads and caches before calibrating
         trials = []
-        for _ in range(7):  # the median trial: the fastest one, on this shared machine, sized steps down to 8 ms
+        for _ in range(7):  # sized from the median trial (sizing from the fastest gave ~8 ms steps on this machine)
             start = time.perf_counter()
             for _ in range(10):
                 self(x)
