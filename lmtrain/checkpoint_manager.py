@@ -11,7 +11,10 @@ beyond the last ``keep`` (milestones, every ``milestone_every`` steps, are kept 
 leaves the previous checkpoints usable.
 
 Resume (:meth:`CheckpointManager.load_latest`) tries the newest checkpoint first and checks it by reading its
-zip directory and every member's CRC; if that fails it warns and falls back to the previous one.
+zip directory and every member's CRC; if that fails it warns and falls back to the previous one; if every one
+fails it raises, naming each. Loading only reads: a sampler or an exporter may load while a trainer writes, so
+cleaning up what a killed writer left (:meth:`CheckpointManager.remove_stale`) is the trainer's job, done while
+it holds the run directory's lock (:mod:`lmtrain.rundir`).
 
 Async saves copy the state to host memory at the step boundary (the only part that blocks training) and write
 the file from a background thread. The next save waits for the previous one, and an ``atexit`` hook waits for
@@ -21,6 +24,7 @@ a write in flight, so the process never exits with a half-written checkpoint.
 from __future__ import annotations
 
 import atexit
+import errno
 import re
 import shutil
 import threading
@@ -38,6 +42,20 @@ _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 LATEST = "latest"
 _SIZE_MARGIN = 1.05  # zip headers and pickled structure on top of the tensor bytes
 _FREE_RESERVE = 64 * 2**20  # never fill the disk to the last byte
+CHECKPOINT_BYTES_PER_PARAM = 12  # float32 weights + AdamW's two float32 moments
+_STATE_ALLOWANCE = 2**20  # RNG states (tens of KB), the loader's position, step counters, the config
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def checkpoint_tensor_bytes(num_parameters: int) -> int:
+    """Tensor bytes of a training checkpoint of a model with ``num_parameters``, before it exists (preflight)."""
+    return num_parameters * CHECKPOINT_BYTES_PER_PARAM + _STATE_ALLOWANCE
+
+
+def free_bytes_needed(tensor_bytes: int) -> int:
+    """Free disk space a checkpoint of ``tensor_bytes`` tensor bytes needs: the one estimate used both before
+    training starts (preflight) and before every save."""
+    return int(tensor_bytes * _SIZE_MARGIN) + _FREE_RESERVE
 
 
 def checkpoint_name(step: int) -> str:
@@ -71,6 +89,8 @@ def verify(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+    except FileNotFoundError:
+        raise
     except Exception as e:  # damaged bytes surface as many types (BadZipFile, UnicodeDecodeError, EOFError...)
         raise CheckpointError(f"{path}: not a complete checkpoint ({type(e).__name__}: {e})") from None
     if bad is not None:
@@ -113,7 +133,7 @@ class CheckpointManager:
         return path
 
     def check_disk(self, needed_tensor_bytes: int) -> None:
-        needed = int(needed_tensor_bytes * _SIZE_MARGIN) + _FREE_RESERVE
+        needed = free_bytes_needed(needed_tensor_bytes)
         free = shutil.disk_usage(self.dir).free
         if free < needed:
             raise InsufficientDiskError(
@@ -122,8 +142,16 @@ class CheckpointManager:
             )
 
     def _commit(self, step: int, path: Path, state: dict) -> None:
-        save_object(state, path)  # atomic and durable
-        write_bytes_atomic(self.dir / LATEST, path.name.encode())  # only after the checkpoint is durable
+        try:
+            save_object(state, path)  # atomic and durable; a failed write removes its temporary file
+            write_bytes_atomic(self.dir / LATEST, path.name.encode())  # only after the checkpoint is durable
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise InsufficientDiskError(
+                f"{path}: the disk filled up while writing this checkpoint ({e.strerror}); the earlier "
+                "checkpoints are intact: free some space and run the same command to resume"
+            ) from None
         self._prune(step)
 
     def _commit_in_background(self, step: int, path: Path, state: dict) -> None:
@@ -156,18 +184,36 @@ class CheckpointManager:
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _NAME.match(p.name)))
 
+    def remove_stale(self) -> list[Path]:
+        """Delete temporary files a killed writer left. Only the run's one writer (holding its lock) may call this."""
+        return remove_stale_temporaries(self.dir) if self.dir.is_dir() else []
+
+    def delete_all(self) -> None:
+        """Delete every checkpoint and the ``latest`` pointer (``--resume replace``; the writer only)."""
+        for step in self.steps():
+            (self.dir / checkpoint_name(step)).unlink(missing_ok=True)
+        (self.dir / LATEST).unlink(missing_ok=True)
+
     def load_latest(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that verifies and loads, as (path, state); None if there is none.
 
-        A damaged newest checkpoint (a disk error, a copy cut short) is skipped with a warning.
+        A damaged checkpoint (a disk error, a copy cut short) is skipped with a warning; one deleted while we
+        looked (a trainer pruning it) is skipped silently. CheckpointError if checkpoints exist but none loads.
+        Reads only: safe while a trainer writes into the directory.
         """
-        if self.dir.is_dir():
-            remove_stale_temporaries(self.dir)  # left by a writer killed mid-write; we are the only writer
+        damaged = []
         for step in reversed(self.steps()):
             path = self.dir / checkpoint_name(step)
             try:
                 verify(path)
                 return path, load_object(path)
+            except FileNotFoundError:
+                continue
             except CheckpointError as e:
+                damaged.append(str(e))
                 warnings.warn(f"skipping damaged checkpoint: {e}; trying the previous one", stacklevel=2)
+        if damaged:
+            raise CheckpointError(
+                f"{self.dir}: every checkpoint is damaged, none can be resumed from:\n  " + "\n  ".join(damaged)
+            )
         return None

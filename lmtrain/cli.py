@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from lmtrain.config import SECTIONS, base_type
+from lmtrain.config import FIELDS
 
 DESCRIPTION = """Train a decoder-only Transformer LM on token shards.
 
@@ -40,21 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume even if settings other than run length, logging or checkpointing changed",
     )
-    for section, cls in SECTIONS.items():
+    for section, specs in FIELDS.items():
         group = parser.add_argument_group(GROUP_TITLES[section])
-        for f in dataclasses.fields(cls):
-            kind = base_type(f.type)
-            kwargs = {"dest": f"{section}.{f.name}", "help": f.metadata["help"], "default": argparse.SUPPRESS}
-            if kind is bool:
+        for spec in specs.values():
+            kwargs = {"dest": f"{section}.{spec.name}", "help": spec.help, "default": argparse.SUPPRESS}
+            if spec.kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs["type"] = kind
-                kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
-                if "choices" in f.metadata:
-                    kwargs["choices"] = f.metadata["choices"]
-            if f.default is not None:
-                kwargs["help"] += f" (default: {f.default})"
-            group.add_argument(flag(f.name), **kwargs)
+                kwargs["type"] = spec.kind
+                # choices are checked with every other rule by config.validate, so argparse only shows them
+                choices = spec.accepts.choices
+                kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else spec.name.upper()
+            if spec.default is not None:
+                kwargs["help"] += f" (default: {spec.default})"
+            group.add_argument(flag(spec.name), **kwargs)
     return parser
 
 

@@ -1,13 +1,19 @@
 """Typed training configuration: defaults, then a TOML file, then command-line flags; validated once.
 
-Every field is both a flag (``--d-model``) and a TOML key in its section (``[model] d_model = 512``). The
-``help`` of each field is its documentation: ``--help`` and the README's reference are generated from it.
-All problems are collected and raised together as one :class:`ConfigError`.
+Every field is both a flag (``--d-model``) and a TOML key in its section (``[model] d_model = 512``), and is
+declared once, here: its type (the annotation), its default, its documentation (``help``, which ``--help`` and
+the README's reference show) and what it accepts (``ge``/``gt``/``le``/``lt`` bounds, ``choices``,
+``required``). :func:`field_problems` derives every per-field check from those declarations; the few rules
+that tie fields together are in :data:`CROSS_CHECKS`. All problems are collected and raised as one
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import operator
 import tomllib
 import types
 import typing
@@ -15,53 +21,73 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmdata.atomic import write_bytes_atomic
 from lmtrain.errors import ConfigError
+from lmtrain.model import shape_problems
+
+MAX_SEED = 2**63 - 1  # seeds are hashed as non-negative int64s by the samplers
 
 
-def doc(default, help: str, **extra):  # noqa: A002 - "help" reads best at the call sites
-    return field(default=default, metadata={"help": help, **extra})
+def doc(default, help: str, **accepts):  # noqa: A002 - "help" reads best at the call sites
+    """A config field: its default, its documentation and what it accepts (see :class:`Accepts`)."""
+    return field(default=default, metadata={"help": help, "accepts": Accepts(**accepts)})
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """What one field accepts besides its type. Floats must also always be finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    required: bool = False  # None (not given) is a problem
+    nonempty: bool = False  # for strings: "" is a problem
 
 
 @dataclass
 class DataConfig:
-    train_data: str | None = doc(None, "training shards: a file, a directory of shards, or a quoted glob")
-    val_data: str | None = doc(None, "validation shards, same forms as --train-data")
-    out_dir: str | None = doc(None, "run directory: config, metrics, checkpoints")
+    train_data: str | None = doc(
+        None, "training shards: a file, a directory of shards, or a quoted glob", required=True, nonempty=True
+    )
+    val_data: str | None = doc(None, "validation shards, same forms as --train-data", required=True, nonempty=True)
+    out_dir: str | None = doc(None, "run directory: config, metrics, checkpoints", required=True, nonempty=True)
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int | None = doc(None, "vocabulary size (default: the training manifest's)")
-    context_length: int = doc(256, "tokens per training sequence (T)")
-    d_model: int = doc(256, "width of the residual stream")
-    num_layers: int = doc(4, "number of Transformer blocks")
-    num_heads: int = doc(8, "attention heads; must divide d_model")
-    d_ff: int = doc(704, "hidden width of the SwiGLU feed-forward")
-    rope_theta: float = doc(10000.0, "RoPE base period")
+    vocab_size: int | None = doc(None, "vocabulary size (default: the training manifest's)", gt=0)
+    context_length: int = doc(256, "tokens per training sequence (T)", gt=0)
+    d_model: int = doc(256, "width of the residual stream", gt=0)
+    num_layers: int = doc(4, "number of Transformer blocks", gt=0)
+    num_heads: int = doc(8, "attention heads; must divide d_model", gt=0)
+    d_ff: int = doc(704, "hidden width of the SwiGLU feed-forward", gt=0)
+    rope_theta: float = doc(10000.0, "RoPE base period", gt=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = doc(1e-3, "peak learning rate, reached after the warm-up")
-    min_lr: float = doc(1e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = doc(100, "linear warm-up steps from 0 to --lr")
-    lr_decay_steps: int | None = doc(None, "step where the cosine reaches --min-lr (default: --max-steps)")
-    weight_decay: float = doc(0.1, "AdamW decoupled weight decay, on weight matrices only")
-    beta1: float = doc(0.9, "AdamW beta1")
-    beta2: float = doc(0.95, "AdamW beta2")
-    eps: float = doc(1e-8, "AdamW epsilon")
-    grad_clip: float = doc(1.0, "clip the global gradient norm to this (0 disables)")
+    lr: float = doc(1e-3, "peak learning rate, reached after the warm-up", gt=0)
+    min_lr: float = doc(1e-4, "learning rate at the end of the cosine decay", ge=0)
+    warmup_steps: int = doc(100, "linear warm-up steps from 0 to --lr", ge=0)
+    lr_decay_steps: int | None = doc(None, "step where the cosine reaches --min-lr (default: --max-steps)", gt=0)
+    weight_decay: float = doc(0.1, "AdamW decoupled weight decay, on weight matrices only", ge=0)
+    beta1: float = doc(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = doc(0.95, "AdamW beta2", ge=0, lt=1)
+    eps: float = doc(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this (0 disables)", ge=0)
 
 
 @dataclass
 class RunConfig:
-    batch_size: int = doc(32, "sequences per micro-batch per process")
-    grad_accum_steps: int = doc(1, "micro-batches accumulated per optimizer step")
-    max_steps: int = doc(1000, "optimizer steps to train for")
+    batch_size: int = doc(32, "sequences per micro-batch per process", gt=0)
+    grad_accum_steps: int = doc(1, "micro-batches accumulated per optimizer step", gt=0)
+    max_steps: int = doc(1000, "optimizer steps to train for", gt=0)
     sampler: str = doc(
         "random", "random: windows with replacement; epoch: each window once per epoch", choices=("random", "epoch")
     )
-    seed: int = doc(0, "seed of the model init and the data order")
+    seed: int = doc(0, f"seed of the model init and the data order, 0 to {MAX_SEED}", ge=0, le=MAX_SEED)
     device: str = doc("auto", "auto, cpu, cuda, cuda:N or mps (auto: cuda if available, else cpu)")
     dtype: str = doc(
         "auto",
@@ -69,25 +95,35 @@ class RunConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     compile: bool = doc(False, "torch.compile the model (on CPU here: about 7 percent faster after a 20 s compile)")
-    prefetch: int = doc(16, "batches the loader prepares ahead, refilled in bursts of three quarters")
+    prefetch: int = doc(16, "batches the loader prepares ahead, refilled in bursts of three quarters", gt=0)
 
 
 @dataclass
 class LogConfig:
-    log_interval: int = doc(10, "steps between train-loss records")
-    eval_interval: int = doc(100, "steps between validation evaluations (0: only at the end)")
-    eval_batches: int = doc(20, "validation batches per evaluation (the same batches every time)")
-    wandb_project: str | None = doc(None, "log to this Weights & Biases project (WANDB_MODE=offline works)")
+    log_interval: int = doc(10, "steps between train-loss records", gt=0)
+    eval_interval: int = doc(100, "steps between validation evaluations (0: only at the end)", ge=0)
+    eval_batches: int = doc(20, "validation batches per evaluation (the same batches every time)", gt=0)
+    wandb_project: str | None = doc(
+        None, "log to this Weights & Biases project (WANDB_MODE=offline works)", nonempty=True
+    )
     tensorboard: bool = doc(False, "also write TensorBoard event files under out_dir/tensorboard")
+
+
+RESUME_MODES = ("auto", "never", "replace")
 
 
 @dataclass
 class CheckpointConfig:
-    checkpoint_interval: int = doc(500, "steps between checkpoints (one is always written at the end)")
-    keep_checkpoints: int = doc(3, "how many recent checkpoints to keep")
-    milestone_every: int | None = doc(None, "also keep every checkpoint whose step is a multiple of this")
+    checkpoint_interval: int = doc(500, "steps between checkpoints (one is always written at the end)", gt=0)
+    keep_checkpoints: int = doc(3, "how many recent checkpoints to keep", gt=0)
+    milestone_every: int | None = doc(None, "also keep every checkpoint whose step is a multiple of this", gt=0)
     async_checkpoint: bool = doc(False, "write checkpoints from a background thread")
-    resume: str = doc("auto", "auto: continue from the newest valid checkpoint; never; or a checkpoint path")
+    resume: str = doc(
+        "auto",
+        "auto: continue from the newest valid checkpoint; never: start afresh (refused if the run dir has "
+        "checkpoints); replace: delete them and start afresh; or a checkpoint path",
+        nonempty=True,
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -107,6 +143,36 @@ RESUMABLE_CHANGES = (
 )
 
 
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field as declared: resolved type, whether None is allowed, documentation and what it accepts."""
+
+    section: str
+    name: str
+    kind: type  # bool, int, float or str
+    optional: bool
+    default: Any
+    help: str
+    accepts: Accepts
+
+    @property
+    def label(self) -> str:
+        return f"[{self.section}] {self.name}"
+
+
+def _spec(section: str, f: dataclasses.Field, annotation) -> FieldSpec:
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    kind = next((a for a in args if a is not type(None)), annotation)
+    return FieldSpec(section, f.name, kind, type(None) in args, f.default, f.metadata["help"], f.metadata["accepts"])
+
+
+# Every field's spec, by section, in declaration order; get_type_hints resolves the postponed annotations.
+FIELDS: dict[str, dict[str, FieldSpec]] = {
+    section: {f.name: _spec(section, f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls)}
+    for section, cls in SECTIONS.items()
+}
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,132 +189,146 @@ class TrainConfig:
     def lr_decay_steps(self) -> int:
         return self.optim.lr_decay_steps or self.run.max_steps
 
-
-def base_type(annotation) -> type:
-    """int for ``int | None``, and so on."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {})  # noqa: S307 - our own annotations
-    if isinstance(annotation, types.UnionType):
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
+    def with_vocab_size(self, vocab_size: int) -> TrainConfig:
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=vocab_size))
 
 
-def _coerce(section: str, name: str, value: Any, annotation, problems: list[str]) -> Any:
-    kind = base_type(annotation)
-    optional = isinstance(annotation, str) and "None" in annotation
-    if value is None and optional:
+# -- checks derived from the declarations ------------------------------------------------------------------------
+def _type_problem(spec: FieldSpec, value: Any) -> str | None:
+    if value is None:
+        return None if spec.optional else f"{spec.label}: expected {spec.kind.__name__}, got None"
+    exact = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[spec.kind]
+    if isinstance(value, exact) and (spec.kind is bool or not isinstance(value, bool)):
         return None
-    ok = (
-        (kind is bool and isinstance(value, bool))
-        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
-        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (kind is str and isinstance(value, str))
-    )
-    if not ok:
-        problems.append(f"[{section}] {name}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
-        return None
-    return float(value) if kind is float else value
+    return f"{spec.label}: expected {spec.kind.__name__}, got {value!r} ({type(value).__name__})"
 
 
-def build_config(
-    file_values: dict[str, dict], flag_values: dict[str, dict], source: str = "config", extra_checks=None
-) -> TrainConfig:
-    """Defaults, overridden by ``file_values`` (from TOML), overridden by ``flag_values``; then validated.
+_BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
 
-    ``extra_checks(config) -> list[str]`` adds problems found elsewhere (the data), so that one error lists
-    them all.
-    """
+
+def field_problems(spec: FieldSpec, value: Any) -> list[str]:
+    """Everything wrong with ``value`` for the field ``spec``, as declared by its type and :class:`Accepts`."""
+    a, label = spec.accepts, spec.label
+    if value is None:
+        return [f"{label} (--{spec.name.replace('_', '-')}) is required"] if a.required else []
+    bad_type = _type_problem(spec, value)
+    if bad_type:
+        return [bad_type]
+    if spec.kind is float and not math.isfinite(value):
+        return [f"{label} must be a finite number, got {value}"]
+    if a.nonempty and value == "":
+        return [f"{label} must not be empty"]
+    if a.choices is not None and value not in a.choices:
+        return [f"{label} must be one of {', '.join(a.choices)}, got {value!r}"]
+    return [
+        f"{label} must be {symbol} {limit}, got {value}"
+        for attr, symbol, holds in _BOUNDS
+        if (limit := getattr(a, attr)) is not None and not holds(value, limit)
+    ]
+
+
+def _device_problems(c: TrainConfig) -> list[str]:
+    d = c.run.device
+    if d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit()):
+        return []
+    return [f"[run] device must be auto, cpu, cuda, cuda:N or mps, got {d!r}"]
+
+
+def _lr_problems(c: TrainConfig) -> list[str]:
+    o = c.optim
+    return [f"[optim] min_lr={o.min_lr} is above lr={o.lr}"] if o.min_lr > o.lr else []
+
+
+def _shape_problems(c: TrainConfig) -> list[str]:
+    return [f"[model] {p}" for p in shape_problems(c.model.d_model, c.model.num_heads)]
+
+
+# Rules that tie fields together, with the fields each reads: a rule runs only when those are well-formed.
+CROSS_CHECKS = (
+    (("run.device",), _device_problems),
+    (("optim.lr", "optim.min_lr"), _lr_problems),
+    (("model.d_model", "model.num_heads"), _shape_problems),
+)
+
+
+def validate(c: TrainConfig) -> tuple[list[str], set[str]]:
+    """(problems, bad fields as "section.name") of the values themselves; the data is checked in preflight."""
+    problems, bad = [], set()
+    for section, specs in FIELDS.items():
+        for name, spec in specs.items():
+            found = field_problems(spec, getattr(getattr(c, section), name))
+            problems += found
+            if found:
+                bad.add(f"{section}.{name}")
+    for fields, check in CROSS_CHECKS:
+        if not bad & set(fields) and (found := check(c)):
+            problems += found
+            bad |= set(fields)
+    return problems, bad
+
+
+# -- building ------------------------------------------------------------------------------------------------
+def collect(
+    file_values: dict[str, dict], flag_values: dict[str, dict], source: str = "config"
+) -> tuple[TrainConfig, list[str], set[str]]:
+    """(config, problems, bad fields): defaults, overridden by ``file_values`` (from TOML), overridden by
+    ``flag_values``; then validated. A field given with the wrong type keeps its default and is marked bad."""
     problems: list[str] = []
-    sections = {}
-    for section, cls in SECTIONS.items():
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        merged = {}
-        for layer in (file_values, flag_values):
-            for key, value in layer.get(section, {}).items():
-                if key not in fields:
-                    problems.append(f"[{section}] {key}: unknown key in {source}")
-                    continue
-                merged[key] = _coerce(section, key, value, fields[key].type, problems)
-        sections[section] = cls(**{k: v for k, v in merged.items() if v is not None or "None" in fields[k].type})
+    bad: set[str] = set()
     for section in file_values:
         if section not in SECTIONS:
             problems.append(f"[{section}]: unknown section in {source} (known: {', '.join(SECTIONS)})")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        merged: dict[str, Any] = {}
+        for layer in (file_values, flag_values):
+            for key, value in layer.get(section, {}).items():
+                spec = FIELDS[section].get(key)
+                if spec is None:
+                    problems.append(f"[{section}] {key}: unknown key in {source}")
+                elif (wrong := _type_problem(spec, value)) is not None:
+                    problems.append(wrong)
+                    bad.add(f"{section}.{key}")
+                else:
+                    merged[key] = float(value) if spec.kind is float and value is not None else value
+        sections[section] = cls(**merged)
     config = TrainConfig(**sections)
-    problems += validate(config)
-    if extra_checks is not None:
-        problems += extra_checks(config)
+    found, found_bad = validate(config)
+    return config, problems + found, bad | found_bad
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One ConfigError listing every problem, if there are any."""
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def build_config(file_values: dict[str, dict], flag_values: dict[str, dict], source: str = "config") -> TrainConfig:
+    """:func:`collect`, raising one ConfigError if anything is wrong."""
+    config, problems, _ = collect(file_values, flag_values, source)
+    raise_problems(problems)
     return config
 
 
 def load_toml(path: str | Path) -> dict[str, dict]:
+    """The sections of a TOML config file; ConfigError for a file that is missing, unreadable or not TOML."""
     try:
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            values = tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a directory; pass a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"--config {path}: not readable (permission denied)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
     bad = [k for k, v in values.items() if not isinstance(v, dict)]
     if bad:
         raise ConfigError(f"--config {path}: keys must be inside sections like [model]; found top-level {bad}")
     return values
-
-
-def validate(c: TrainConfig) -> list[str]:
-    """Every problem with the values themselves (data-dependent checks come later, in preflight)."""
-    p: list[str] = []
-
-    def positive(section, name, value, allow_zero=False):
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            p.append(f"[{section}] {name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
-
-    for name in ("train_data", "val_data", "out_dir"):
-        if getattr(c.data, name) is None:
-            p.append(f"--{name.replace('_', '-')} is required")
-    m = c.model
-    for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta"):
-        positive("model", name, getattr(m, name))
-    if m.d_model > 0 and m.num_heads > 0:
-        if m.d_model % m.num_heads:
-            p.append(f"[model] num_heads={m.num_heads} does not divide d_model={m.d_model}")
-        elif (m.d_model // m.num_heads) % 2:
-            p.append(f"[model] head dimension d_model/num_heads={m.d_model // m.num_heads} must be even (RoPE)")
-    if m.vocab_size is not None and m.vocab_size > 65536:
-        p.append(f"[model] vocab_size={m.vocab_size} exceeds 65536, the range of uint16 shards")
-    o = c.optim
-    positive("optim", "lr", o.lr)
-    positive("optim", "min_lr", o.min_lr, allow_zero=True)
-    if o.lr > 0 and o.min_lr > o.lr:
-        p.append(f"[optim] min_lr={o.min_lr} is above lr={o.lr}")
-    positive("optim", "warmup_steps", o.warmup_steps, allow_zero=True)
-    positive("optim", "lr_decay_steps", o.lr_decay_steps)
-    positive("optim", "weight_decay", o.weight_decay, allow_zero=True)
-    positive("optim", "grad_clip", o.grad_clip, allow_zero=True)
-    positive("optim", "eps", o.eps)
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(o, name) < 1:
-            p.append(f"[optim] {name} must be in [0, 1), got {getattr(o, name)}")
-    r = c.run
-    for name in ("batch_size", "grad_accum_steps", "max_steps", "prefetch"):
-        positive("run", name, getattr(r, name))
-    positive("run", "seed", r.seed, allow_zero=True)
-    if r.sampler not in ("random", "epoch"):
-        p.append(f"[run] sampler must be random or epoch, got {r.sampler!r}")
-    if r.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        p.append(f"[run] dtype must be auto, float32, bfloat16 or float16, got {r.dtype!r}")
-    if not (r.device in ("auto", "cpu", "cuda", "mps") or (r.device.startswith("cuda:") and r.device[5:].isdigit())):
-        p.append(f"[run] device must be auto, cpu, cuda, cuda:N or mps, got {r.device!r}")
-    lg = c.log
-    positive("log", "log_interval", lg.log_interval)
-    positive("log", "eval_interval", lg.eval_interval, allow_zero=True)
-    positive("log", "eval_batches", lg.eval_batches)
-    ck = c.checkpoint
-    positive("checkpoint", "checkpoint_interval", ck.checkpoint_interval)
-    positive("checkpoint", "keep_checkpoints", ck.keep_checkpoints)
-    positive("checkpoint", "milestone_every", ck.milestone_every)
-    return p
 
 
 def config_diff(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
@@ -260,3 +340,8 @@ def config_diff(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
             if old != value and (section, key) not in RESUMABLE_CHANGES:
                 lines.append(f"[{section}] {key}: {old!r} -> {value!r}")
     return lines
+
+
+def write_config(out_dir: Path, config: TrainConfig) -> None:
+    """Save the resolved config as ``out_dir/config.json`` (atomically: a reader never sees half a file)."""
+    write_bytes_atomic(out_dir / "config.json", (json.dumps(config.to_dict(), indent=1) + "\n").encode())

@@ -12,7 +12,6 @@ non-finite update. Logging reads values accumulated on the device only at log in
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -23,15 +22,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from lmdata import BatchLoader, SamplerStateError, TokenDataset
-from lmdata.atomic import write_bytes_atomic
-from lmtrain.checkpoint import load_object, restore
+from lmtrain.checkpoint import restore
 from lmtrain.checkpoint_manager import CheckpointManager
-from lmtrain.config import TrainConfig, config_diff
+from lmtrain.config import MAX_SEED, TrainConfig
 from lmtrain.errors import ConfigError, LmTrainError
 from lmtrain.metrics import MetricsLog, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
+from lmtrain.resume import check_fits_run, choose_start
 from lmtrain.rng import capture_rng_state, restore_rng_state
+from lmtrain.rundir import trim_metrics
 from lmtrain.runtime import Runtime, any_rank
 
 VAL_SEED_OFFSET = 1_000_003  # the validation batches' sampler seed: fixed, and distinct from training's
@@ -89,7 +89,7 @@ class Trainer:
             c.model.context_length,
             self.rt.device,
             "random",
-            c.run.seed + VAL_SEED_OFFSET,
+            (c.run.seed + VAL_SEED_OFFSET) % (MAX_SEED + 1),
             prefetch=1,
             rank=0,
             world_size=1,
@@ -106,21 +106,21 @@ class Trainer:
             "rng": capture_rng_state(),
             "loader": self.loader.state_dict(),
             "config": self.c.to_dict(),
-            "data": {"train": self.train_data.fingerprint(), "val": self.val_data.fingerprint()},
+            "data": self.data_fingerprint(),
         }
 
     def resume(self, allow_config_change: bool) -> None:
-        choice = self.c.checkpoint.resume
-        if choice == "never":
+        """Restore the checkpoint :func:`choose_start` picks (or start afresh); the run dir's lock is held."""
+        c, writer = self.c, self.rt.is_main  # only rank 0 holds the lock and writes
+        if writer:
+            self.manager.remove_stale()  # temporaries a killed writer left
+        found = choose_start(c, self.manager, writer)
+        if found is None:
+            if writer:
+                trim_metrics(self.out_dir, None)
             return
-        if choice == "auto":
-            found = self.manager.load_latest()
-            if found is None:
-                return
-            path, obj = found
-        else:
-            path, obj = Path(choice), load_object(choice)
-        self._check_compatible(path, obj, allow_config_change)
+        path, obj = found
+        check_fits_run(path, obj, c, self.data_fingerprint(), allow_config_change)
         restore(obj, self.model, self.optimizer)
         if obj.get("scaler"):
             self.scaler.load_state_dict(obj["scaler"])
@@ -129,32 +129,23 @@ class Trainer:
             self.loader.load_state_dict(obj["loader"])
         except SamplerStateError as e:
             raise ConfigError(f"{path}: {e}") from None
-        self.step = int(obj["iteration"])
+        self.step = obj["iteration"]
+        if writer:
+            trim_metrics(self.out_dir, self.step)
         self._say(f"resumed from {path} at step {self.step}")
 
-    def _check_compatible(self, path: Path, obj: dict, allow_config_change: bool) -> None:
-        missing = [k for k in ("config", "data", "loader", "rng") if k not in obj]
-        if missing:
-            raise ConfigError(f"{path}: not a training checkpoint of this tool (it lacks {missing})")
-        same_data = obj["data"] == {"train": self.train_data.fingerprint(), "val": self.val_data.fingerprint()}
-        if not same_data and not allow_config_change:
-            raise ConfigError(
-                f"{path}: the data differs from the data this run was trained on (file names, "
-                "sizes or checksums changed); pass --allow-config-change to resume anyway"
-            )
-        diff = config_diff(obj["config"], self.c.to_dict())
-        if diff and not allow_config_change:
-            raise ConfigError(
-                f"{path}: settings changed since this run started:\n  "
-                + "\n  ".join(diff)
-                + "\npass --allow-config-change to resume with them, or use a new --out-dir"
-            )
+    def data_fingerprint(self) -> dict:
+        return {"train": self.train_data.fingerprint(), "val": self.val_data.fingerprint()}
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def train(self, allow_config_change: bool = False) -> None:
-        """Train to max_steps. Raises NonFiniteLossError; returns normally on completion or SIGTERM/SIGINT."""
+    def train(self) -> None:
+        """Train to max_steps, after :meth:`resume`. Raises NonFiniteLossError; returns normally on completion or
+        SIGTERM/SIGINT. A run resumed at max_steps is already finished: nothing runs and nothing is written."""
         c, rt = self.c, self.rt
-        self.resume(allow_config_change)
+        if self.step >= c.run.max_steps:
+            self._say(f"the run is already at step {self.step} = --max-steps: nothing to do")
+            self.loader.close()
+            return
         if rt.is_main:
             self.log = MetricsLog(
                 self.out_dir, self.c.to_dict(), c.run.max_steps, self.step, c.log.wandb_project, c.log.tensorboard
@@ -311,7 +302,3 @@ class Trainer:
         else:
             print(text, flush=True)
 
-
-def write_config(out_dir: Path, config: TrainConfig) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out_dir / "config.json", (json.dumps(config.to_dict(), indent=1) + "\n").encode())

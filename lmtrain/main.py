@@ -1,5 +1,11 @@
 """``python -m lmtrain.main``: parse, validate, build, run. Exit codes: 0 done (or stopped by SIGTERM/SIGINT with a
-checkpoint), 2 a user error (bad flag, config or data; no traceback), 3 a non-finite loss."""
+checkpoint), 2 a user error (bad flag, config, data or checkpoint, a busy run dir, a full disk; one message, no
+traceback), 3 a non-finite loss.
+
+Order, so that a refused run writes nothing: every check (config, data, disk, memory) runs first; then rank 0
+locks the run directory, picks the checkpoint to resume from and checks it; only then is ``config.json`` written
+and training started.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,15 @@ import sys
 from pathlib import Path
 
 from lmdata import LmDataError
+from lmtrain.checkpoint_manager import DISK_FULL
 from lmtrain.cli import parse_flags
-from lmtrain.config import TrainConfig, build_config, load_toml
+from lmtrain.config import TrainConfig, collect, load_toml, raise_problems, write_config
 from lmtrain.demo import demo_values, prepare_demo_data, report
 from lmtrain.errors import LmTrainError
-from lmtrain.loop import NonFiniteLossError, Trainer, write_config
+from lmtrain.loop import NonFiniteLossError, Trainer
 from lmtrain.preflight import preflight
-from lmtrain.runtime import start, stop
+from lmtrain.rundir import RunDirLock
+from lmtrain.runtime import Runtime, start, stop
 
 EXIT_USAGE, EXIT_NONFINITE = 2, 3
 
@@ -31,8 +39,37 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, bool, bool]:
         for section, values in file_values.items():
             demo.setdefault(section, {}).update(values)
         file_values, source = demo, "the demo settings"
-    config = build_config(file_values, flags, source=source, extra_checks=preflight)
-    return config, getattr(args, "allow_config_change", False), is_demo
+    config, problems, bad = collect(file_values, flags, source=source)
+    derived, found = preflight(config, bad)
+    raise_problems(problems + found)
+    return config.with_vocab_size(derived.vocab_size), getattr(args, "allow_config_change", False), is_demo
+
+
+def run(config: TrainConfig, runtime: Runtime, allow_change: bool) -> Trainer:
+    """Lock the run dir (rank 0), resume or start afresh, write config.json, train; returns the finished trainer."""
+    out = Path(config.data.out_dir)
+    lock = RunDirLock(out)
+    if runtime.is_main:
+        lock.acquire()
+    try:
+        trainer = Trainer(config, runtime)
+        trainer.resume(allow_change)
+    except BaseException:
+        lock.discard()  # refused before anything was written: leave no trace of this attempt
+        raise
+    try:
+        if runtime.is_main:
+            print("config:\n" + json.dumps(config.to_dict(), indent=1), flush=True)
+            write_config(out, config)
+            print(
+                f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {runtime.device} "
+                f"({runtime.dtype}), world size {runtime.world_size}",
+                flush=True,
+            )
+        trainer.train()
+    finally:
+        lock.release()
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,25 +80,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmtrain: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        trainer = Trainer(config, runtime)
-        if runtime.is_main:
-            print("config:\n" + json.dumps(config.to_dict(), indent=1), flush=True)
-            write_config(Path(config.data.out_dir), config)
-            print(
-                f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters on {runtime.device} "
-                f"({runtime.dtype}), world size {runtime.world_size}",
-                flush=True,
-            )
-        trainer.train(allow_change)
+        trainer = run(config, runtime, allow_change)
     except NonFiniteLossError as e:
         print(f"lmtrain: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except (LmTrainError, LmDataError) as e:
         print(f"lmtrain: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(
+            f"lmtrain: error: the disk of {config.data.out_dir} is full ({e}); the last checkpoint written is "
+            "intact: free some space and run the same command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     finally:
-        if "runtime" in locals():
-            stop(runtime)
+        stop(runtime)
     if runtime.is_main:
         print(
             f"done at step {trainer.step}: run dir {config.data.out_dir}, checkpoints in {trainer.manager.dir}",

@@ -104,6 +104,16 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
+def shape_problems(d_model: int, num_heads: int) -> list[str]:
+    """The head-shape rules (the one place they are stated): heads split d_model evenly, into even widths
+    because RoPE rotates pairs of channels."""
+    if d_model % num_heads:
+        return [f"num_heads={num_heads} does not divide d_model={d_model}"]
+    if (d_model // num_heads) % 2:
+        return [f"the head dimension d_model/num_heads={d_model // num_heads} must be even (RoPE rotates pairs)"]
+    return []
+
+
 class TransformerLM(nn.Module):
     """``forward(ids)``: int64 (B, T) token ids, T <= context_length -> float logits (B, T, vocab_size)."""
 
@@ -131,11 +141,7 @@ class TransformerLM(nn.Module):
             )
             if value <= 0
         ]
-        if not problems and d_model % num_heads:
-            problems.append(f"num_heads={num_heads} does not divide d_model={d_model}")
-        elif not problems and (d_model // num_heads) % 2:
-            problems.append(f"the head dimension d_model/num_heads={d_model // num_heads} must be even for RoPE")
-        if problems:
+        if problems or (problems := shape_problems(d_model, num_heads)):
             raise ValueError("; ".join(problems))
         self.context_length = context_length
         self.token_embeddings = nn.Embedding(vocab_size, d_model)

@@ -1,6 +1,7 @@
-"""Checks that need the data and the file system, run before anything is written to the out dir.
+"""Checks that need the data, the file system and the machine, run before anything is written to the out dir.
 
-Each returns problems as text, so that main can report them together with the config's own problems.
+:func:`preflight` returns every problem it found and what it derived (:class:`Preflight`); it never changes the
+config it checks.
 """
 
 from __future__ import annotations
@@ -8,39 +9,55 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from lmdata import LmDataError, TokenDataset, validate_shards
-from lmtrain.config import TrainConfig
+import torch
 
-BYTES_PER_PARAM_IN_CHECKPOINT = 12  # float32 weights + AdamW's two float32 moments
+from lmdata import LmDataError, TokenDataset
+from lmtrain.checkpoint_manager import checkpoint_tensor_bytes, free_bytes_needed
+from lmtrain.config import RESUME_MODES, TrainConfig
+from lmtrain.model import TransformerLM
+
+TRAINING_BYTES_PER_PARAM = 16  # float32 weights, gradients and AdamW's two moments
+PROGRESS_AFTER_S = 3.0  # a token scan that runs longer than this prints its progress
 
 
-def estimate_parameters(c: TrainConfig) -> int:
-    m = c.model
-    per_layer = 4 * m.d_model**2 + 3 * m.d_model * m.d_ff + 2 * m.d_model
-    return 2 * (m.vocab_size or 0) * m.d_model + m.num_layers * per_layer + m.d_model
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks derived: the vocabulary size (given, or the training manifest's)."""
+
+    vocab_size: int
 
 
-def check_data(c: TrainConfig) -> list[str]:
-    """Open both datasets; settle vocab_size from the manifest; check the context fits and tokens < vocab.
+def count_parameters(c: TrainConfig, vocab_size: int) -> int:
+    """The model's exact parameter count, from a model built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return TransformerLM(**{**vars(c.model), "vocab_size": vocab_size}).num_parameters()
 
-    Sets ``c.model.vocab_size`` from the training manifest when it was not given.
-    """
-    problems, datasets = [], {}
+
+def _open(c: TrainConfig) -> tuple[dict[str, TokenDataset], list[str]]:
+    datasets, problems = {}, []
     for name in ("train_data", "val_data"):
         try:
             datasets[name] = TokenDataset(getattr(c.data, name))
         except LmDataError as e:
             problems.append(f"--{name.replace('_', '-')}: {e}")
+    return datasets, problems
+
+
+def check_data(c: TrainConfig) -> tuple[int | None, list[str]]:
+    """(vocab_size, problems): open both datasets, settle the vocabulary, check windows fit and token ids."""
+    datasets, problems = _open(c)
     if problems:
-        return problems
+        return None, problems
     train, val = datasets["train_data"], datasets["val_data"]
-    manifest_vocab = train.vocab_size
-    if c.model.vocab_size is None:
-        if manifest_vocab is None:
-            return ["--vocab-size is required: the training data has no manifest.json that states it"]
-        c.model.vocab_size = manifest_vocab
+    vocab_size = c.model.vocab_size or train.vocab_size
+    if vocab_size is None:
+        return None, ["--vocab-size is required: the training data has no manifest.json that states it"]
     for name, ds in (("train", train), ("val", val)):
         longest = int(ds.lengths.max())
         if longest < c.model.context_length + 1:
@@ -48,24 +65,42 @@ def check_data(c: TrainConfig) -> list[str]:
                 f"--context-length {c.model.context_length} is too long for the {name} data: its longest shard "
                 f"has {longest} tokens and a window needs context_length + 1"
             )
-        problems += _check_token_range(name, ds, c.model.vocab_size)
-    return problems
+        problems += _token_range_problems(name, ds, vocab_size, given=c.model.vocab_size is not None)
+    return vocab_size, problems
 
 
-def _check_token_range(name: str, ds: TokenDataset, vocab_size: int) -> list[str]:
-    if ds.manifest is not None and ds.manifest.vocab_size is not None:
-        if ds.manifest.vocab_size > vocab_size:
-            return [
-                f"--vocab-size {vocab_size} is smaller than the {name} data's vocabulary "
-                f"({ds.manifest.vocab_size}, from its manifest)"
-            ]
-        return []
-    # No manifest: find the largest token (a Numba scan at several GB/s, headers and sizes already checked).
-    result = validate_shards([s.path for s in ds.shards], checksums=False)
-    largest = max(r.max_token for r in result.reports)
-    if largest >= vocab_size:
-        return [f"--vocab-size {vocab_size} is smaller than the largest token in the {name} data ({largest})"]
+def _token_range_problems(name: str, ds: TokenDataset, vocab_size: int, given: bool) -> list[str]:
+    """Every token id must be in [0, vocab_size): from the manifest (instant) or a scan of every shard."""
+    if given and ds.vocab_size is not None and ds.vocab_size > vocab_size:
+        return [
+            f"--vocab-size {vocab_size} is smaller than the {name} data's vocabulary "
+            f"({ds.vocab_size}, from its manifest)"
+        ]
+    lo, hi = ds.token_range(progress=_ScanProgress(name))
+    if lo < 0:
+        return [f"the {name} data holds negative token ids (smallest {lo}); token ids must be >= 0"]
+    if hi >= vocab_size:
+        source = "--vocab-size" if given else "the vocabulary size from the manifest"
+        return [f"{source} {vocab_size} is smaller than the largest token in the {name} data ({hi})"]
     return []
+
+
+class _ScanProgress:
+    """Prints how far a token scan has got, every few seconds, once it has run for PROGRESS_AFTER_S."""
+
+    def __init__(self, name: str):
+        self.name, self.start, self.last = name, time.perf_counter(), 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.start > PROGRESS_AFTER_S and now - self.last > PROGRESS_AFTER_S:
+            self.last = now
+            print(
+                f"preflight: scanning the {self.name} data for its token range: "
+                f"{done / 1e9:.1f} of {total / 1e9:.1f} GB",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -75,8 +110,12 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_out_dir(c: TrainConfig) -> list[str]:
-    """The out dir can be created and written, and the disk has room for a checkpoint (nothing is written)."""
+def check_out_dir(c: TrainConfig, num_parameters: int | None) -> list[str]:
+    """The out dir can be created and written, and the disk has room for a checkpoint (nothing is written).
+
+    The room asked for is the one estimate every checkpoint save checks again (``free_bytes_needed``); it is
+    skipped when the model's size is not known (the data's problems are reported instead).
+    """
     out = Path(c.data.out_dir)
     if out.exists() and not out.is_dir():
         return [f"--out-dir {out}: exists and is not a directory"]
@@ -85,10 +124,55 @@ def check_out_dir(c: TrainConfig) -> list[str]:
         return [f"--out-dir {out}: cannot be created because {base} is a file"]
     if not os.access(base, os.W_OK | os.X_OK):
         return [f"--out-dir {out}: cannot write into {base} (permission denied); choose another directory"]
-    needed = estimate_parameters(c) * BYTES_PER_PARAM_IN_CHECKPOINT * 2  # a new checkpoint beside the last
+    if num_parameters is None:
+        return []
+    needed = free_bytes_needed(checkpoint_tensor_bytes(num_parameters))
     free = shutil.disk_usage(base).free
     if free < needed:
         return [f"--out-dir {out}: {free / 2**20:,.0f} MiB free, but checkpoints need about {needed / 2**20:,.0f} MiB"]
+    return []
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the OS can give this process now (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(c: TrainConfig, num_parameters: int) -> list[str]:
+    """The loader's host buffers (and, on the CPU, the model with its gradients and AdamW state) fit in memory."""
+    r = c.run
+    # prefetch + 2 batches in the loader's ring, each an int64 (B, T) for inputs and one for targets.
+    buffers = (r.prefetch + 2) * 2 * r.batch_size * c.model.context_length * 8
+    on_cpu = r.device == "cpu" or (r.device == "auto" and not torch.cuda.is_available())
+    model = num_parameters * TRAINING_BYTES_PER_PARAM if on_cpu else 0
+    available = available_memory()
+    if available is None or buffers + model <= available:
+        return []
+    what = f"the loader's host buffers ({buffers / 2**30:,.2f} GiB: (prefetch + 2) x 2 x batch_size x context_length"
+    what += " x 8 bytes)" + (f" and the model's training state ({model / 2**30:,.2f} GiB)" if model else "")
+    return [f"{what} need more than the {available / 2**30:,.2f} GiB of memory available; lower --batch-size, "
+            "--prefetch or --context-length (or the model size)"]
+
+
+def check_resume_path(c: TrainConfig) -> list[str]:
+    """An explicit ``--resume PATH`` names a checkpoint file (its content is checked when it is loaded)."""
+    choice = c.checkpoint.resume
+    if choice in RESUME_MODES:
+        return []
+    path = Path(choice)
+    if not path.exists():
+        return [f"--resume {choice}: no such file (use auto, never, replace, or a checkpoint's path)"]
+    if path.is_dir():
+        return [f"--resume {choice}: is a directory; pass a checkpoint file such as {path}/checkpoints/step_*.pt"]
+    if not zipfile.is_zipfile(path):
+        return [f"--resume {choice}: not a checkpoint (torch.save zip file)"]
     return []
 
 
@@ -102,8 +186,27 @@ def check_logging_packages(c: TrainConfig) -> list[str]:
     return problems
 
 
-def preflight(c: TrainConfig) -> list[str]:
-    problems = check_logging_packages(c)
-    if None in (c.data.train_data, c.data.val_data, c.data.out_dir):
-        return problems  # the missing ones are already reported
-    return problems + check_data(c) + check_out_dir(c)
+def _usable(bad: set[str], *fields: str) -> bool:
+    """None of ``fields`` ("section.name", or "section." for a whole section) failed the config's own checks."""
+    return not any(b == f or (f.endswith(".") and b.startswith(f)) for b in bad for f in fields)
+
+
+def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | None, list[str]]:
+    """(what was derived, or None if a problem prevents it; every problem found).
+
+    ``bad`` names the fields that failed the config's own checks: a check that reads one of them is skipped, so
+    that one error can list the config's problems and the data's together.
+    """
+    problems = check_logging_packages(c) if _usable(bad, "log.") else []
+    problems += check_resume_path(c) if _usable(bad, "checkpoint.resume") else []
+    vocab_size = None
+    if _usable(bad, "data.train_data", "data.val_data", "model.vocab_size", "model.context_length"):
+        vocab_size, data_problems = check_data(c)
+        problems += data_problems
+    model_known = vocab_size is not None and _usable(bad, "model.")
+    num_parameters = count_parameters(c, vocab_size) if model_known else None
+    if _usable(bad, "data.out_dir"):
+        problems += check_out_dir(c, num_parameters)
+    if num_parameters is not None and _usable(bad, "run."):
+        problems += check_memory(c, num_parameters)
+    return (Preflight(vocab_size) if vocab_size is not None and not problems else None), problems

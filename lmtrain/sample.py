@@ -36,11 +36,15 @@ def load_run(checkpoint: str | Path) -> tuple[TransformerLM, dict]:
         obj = load_object(path)
     else:
         raise CheckpointError(f"{path}: no such run directory or checkpoint file")
-    if "config" not in obj:
-        raise CheckpointError(f"{path}: the checkpoint has no config; it was not written by lmtrain.main")
-    model = TransformerLM(**obj["config"]["model"])
+    config = obj.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path}: the checkpoint has no model config; it was not written by lmtrain.main")
+    try:
+        model = TransformerLM(**config["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the checkpoint's model config does not build a model ({e})") from None
     restore(obj, model)
-    return model.eval(), obj["config"]
+    return model.eval(), config
 
 
 def tokenizer_for(config: dict, spec: str | None):

@@ -194,7 +194,7 @@ def test_bad_inputs_are_reported_together_with_exit_2_and_nothing_written(corpus
     for part in (
         "--train-data",
         "nope: no such file or directory",
-        "[optim] lr must be positive, got -1.0",
+        "[optim] lr must be > 0, got -1.0",
         "[model] num_heads=3 does not divide d_model=32",
     ):
         assert part in err

@@ -1,0 +1,150 @@
+"""Every user mistake the trainer can see before training: exit 2, one message, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmtrain.config import FIELDS, MAX_SEED, collect
+from lmtrain.main import main
+from lmtrain.preflight import count_parameters
+from tests.lmtrain.test_main import args, corpus  # noqa: F401 - the module-scoped corpus fixture
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run main, assert exit 2 with one error message and no traceback; return stderr."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmtrain: error:") and "Traceback" not in err
+    return err
+
+
+FLOAT_CASES = [
+    ("--grad-clip", "nan"),
+    ("--lr", "inf"),
+    ("--weight-decay", "nan"),
+    ("--min-lr", "-inf"),
+    ("--beta1", "nan"),
+    ("--beta2", "inf"),
+    ("--eps", "nan"),
+    ("--rope-theta", "inf"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value"), FLOAT_CASES)
+def test_a_non_finite_float_setting_is_refused_before_anything_is_written(corpus, tmp_path, capsys, flag, value):  # noqa: F811
+    out = tmp_path / "run"
+    err = refused(args(corpus, out, f"{flag}={value}"), capsys)  # "=": argparse reads "-inf" as a flag otherwise
+    assert f"{flag[2:].replace('-', '_')} must be a finite number, got {float(value)}" in err
+    assert not out.exists()
+
+
+def test_every_float_field_is_checked_for_finiteness():
+    floats = [spec for specs in FIELDS.values() for spec in specs.values() if spec.kind is float]
+    assert floats
+    for spec in floats:
+        _, problems, bad = collect({}, {spec.section: {spec.name: float("nan")}})
+        assert f"{spec.label} must be a finite number, got nan" in problems
+        assert f"{spec.section}.{spec.name}" in bad
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seed", "-1"], "[run] seed must be >= 0, got -1"),
+        (["--seed", str(MAX_SEED + 1)], f"[run] seed must be <= {MAX_SEED}"),
+        (["--out-dir", ""], "[data] out_dir must not be empty"),
+        (["--train-data", ""], "[data] train_data must not be empty"),
+        (["--sampler", "shuffled"], "[run] sampler must be one of random, epoch, got 'shuffled'"),
+        (["--dtype", "int8"], "[run] dtype must be one of auto, float32, bfloat16, float16"),
+        (["--min-lr", "0.5"], "[optim] min_lr=0.5 is above lr=0.001"),
+        (["--beta2", "1.0"], "[optim] beta2 must be < 1"),
+        (["--batch-size", "0"], "[run] batch_size must be > 0, got 0"),
+        (["--eval-interval", "-1"], "[log] eval_interval must be >= 0, got -1"),
+    ],
+)
+def test_each_bad_value_names_the_field_and_the_rule(corpus, tmp_path, capsys, extra, message):  # noqa: F811
+    out = tmp_path / "run"
+    assert message in refused(args(corpus, out, *extra), capsys)
+    assert not out.exists()
+
+
+def test_the_largest_seed_trains(corpus, tmp_path):  # noqa: F811
+    # the validation sampler's seed is derived from the run's: it must not overflow int64
+    argv = args(corpus, tmp_path / "run", "--seed", str(MAX_SEED), "--max-steps", "1", "--eval-interval", "0")
+    assert main(argv) == 0
+
+
+def test_config_that_is_a_directory_or_not_utf8(corpus, tmp_path, capsys):  # noqa: F811
+    err = refused([*args(corpus, tmp_path / "r"), "--config", str(tmp_path)], capsys)
+    assert "is a directory; pass a TOML file" in err
+    toml = tmp_path / "bad.toml"
+    toml.write_bytes(b"[run]\nmax_steps = 3 # \xff\xfe\n")
+    assert "not UTF-8 text" in refused([*args(corpus, tmp_path / "r"), "--config", str(toml)], capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_host_buffers_that_cannot_fit_in_memory_are_refused(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    # (16 + 2) x 2 x 10^7 x 32 x 8 bytes = 92 GB of loader buffers, more than any test machine has
+    err = refused(args(corpus, out, "--batch-size", "10000000"), capsys)
+    assert "the loader's host buffers" in err and "GiB of memory available" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "directory", "not_a_dict", "not_training"])
+def test_a_bad_resume_path_is_refused_and_writes_nothing(corpus, tmp_path, capsys, case):  # noqa: F811
+    target = tmp_path / "thing"
+    if case == "text":
+        target.write_text("hello")
+    elif case == "directory":
+        target.mkdir()
+    elif case == "not_a_dict":
+        torch.save([1, 2, 3], target)
+    elif case == "not_training":
+        torch.save({"model": {}, "iteration": "3"}, target)
+    message = {
+        "missing": "no such file",
+        "text": "not a checkpoint (torch.save zip file)",
+        "directory": "is a directory",
+        "not_a_dict": "expected a dict, found list",
+        "not_training": "not a training checkpoint of lmtrain.main: optimizer (missing); iteration (str, expected int)",
+    }[case]
+    out = tmp_path / "run"
+    assert message in refused(args(corpus, out, "--resume", str(target)), capsys)
+    assert not out.exists()
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
+    before = (out / "config.json").read_bytes()
+    refused(args(corpus, out, "--max-steps", "4", "--eval-interval", "0", "--lr", "0.005"), capsys)
+    refused(args(corpus, out, "--max-steps", "4", "--resume", str(tmp_path / "none.pt")), capsys)
+    assert (out / "config.json").read_bytes() == before
+
+
+def test_preflight_asks_for_at_least_the_room_the_first_save_checks(corpus, tmp_path, monkeypatch):  # noqa: F811
+    """One estimate: a run that passes preflight's disk check cannot fail the first save's for lack of room."""
+    from lmtrain import checkpoint_manager
+    from lmtrain.checkpoint_manager import checkpoint_tensor_bytes, estimate_bytes, free_bytes_needed
+
+    asked = []
+    real = checkpoint_manager.CheckpointManager.check_disk
+    monkeypatch.setattr(
+        checkpoint_manager.CheckpointManager,
+        "check_disk",
+        lambda self, n: (asked.append(free_bytes_needed(n)), real(self, n))[1],
+    )
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
+    config = json.loads((out / "config.json").read_text())
+    from lmtrain.config import build_config
+
+    c = build_config({k: v for k, v in config.items()}, {})
+    preflight_asks = free_bytes_needed(checkpoint_tensor_bytes(count_parameters(c, 64)))
+    assert asked and max(asked) <= preflight_asks
+    state = torch.load(out / "checkpoints" / "step_00000002.pt", weights_only=True)
+    assert free_bytes_needed(estimate_bytes(state)) <= preflight_asks

@@ -1,0 +1,181 @@
+"""One writer per run directory, readers that never write, and the rules of --resume, with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain.main import main
+from lmtrain.sample import load_run
+from tests.lmtrain.test_main import args, corpus, records, run_cli, wait_for_step  # noqa: F401
+
+
+def steps_on_disk(out: Path) -> list[int]:
+    return sorted(int(p.name[5:13]) for p in (out / "checkpoints").glob("step_*.pt"))
+
+
+def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_holder(corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    first = run_cli(args(corpus, out, "--max-steps", "100000", "--checkpoint-interval", "100000"))
+    try:
+        wait_for_step(out, 2, first)
+        second = run_cli(args(corpus, out, "--max-steps", "100000"))
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert f"another training run (pid {first.pid}) is using this directory" in err and str(out) in err
+        assert first.poll() is None  # the first run is untouched
+        steps = [r["step"] for r in records(out, "train")]
+        assert steps == sorted(steps) and len(steps) == len(set(steps))  # one writer: no interleaved records
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the kernel released the dead run's lock: a new trainer gets the directory
+    assert main(args(corpus, out, "--max-steps", "1", "--eval-interval", "0", "--resume", "replace")) == 0
+
+
+def test_sampling_during_training_never_disturbs_the_trainer(corpus, tmp_path):  # noqa: F811
+    """A checkpoint every step, while another process loads the newest one as fast as it can."""
+    out = tmp_path / "run"
+    trainer = run_cli(args(corpus, out, "--max-steps", "60", "--checkpoint-interval", "1", "--keep-checkpoints", "2"))
+    loads = 0
+    while trainer.poll() is None:
+        try:
+            load_run(out)
+            loads += 1
+        except Exception as e:  # noqa: BLE001 - only "no checkpoint yet" is expected, before the first one
+            assert "no checkpoint" in str(e) or not (out / "checkpoints").exists(), e
+    _, err = trainer.communicate()
+    assert trainer.returncode == 0, err
+    assert loads > 5 and steps_on_disk(out) == [59, 60]
+
+
+def test_a_reader_leaves_a_writers_temporary_file_alone(corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
+    in_flight = out / "checkpoints" / ".tmp-step_00000003.pt.abc123"
+    in_flight.write_bytes(b"a trainer is writing this")
+    before = sorted(p.name for p in out.rglob("*"))
+    load_run(out)
+    assert in_flight.exists() and sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_resume_never_refuses_a_dir_with_checkpoints_and_replace_starts_a_new_run(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "20", "--checkpoint-interval", "10", "--eval-interval", "0")) == 0
+    assert main(args(corpus, out, "--max-steps", "9", "--resume", "never")) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of an earlier run (newest: step 20)" in err and "--resume replace" in err
+    assert steps_on_disk(out) == [10, 20]
+    common = ["--max-steps", "9", "--checkpoint-interval", "3", "--eval-interval", "0"]
+    assert main(args(corpus, out, *common, "--resume", "replace")) == 0
+    assert steps_on_disk(out) == [3, 6, 9]  # nothing of the old run is left for a later resume to pick up
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 10))  # a fresh metrics.jsonl
+    capsys.readouterr()
+    assert main(args(corpus, out, *common)) == 0  # auto: the new run is finished
+    assert "already at step 9 = --max-steps: nothing to do" in capsys.readouterr().out
+    assert steps_on_disk(out) == [3, 6, 9]
+
+
+def test_a_checkpoint_beyond_max_steps_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "6", "--eval-interval", "0")) == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    assert main(args(corpus, out, "--max-steps", "4", "--eval-interval", "0")) == 2
+    assert "at step 6, beyond --max-steps 4" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_from_a_path_that_would_fork_the_run_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "6", "--checkpoint-interval", "3", "--eval-interval", "0")) == 0
+    early = out / "checkpoints" / "step_00000003.pt"
+    assert main(args(corpus, out, "--max-steps", "6", "--eval-interval", "0", "--resume", str(early))) == 2
+    assert "holds checkpoints after its step 3 (newest: step 6)" in capsys.readouterr().err
+    other = tmp_path / "fork"
+    assert main(args(corpus, other, "--max-steps", "6", "--eval-interval", "0", "--resume", str(early))) == 0
+    assert records(other, "train")[0]["step"] == 4
+
+
+def test_when_every_checkpoint_is_damaged_resume_refuses_instead_of_starting_over(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--eval-interval", "0")) == 0
+    for p in (out / "checkpoints").glob("step_*.pt"):
+        p.write_bytes(p.read_bytes()[:100])
+    metrics = (out / "metrics.jsonl").read_bytes()
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert main(args(corpus, out, "--max-steps", "8", "--eval-interval", "0")) == 2
+    err = capsys.readouterr().err
+    assert "every checkpoint is damaged" in err and "step_00000004.pt" in err and "step_00000002.pt" in err
+    assert "--resume replace" in err
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_resumed_run_logs_each_step_once(corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    common = ["--max-steps", "30", "--checkpoint-interval", "10", "--eval-interval", "10"]
+    proc = run_cli(args(corpus, out, *common))
+    wait_for_step(out, 15, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(args(corpus, out, *common)) == 0
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 31))
+    assert [r["step"] for r in records(out, "eval")] == [0, 10, 20, 30]
+
+
+def _mount_tmpfs(directory: Path, size: str) -> bool:
+    directory.mkdir()
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True)
+    return done.returncode == 0
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the disk has no free byte left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (2**20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("interval", [5, 100000])
+def test_a_disk_that_fills_during_the_run_stops_it_with_exit_2_and_the_checkpoint_intact(corpus, tmp_path, interval):  # noqa: F811
+    """interval 5: a checkpoint save meets the full disk (or its check does); 100000: a metrics write does."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "72m"):
+        pytest.skip("needs root and tmpfs to make a small disk")
+    try:
+        out = disk / "run"
+        common = ["--max-steps", "100000", "--checkpoint-interval", str(interval), "--eval-interval", "0"]
+        proc = run_cli(args(corpus, out, *common))
+        wait_for_step(out, 12, proc)
+        fill(disk / "filler")
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        # the save's free-space check, a failed checkpoint write or a failed metrics write: whichever comes first
+        assert "Traceback" not in err and str(out) in err, err
+        assert any(s in err for s in ("MiB is free", "disk filled up", "is full")), err
+        if interval == 5:
+            latest = (out / "checkpoints" / "latest").read_text()
+            state = torch.load(out / "checkpoints" / latest, weights_only=True)
+            assert state["iteration"] >= 10
+        else:
+            assert "is full" in err
+        assert not list(out.rglob(".tmp-*"))
+        json.loads((out / "config.json").read_text())
+    finally:
+        time.sleep(0.1)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
