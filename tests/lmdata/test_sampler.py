@@ -36,7 +36,8 @@ def test_epoch_covers_every_window_exactly_once_per_epoch(world_size):
     epochs = [stream[e * n : (e + 1) * n] for e in range(3)]
     for epoch in epochs:
         assert sorted((int(a), int(b)) for a, b in epoch) == sorted(expected)
-    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled each epoch
+    orders = [[(int(a), int(b)) for a, b in epoch] for epoch in epochs]
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]  # reshuffled each epoch
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

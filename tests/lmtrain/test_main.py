@@ -384,4 +384,5 @@ def test_float16_autocast_with_grad_scaler_runs(corpus, tmp_path):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "3", "--eval-interval", "0", "--dtype", "float16")) == 0
     state = torch.load(out / "checkpoints" / "step_00000003.pt", weights_only=True)
-    assert state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed
+    # the GradScaler's state is checkpointed: its initial scale, and 3 steps without an overflow counted
+    assert state["scaler"]["scale"] == 2.0**16 and state["scaler"]["_growth_tracker"] == 3
