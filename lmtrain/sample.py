@@ -11,6 +11,7 @@ the end-of-text token or after --max-new-tokens, and the same seed gives the sam
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from lmdata import LmDataError, Manifest
 from lmdata.tokenizer import load_tokenizer
 from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
+from lmtrain.config import MAX_SEED
 from lmtrain.errors import CheckpointError, LmTrainError
 from lmtrain.model import TransformerLM
 
@@ -124,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     if args.max_new_tokens < 0:
         problems.append(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        problems.append(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        problems.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # also false for nan
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed <= MAX_SEED:
+        problems.append(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if problems:
         parser.error("; ".join(problems))
     try:

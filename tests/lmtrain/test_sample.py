@@ -79,13 +79,23 @@ def test_sample_errors(run_dir, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_bad_sampling_flags_exit_2(run_dir):
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--top-p=0", "--top-p must be in (0, 1], got 0.0"),
+        ("--top-p=nan", "--top-p must be in (0, 1], got nan"),
+        ("--temperature=nan", "--temperature must be a finite number >= 0, got nan"),
+        ("--temperature=inf", "--temperature must be a finite number >= 0, got inf"),
+        ("--seed=-1", "--seed must be in 0.."),
+    ],
+)
+def test_bad_sampling_flags_exit_2(run_dir, flag, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "lmtrain.sample", "--checkpoint", str(run_dir), "--top-p", "0"],
+        [sys.executable, "-m", "lmtrain.sample", "--checkpoint", str(run_dir), flag],
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 2 and "--top-p must be in (0, 1], got 0.0" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_plot_metrics_writes_a_png(run_dir, tmp_path):
