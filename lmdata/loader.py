@@ -41,7 +41,6 @@ import torch
 from numba.typed import List
 
 from lmdata.dataset import TokenDataset
-from lmdata.errors import SamplerStateError
 from lmdata.gather import BatchFiller
 from lmdata.sampler import make_sampler
 
@@ -350,8 +349,5 @@ class BatchLoader:
         Refuses a state saved with another world size, sampler, seed, batch size, context length or dataset.
         """
         self.close()  # batches prefetched from the old position are dropped
-        try:
-            self.sampler.load_state_dict(state)
-        except KeyError as e:
-            raise SamplerStateError(f"the loader state lacks the key {e}; was it saved by BatchLoader?") from None
+        self.sampler.load_state_dict(state)
         self._consumed = self.sampler.step

@@ -227,6 +227,15 @@ class _Sampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from ``state``; refuses a state made for another sampler, world size or dataset."""
         mine = self.state_dict()
+        if not isinstance(state, dict):
+            raise SamplerStateError(f"the sampler state must be a dict, got {type(state).__name__}")
+        malformed = [k for k in mine if not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]
+        if malformed:
+            raise SamplerStateError(
+                f"the sampler state lacks integer values for {malformed}; it was not saved by this sampler"
+            )
+        if state["step"] < 0:
+            raise SamplerStateError(f"the sampler state's step must be >= 0, got {state['step']}")
         if int(state["world_size"]) != self.world_size:
             raise SamplerStateError(
                 f"the sampler state was saved with world_size={int(state['world_size'])} but this run has "

@@ -105,9 +105,14 @@ def restore(obj: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None
     missing = [k for k in ("model", "optimizer", "iteration") if k not in obj]
     if missing:
         raise CheckpointError(f"the checkpoint lacks {missing}; it was not written by save_checkpoint")
+    if not isinstance(obj["model"], dict):
+        raise CheckpointError(f"the checkpoint's model state is a {type(obj['model']).__name__}, not a state dict")
     try:
         unwrap(model).load_state_dict(strip_wrapper_prefixes(obj["model"]))
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"the checkpoint's weights do not fit this model: {e}") from None
     if optimizer is not None:
-        optimizer.load_state_dict(obj["optimizer"])
+        try:
+            optimizer.load_state_dict(obj["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # torch reports a mismatch in these forms
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer: {e}") from None

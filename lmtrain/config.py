@@ -335,8 +335,9 @@ def config_diff(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
     """Lines ``[section] key: saved -> now`` for fields that may not change on resume."""
     lines = []
     for section, values in current.items():
+        saved_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
         for key, value in values.items():
-            old = saved.get(section, {}).get(key)
+            old = saved_section.get(key)
             if old != value and (section, key) not in RESUMABLE_CHANGES:
                 lines.append(f"[{section}] {key}: {old!r} -> {value!r}")
     return lines

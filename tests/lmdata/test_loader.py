@@ -110,8 +110,25 @@ def test_state_from_another_world_size_is_refused(dataset):
     state = BatchLoader(dataset, B, T, rank=0, world_size=2).state_dict()
     with pytest.raises(SamplerStateError, match="saved with world_size=2 but this run has world_size=3"):
         BatchLoader(dataset, B, T, rank=0, world_size=3).load_state_dict(state)
-    with pytest.raises(SamplerStateError, match="lacks the key 'kind'"):
+    with pytest.raises(SamplerStateError, match="lacks integer values for \\['kind', 'seed'"):
         BatchLoader(dataset, B, T).load_state_dict({"step": 3, "world_size": 1})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"step": "3"}, "lacks integer values for \\['step'\\]"),
+        ({"seed": None}, "lacks integer values for \\['seed'\\]"),
+        ({"world_size": True}, "lacks integer values for \\['world_size'\\]"),
+        ({"step": -1}, "step must be >= 0, got -1"),
+    ],
+)
+def test_a_malformed_state_is_a_typed_error(dataset, change, message):
+    state = {**BatchLoader(dataset, B, T).state_dict(), **change}
+    with pytest.raises(SamplerStateError, match=message):
+        BatchLoader(dataset, B, T).load_state_dict(state)
+    with pytest.raises(SamplerStateError, match="must be a dict, got list"):
+        BatchLoader(dataset, B, T).load_state_dict([1, 2])
 
 
 def test_error_in_the_thread_is_raised_in_the_consumer(dataset, monkeypatch):

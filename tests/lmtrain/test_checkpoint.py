@@ -157,6 +157,21 @@ def test_weights_for_another_model_are_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "c.pt", other)
 
 
+def test_optimizer_state_of_another_model_is_a_clear_error(tmp_path):
+    model, opt = trained()
+    save_checkpoint(model, opt, 1, tmp_path / "c.pt")
+    obj = torch.load(tmp_path / "c.pt", weights_only=True)
+    obj["optimizer"]["param_groups"] = obj["optimizer"]["param_groups"][:1]  # one group instead of two
+    torch.save(obj, tmp_path / "c.pt")
+    fresh, fresh_opt = trained()
+    with pytest.raises(CheckpointError, match="optimizer state does not fit this optimizer"):
+        load_checkpoint(tmp_path / "c.pt", fresh, fresh_opt)
+    obj["model"] = [1, 2]
+    torch.save(obj, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="model state is a list, not a state dict"):
+        load_checkpoint(tmp_path / "c.pt", fresh, fresh_opt)
+
+
 def manager_state(model, opt, step):
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": step}
 

@@ -179,3 +179,24 @@ def test_a_disk_that_fills_during_the_run_stops_it_with_exit_2_and_the_checkpoin
     finally:
         time.sleep(0.1)
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("part", "value", "message"),
+    [
+        ("config", {"model": [1, 2]}, "settings changed since this run started"),
+        ("loader", {"step": "x"}, "lacks integer values for"),
+        ("iteration", -4, "iteration (-4, expected >= 0)"),
+        ("optimizer", [], "optimizer (list, expected dict)"),
+    ],
+)
+def test_a_hostile_checkpoint_in_the_run_dir_is_refused_without_a_traceback(corpus, tmp_path, capsys, part, value, message):  # noqa: F811, E501
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
+    path = out / "checkpoints" / "step_00000002.pt"
+    obj = torch.load(path, weights_only=True)
+    obj[part] = value
+    torch.save(obj, path)
+    assert main(args(corpus, out, "--max-steps", "4", "--eval-interval", "0")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
