@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import os
 import re
 import shutil
 import threading
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lmdata.atomic import remove_stale_temporaries, write_bytes_atomic
+from lmdata.atomic import fsync_dir, remove_stale_temporaries, write_bytes_atomic
 from lmtrain.checkpoint import load_object, save_object
 from lmtrain.errors import CheckpointError, InsufficientDiskError
 
@@ -43,6 +44,7 @@ LATEST = "latest"
 _SIZE_MARGIN = 1.05  # zip headers and pickled structure on top of the tensor bytes
 _FREE_RESERVE = 64 * 2**20  # never fill the disk to the last byte
 CHECKPOINT_BYTES_PER_PARAM = 12  # float32 weights + AdamW's two float32 moments
+_REPLACED_PREFIX = ".checkpoints-replaced-"  # a checkpoint directory being deleted by --resume replace
 _STATE_ALLOWANCE = 2**20  # RNG states (tens of KB), the loader's position, step counters, the config
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -184,15 +186,23 @@ class CheckpointManager:
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _NAME.match(p.name)))
 
-    def remove_stale(self) -> list[Path]:
-        """Delete temporary files a killed writer left. Only the run's one writer (holding its lock) may call this."""
-        return remove_stale_temporaries(self.dir) if self.dir.is_dir() else []
+    def remove_stale(self) -> None:
+        """Delete what a killed writer left: temporary files, and a checkpoint directory set aside by
+        :meth:`delete_all`. Only the run's one writer (holding its lock) may call this."""
+        if self.dir.is_dir():
+            remove_stale_temporaries(self.dir)
+        for old in self.dir.parent.glob(f"{_REPLACED_PREFIX}*"):
+            shutil.rmtree(old, ignore_errors=True)
 
     def delete_all(self) -> None:
-        """Delete every checkpoint and the ``latest`` pointer (``--resume replace``; the writer only)."""
-        for step in self.steps():
-            (self.dir / checkpoint_name(step)).unlink(missing_ok=True)
-        (self.dir / LATEST).unlink(missing_ok=True)
+        """Delete every checkpoint (``--resume replace``; the writer only), all at once as far as a reader or a
+        later resume can tell: the directory is renamed aside (atomic), then removed."""
+        if not self.dir.exists():
+            return
+        aside = self.dir.parent / f"{_REPLACED_PREFIX}{os.getpid()}"
+        os.replace(self.dir, aside)
+        fsync_dir(self.dir.parent)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def load_latest(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that verifies and loads, as (path, state); None if there is none.

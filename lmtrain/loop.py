@@ -116,8 +116,8 @@ class Trainer:
             self.manager.remove_stale()  # temporaries a killed writer left
         found = choose_start(c, self.manager, writer)
         if found is None:
-            if writer:
-                trim_metrics(self.out_dir, None)
+            if writer and trim_metrics(self.out_dir, None):
+                self._say(f"starting at step 0: {self.out_dir / 'metrics.jsonl'} of an earlier attempt is replaced")
             return
         path, obj = found
         check_fits_run(path, obj, c, self.data_fingerprint(), allow_config_change)

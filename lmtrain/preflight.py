@@ -24,6 +24,7 @@ from lmtrain.model import TransformerLM
 
 TRAINING_BYTES_PER_PARAM = 16  # float32 weights, gradients and AdamW's two moments
 PROGRESS_AFTER_S = 3.0  # a token scan that runs longer than this prints its progress
+RUN_DIR_ENTRIES = {"config.json": False, "metrics.jsonl": False, "checkpoints": True}  # name: is a directory
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,13 @@ def check_out_dir(c: TrainConfig, num_parameters: int | None) -> list[str]:
         return [f"--out-dir {out}: cannot be created because {base} is a file"]
     if not os.access(base, os.W_OK | os.X_OK):
         return [f"--out-dir {out}: cannot write into {base} (permission denied); choose another directory"]
+    wrong = [
+        f"--out-dir {out}: {out / name} should be a {'directory' if is_dir else 'file'}; move it away"
+        for name, is_dir in RUN_DIR_ENTRIES.items()
+        if (out / name).exists() and (out / name).is_dir() != is_dir
+    ]
+    if wrong:
+        return wrong
     if num_parameters is None:
         return []
     needed = free_bytes_needed(checkpoint_tensor_bytes(num_parameters))

@@ -90,8 +90,9 @@ def trim_metrics(out_dir: Path, step: int | None) -> int:
     if not path.exists():
         return 0
     if step is None:
+        dropped = len(path.read_bytes().splitlines())
         path.unlink()
-        return 1
+        return dropped
     kept, dropped = [], 0
     for line in path.read_text(errors="replace").splitlines():
         try:

@@ -200,3 +200,30 @@ def test_a_hostile_checkpoint_in_the_run_dir_is_refused_without_a_traceback(corp
     assert main(args(corpus, out, "--max-steps", "4", "--eval-interval", "0")) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_replace_interrupted_after_setting_the_old_checkpoints_aside_never_resumes_them(corpus, tmp_path, monkeypatch):  # noqa: F811, E501
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--eval-interval", "0")) == 0
+
+    def killed(*a, **k):  # the process dies right after the atomic rename, before deleting anything
+        raise SystemExit(137)
+
+    monkeypatch.setattr("lmtrain.checkpoint_manager.shutil.rmtree", killed)
+    with pytest.raises(SystemExit):
+        main(args(corpus, out, "--max-steps", "2", "--resume", "replace"))
+    assert not (out / "checkpoints").exists() and list(out.glob(".checkpoints-replaced-*"))
+    monkeypatch.undo()
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0  # auto: nothing old to resume
+    assert [r["step"] for r in records(out, "train")] == [1, 2]
+    assert steps_on_disk(out) == [2] and not list(out.glob(".checkpoints-replaced-*"))
+
+
+def test_run_dir_entries_of_the_wrong_kind_are_refused_at_start(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a directory")
+    (out / "metrics.jsonl").mkdir()
+    assert main(args(corpus, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoints'} should be a directory" in err and f"{out / 'metrics.jsonl'} should be a file" in err
