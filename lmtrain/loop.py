@@ -31,7 +31,7 @@ from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import TrainConfig, config_diff
 from lmtrain.errors import ConfigError, LmTrainError
-from lmtrain.metrics import MetricsLog, peak_flops
+from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
 from lmtrain.rng import capture_rng_state, restore_rng_state
@@ -276,14 +276,21 @@ class Trainer:
         return c.run.batch_size * c.model.context_length * c.run.grad_accum_steps * self.rt.world_size
 
     def _mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation in percent of the GPUs' dense bf16 peak; None on a CPU or an unknown GPU."""
         if self.rt.device.type != "cuda":
             return None
-        peak = peak_flops(torch.cuda.get_device_name(self.rt.device))
-        if peak is None:
+        if not hasattr(self, "_peak_flops"):  # looked up, and an unknown GPU reported, once per run
+            name = torch.cuda.get_device_name(self.rt.device)
+            self._peak_flops = peak_flops(name)
+            if self._peak_flops is None:
+                self._say(f"MFU not reported: unknown GPU {name!r} (not in lmtrain.metrics.PEAK_BF16_FLOPS)")
+        if self._peak_flops is None:
             return None
         m = self.c.model
-        flops_per_token = 6 * self.model.num_parameters() + 12 * m.num_layers * m.d_model * m.context_length
-        return 100 * flops_per_token * tokens_per_s / (peak * self.rt.world_size)
+        per_token = flops_per_token(
+            self.model.num_parameters(exclude_embeddings=True), m.num_layers, m.d_model, m.context_length
+        )
+        return 100 * per_token * tokens_per_s / (self._peak_flops * self.rt.world_size)
 
     @torch.no_grad()
     def evaluate(self) -> float:
