@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"torch": torch.__version__, "smoke": args.smoke}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(Path(tmp), args.smoke)
+        loader = trainer.loader  # step_timing swaps trainer.loader; close the real one whatever happens
         try:
             device = trainer.rt.device
             results["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = 3 * trainer.c.run.prefetch
             results.update(step_timing(trainer, steps, args.rounds or (2 if args.smoke else 6), warmup=5))
         finally:
-            trainer.loader.close()
+            loader.close()
     checks = verdicts(results)
     results["checks"] = {name: status for name, status, _ in checks}
     text = json.dumps(results, indent=1)
