@@ -55,6 +55,18 @@ def test_torchrun_with_gradient_accumulation_trains_and_checkpoints(corpus, tmp_
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def test_torchrun_non_finite_loss_stops_every_rank_without_a_hang(corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "ddp"
+    flags = ["--max-steps", "50", "--lr", "1e30", "--min-lr", "0", "--warmup-steps", "0", "--grad-clip", "0"]
+    proc = torchrun(args(corpus, out, *flags, "--checkpoint-interval", "1", "--eval-interval", "0"))
+    _, err = proc.communicate(timeout=120)  # a rank left waiting in a collective would time this out
+    assert proc.returncode != 0
+    assert err.count("is not finite; stopped before the optimizer step") == 2, err[-3000:]  # both ranks said it
+    steps = sorted(int(p.name[5:13]) for p in (out / "checkpoints").glob("step_*.pt"))
+    state = torch.load(out / "checkpoints" / f"step_{steps[-1]:08d}.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     """{RANK: pid} of torchrun's worker processes (its direct children), read from /proc."""
     found = {}
