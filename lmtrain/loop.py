@@ -8,8 +8,9 @@ resumed from step c repeats steps c+1.. exactly as the uninterrupted run did.
 Sync points (host waits for the GPU) per step: one, in :func:`lmtrain.runtime.agree_on_step`, reading the loss
 plus the gradient norm (to stop *before* a non-finite update) together with the stop flag (SIGTERM/SIGINT).
 Under torchrun both travel in ONE all_reduce of a (2,) tensor, so a non-finite value or a signal on any rank
-stops every rank at the same step (no rank is left waiting in a collective). Logging reads values accumulated
-on the device only at log intervals.
+stops every rank at the same step (no rank is left waiting in a collective). With ``--dtype float16`` the
+GradScaler adds its own (``scaler.step`` reads its inf flags). Logging reads values accumulated on the device
+only at log intervals, checkpoints copy the state to the host only at checkpoint steps.
 """
 
 from __future__ import annotations
