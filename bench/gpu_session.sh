@@ -100,6 +100,9 @@ except ImportError:
 cuda = torch.cuda.is_available()
 name = torch.cuda.get_device_name(0) if cuda else "-"
 print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, GPU available {cuda} ({name}), numba {nb}")
+import os, lmtrain
+print(f"lmtrain from {lmtrain.__file__}")
+assert lmtrain.__file__.startswith(os.getcwd() + os.sep), "lmtrain is not this working tree's"
 EOF
 }
 
