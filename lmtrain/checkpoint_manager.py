@@ -125,7 +125,8 @@ class CheckpointManager:
         path = self.dir / checkpoint_name(step)
         self.check_disk(estimate_bytes(state))
         if not self.async_save:
-            self._commit(step, path, state)
+            # CPU tensors in the file either way, so that a plain torch.load works on a machine without the GPU
+            self._commit(step, path, to_host(state))  # to_host: device-to-host copies, a sync point on CUDA
             return path
         snapshot = to_host(state)  # the only blocking part: training may now change the live tensors
         self._thread = threading.Thread(

@@ -5,8 +5,12 @@ step counts), the GradScaler, every RNG state, and the loader's position (batche
 is a function of the step, evaluation uses a fixed set of validation batches and changes no state, so a run
 resumed from step c repeats steps c+1.. exactly as the uninterrupted run did.
 
-Sync points (host waits for the GPU) per step: one, reading the loss and gradient norm to stop *before* a
-non-finite update. Logging reads values accumulated on the device only at log intervals.
+Sync points (host waits for the GPU) per step: one, in :func:`lmtrain.runtime.agree_on_step`, reading the loss
+plus the gradient norm (to stop *before* a non-finite update) together with the stop flag (SIGTERM/SIGINT).
+Under torchrun both travel in ONE all_reduce of a (2,) tensor, so a non-finite value or a signal on any rank
+stops every rank at the same step (no rank is left waiting in a collective). With ``--dtype float16`` the
+GradScaler adds its own (``scaler.step`` reads its inf flags). Logging reads values accumulated on the device
+only at log intervals, checkpoints copy the state to the host only at checkpoint steps.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from lmtrain.checkpoint import restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED, TrainConfig
 from lmtrain.errors import ConfigError, LmTrainError
-from lmtrain.metrics import MetricsLog, peak_flops
+from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
 from lmtrain.resume import check_fits_run, choose_start
 from lmtrain.rng import capture_rng_state, restore_rng_state
 from lmtrain.rundir import trim_metrics
-from lmtrain.runtime import Runtime, any_rank
+from lmtrain.runtime import Runtime, agree_on_step
 
 VAL_SEED_OFFSET = 1_000_003  # the validation batches' sampler seed: fixed, and distinct from training's
 
@@ -103,7 +107,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "iteration": self.step,
             "scaler": self.scaler.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": capture_rng_state(self.rt.device),
             "loader": self.loader.state_dict(),
             "config": self.c.to_dict(),
             "data": self.data_fingerprint(),
@@ -124,7 +128,7 @@ class Trainer:
         restore(obj, self.model, self.optimizer)
         if obj.get("scaler"):
             self.scaler.load_state_dict(obj["scaler"])
-        restore_rng_state(obj["rng"])
+        restore_rng_state(obj["rng"], self.rt.device)
         try:
             self.loader.load_state_dict(obj["loader"])
         except SamplerStateError as e:
@@ -179,7 +183,8 @@ class Trainer:
         window_start, paused = time.perf_counter(), 0.0  # evaluation and checkpoint time is not training time
         self.loader.stats.reset()
         while self.step < c.run.max_steps:
-            loss_sum += self._train_step()
+            loss, stop = self._train_step()
+            loss_sum += loss
             self.step += 1
             window_steps += 1
             if self.step % c.log.log_interval == 0 or self.step == c.run.max_steps:
@@ -192,15 +197,16 @@ class Trainer:
             eval_due = c.log.eval_interval and self.step % c.log.eval_interval == 0
             if eval_due and self.step < c.run.max_steps and self.rt.is_main:
                 self.evaluate()
-            if any_rank(self.stop_requested, self.rt):
+            if stop:  # agreed by every rank in the step's collective, so all ranks leave at this step
                 self.stop_requested = True
                 return
             if self.step % c.checkpoint.checkpoint_interval == 0 and self.step < c.run.max_steps:
                 self.save()
             paused += time.perf_counter() - pause_start
 
-    def _train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (a device scalar)."""
+    def _train_step(self) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over grad_accum_steps micro-batches: (mean loss as a device scalar, whether any rank
+        was asked to stop)."""
         c, model = self.c, self.train_model
         lr = lr_cosine_schedule(self.step, c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, self.c.lr_decay_steps)
         for group in self.optimizer.param_groups:
@@ -209,29 +215,34 @@ class Trainer:
         total = torch.zeros((), device=self.rt.device)
         for micro in range(accum):
             x, y = next(self.loader)  # int64 (B, T) on the device, prefetched
-            last = micro == accum - 1
-            no_sync = model.no_sync() if self.rt.distributed and not last else contextlib.nullcontext()
-            with no_sync, self.rt.autocast():
-                logits = model(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
-            with no_sync:
+            # DDP all-reduces gradients in the last micro-batch's backward only. no_sync() is a one-shot context
+            # manager, so each micro-batch gets a fresh one, around both its forward and its backward.
+            skip_sync = self.rt.distributed and micro < accum - 1
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                with self.rt.autocast():
+                    logits = model(x)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = c.optim.grad_clip if c.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        # Sync point: stop before a non-finite update reaches the weights (fp16 overflows are the scaler's job).
+        # The step's one sync point (and, under torchrun, its one collective besides DDP's): stop before a
+        # non-finite update reaches the weights (fp16 overflows are the scaler's job), and learn whether any rank
+        # was signalled.
         check = total if self.scaler.is_enabled() else total + grad_norm
-        if not math.isfinite(check.item()):
+        finite, stop = agree_on_step(check, self.stop_requested, self.rt)
+        if not finite:
             raise NonFiniteLossError(
-                f"step {self.step + 1}: loss {total.item()} / gradient norm {grad_norm.item()} is not finite; "
-                "stopped before the optimizer step, the last checkpoint is intact. Lower --lr or raise --warmup-steps"
+                f"step {self.step + 1}: the loss or gradient norm (here: {total.item()} / {grad_norm.item()}; "
+                "under torchrun, on some rank) is not finite; stopped before the optimizer step, the last "
+                "checkpoint is intact. Lower --lr or raise --warmup-steps"
             )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_lr, self.last_grad_norm = lr, grad_norm
-        return total
+        return total, stop
 
     def _log_train(self, loss: float, elapsed: float, tokens: int) -> None:
         if self.log is None:
@@ -257,14 +268,21 @@ class Trainer:
         return c.run.batch_size * c.model.context_length * c.run.grad_accum_steps * self.rt.world_size
 
     def _mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation in percent of the GPUs' dense bf16 peak; None on a CPU or an unknown GPU."""
         if self.rt.device.type != "cuda":
             return None
-        peak = peak_flops(torch.cuda.get_device_name(self.rt.device))
-        if peak is None:
+        if not hasattr(self, "_peak_flops"):  # looked up, and an unknown GPU reported, once per run
+            name = torch.cuda.get_device_name(self.rt.device)
+            self._peak_flops = peak_flops(name)
+            if self._peak_flops is None:
+                self._say(f"MFU not reported: unknown GPU {name!r} (not in lmtrain.metrics.PEAK_BF16_FLOPS)")
+        if self._peak_flops is None:
             return None
         m = self.c.model
-        flops_per_token = 6 * self.model.num_parameters() + 12 * m.num_layers * m.d_model * m.context_length
-        return 100 * flops_per_token * tokens_per_s / (peak * self.rt.world_size)
+        per_token = flops_per_token(
+            self.model.num_parameters(exclude_embeddings=True), m.num_layers, m.d_model, m.context_length
+        )
+        return 100 * per_token * tokens_per_s / (self._peak_flops * self.rt.world_size)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -12,12 +12,37 @@ import sys
 import time
 from pathlib import Path
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU; unknown GPUs get no MFU rather than a wrong one.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s, from the vendors' datasheets (NVIDIA quotes "with
+# sparsity" figures, twice these), keyed by the exact name torch.cuda.get_device_name returns: a substring match
+# would read an L40S as an L4 and an H100 PCIe as an SXM. A GPU not listed gets no MFU rather than a guess.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.5e12,
+    "NVIDIA H100 NVL": 835.5e12,
+    "NVIDIA H200": 989.4e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835.5e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA L40S": 362.05e12,
+    "NVIDIA L40": 181.05e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA GeForce RTX 4090": 165.2e12,  # with fp32 accumulation, as autocast's matmuls do (Ada whitepaper)
+}
 
 
 def peak_flops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+    """Dense bf16 peak FLOP/s of the GPU named exactly ``device_name``; None for a GPU not in the table."""
+    return PEAK_BF16_FLOPS.get(device_name.strip())
+
+
+def flops_per_token(non_embedding_parameters: int, num_layers: int, d_model: int, context_length: int) -> int:
+    """Training FLOPs per token (forward and backward) of a decoder-only Transformer, as in the PaLM paper's MFU:
+    6 per matmul weight (the token-embedding lookup is a gather, not a matmul, so it is excluded; the untied LM
+    head is a matmul and counts) plus 12 * layers * d_model * T for the attention scores and their weighted sum."""
+    return 6 * non_embedding_parameters + 12 * num_layers * d_model * context_length
 
 
 def format_duration(seconds: float) -> str:

@@ -188,6 +188,7 @@ def test_a_disk_that_fills_during_the_run_stops_it_with_exit_2_and_the_checkpoin
         ("loader", {"step": "x"}, "lacks integer values for"),
         ("iteration", -4, "iteration (-4, expected >= 0)"),
         ("optimizer", [], "optimizer (list, expected dict)"),
+        ("rng", {"torch": 3}, "RNG state is malformed"),
     ],
 )
 def test_a_hostile_checkpoint_in_the_run_dir_is_refused_without_a_traceback(corpus, tmp_path, capsys, part, value, message):  # noqa: F811, E501
