@@ -108,13 +108,16 @@ def open_shard(path: str | os.PathLike) -> Shard:
         size = path.stat().st_size
     except FileNotFoundError:
         raise DatasetNotFoundError(f"{path}: no such shard file") from None
+    except OSError as e:
+        raise DatasetNotFoundError(f"{path}: cannot read the shard ({e.strerror})") from None
     if path.is_dir():
         raise ShardFormatError(f"{path}: is a directory, not a shard file; pass the shard files or their directory")
     if size == 0:
         raise ShardFormatError(f"{path}: empty file (0 bytes); delete it or re-run data preparation")
-    if path.suffix == ".npy":
-        return _open_npy(path)
-    return _open_bin(path, size)
+    try:
+        return _open_npy(path) if path.suffix == ".npy" else _open_bin(path, size)
+    except PermissionError as e:  # a shard the user cannot read is theirs to fix, not a bug
+        raise DatasetNotFoundError(f"{path}: cannot read the shard ({e.strerror}); check its permissions") from None
 
 
 def _open_bin(path: Path, size: int) -> Shard:
