@@ -97,6 +97,8 @@ def _read_json(path: Path) -> dict:
         raise ManifestError(f"{path}: the manifest is not UTF-8 (byte {e.start}); {_FIX}") from None
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: cannot read the manifest: not valid JSON ({e}); {_FIX}") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: cannot read the manifest: nested too deeply to be one; {_FIX}") from None
     if not isinstance(body, dict):
         got = "null" if body is None else f"a {type(body).__name__}" if isinstance(body, list) else repr(body)
         raise ManifestError(f"{path}: the manifest must be a JSON object, got {got}; {_FIX}")
@@ -124,7 +126,7 @@ _TOP_FIELDS: dict[str, _Rule] = {
     "tokenizer": (False, lambda v: isinstance(v, str), "must be a string"),
     "vocab_size": (False, lambda v: v is None or (_is_int(v) and v > 0), "must be a positive int or null"),
     "eot_id": (False, lambda v: v is None or _is_int(v), "must be an int or null"),
-    "dtype": (False, lambda v: v in DTYPE_LIMITS, f"must be one of {', '.join(DTYPE_LIMITS)}"),
+    "dtype": (False, lambda v: isinstance(v, str) and v in DTYPE_LIMITS, f"must be one of {', '.join(DTYPE_LIMITS)}"),
 }
 _ENTRY_FIELDS: dict[str, _Rule] = {
     "file": (True, _plain_name, "must be a plain file name ending in .bin or .npy (inside the dataset directory)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -81,6 +82,8 @@ BAD_MANIFESTS = {
     "eot-over-vocab": (manifest_body(eot_id=257), "eot_id 257: must be an int in [0, vocab_size 257)"),
     "eot-str": (manifest_body(eot_id="256"), "eot_id '256': must be an int"),
     "dtype-unknown": (manifest_body(dtype="float32"), "dtype 'float32': must be one of"),
+    "dtype-list": (manifest_body(dtype=["uint16"]), "dtype ['uint16']: must be one of"),
+    "too-deep": (b"[" * 100_000, "nested too deeply"),
     "tokenizer-number": (manifest_body(tokenizer=3), "tokenizer 3: must be a string"),
     "unknown-field": (manifest_body(vocab=3), "vocab: unknown field"),
     "wrong-format": (manifest_body(format="other"), "format 'other': must be 'lmdata.manifest'"),
@@ -140,3 +143,32 @@ def test_dtype_limits_are_what_each_dtype_holds():
     assert DTYPE_LIMITS["int32"] == 2**31
     assert DTYPE_LIMITS["int64"] == 2**63
     assert DTYPE_LIMITS["uint8"] == 256
+
+
+FUZZ_VALUES = [None, True, 0, -1, 1, 1.5, 2**70, "", ".", "../a.bin", "a.bin", [], [1], {}, {"a": 1}, "uint16", 256]
+
+
+def test_random_damage_to_a_manifest_raises_only_manifest_error(tmp_path):
+    # Replace or drop up to three fields (top level or first entry), or the whole manifest, with values of
+    # every JSON type, many times:
+    # Manifest.load must answer each with a one-line ManifestError or a manifest, never another exception.
+    rng = random.Random(0)
+    for _ in range(2000):
+        body = manifest_body(shards=[entry(min_token=0, max_token=5)])
+        for _ in range(rng.randint(1, 3)):
+            shards = body.get("shards")
+            first = shards[0] if isinstance(shards, list) and shards and isinstance(shards[0], dict) else body
+            target = rng.choice([body, first])
+            key = rng.choice([*target, "extra"])
+            if rng.random() < 0.2:
+                target.pop(key, None)
+            else:
+                target[key] = rng.choice(FUZZ_VALUES)
+        if rng.random() < 0.05:  # or the whole manifest
+            body = rng.choice(FUZZ_VALUES)
+        (tmp_path / "manifest.json").unlink(missing_ok=True)  # not truncated: ext4 flushes a truncated file
+        (tmp_path / "manifest.json").write_text(json.dumps(body))
+        try:
+            Manifest.load(tmp_path)
+        except ManifestError as e:
+            assert "\n" not in str(e)
