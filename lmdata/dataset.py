@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmdata.errors import DatasetNotFoundError, ManifestError, UnfinishedWriteError
+from lmdata.errors import DatasetNotFoundError, LmDataError, ManifestError, UnfinishedWriteError
 from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, open_shard
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from lmdata.writer import MARKER_NAME
@@ -67,6 +67,16 @@ def resolve_source(source: PathLike, *, allow_unlisted: bool = False) -> Resolve
     ``allow_unlisted``, which puts it in ``unlisted`` instead (for validation, which reports it).
     """
     text = os.fspath(source)
+    try:
+        return _resolve(text, allow_unlisted)
+    except LmDataError:
+        raise
+    except OSError as e:  # e.g. a directory the user may not list: theirs to fix, not a bug
+        where = e.filename or text
+        raise DatasetNotFoundError(f"{where}: cannot read it ({e.strerror}); check its permissions") from None
+
+
+def _resolve(text: str, allow_unlisted: bool) -> ResolvedSource:
     if glob.has_magic(text):
         return _resolve_files(_glob_shards(text), allow_unlisted)
     path = Path(text)
@@ -127,16 +137,20 @@ def _resolve_directory(path: Path) -> ResolvedSource:
 
 def _resolve_files(paths: list[Path], allow_unlisted: bool) -> ResolvedSource:
     """Files named one by one: each inside a directory with a manifest must be listed there."""
-    manifests: dict[Path, Manifest | None] = {}
+    entries: dict[Path, tuple[Manifest, dict[str, ShardEntry]] | None] = {}  # per directory, loaded once
     kept, listings, unlisted = [], [], []
     for path in paths:
         directory = path.parent
-        if directory not in manifests:
+        if directory not in entries:
             check_finished(directory)
-            manifests[directory] = Manifest.load(directory) if (directory / MANIFEST_NAME).exists() else None
-        manifest = manifests[directory]
-        entry = next((e for e in manifest.shards if e.file == path.name), None) if manifest else None
-        if manifest is not None and entry is None:
+            manifest = Manifest.load(directory) if (directory / MANIFEST_NAME).exists() else None
+            entries[directory] = (manifest, {e.file: e for e in manifest.shards}) if manifest else None
+        if entries[directory] is None:
+            kept.append(path)
+            listings.append(None)
+            continue
+        manifest, by_name = entries[directory]
+        if path.name not in by_name:
             if not allow_unlisted:
                 raise ManifestError(
                     f"{path} is not listed in {directory / MANIFEST_NAME}: a stale shard of an earlier write? "
@@ -145,7 +159,7 @@ def _resolve_files(paths: list[Path], allow_unlisted: bool) -> ResolvedSource:
             unlisted.append(path)
             continue
         kept.append(path)
-        listings.append(Listing(entry, directory / MANIFEST_NAME, manifest.dtype) if entry else None)
+        listings.append(Listing(by_name[path.name], directory / MANIFEST_NAME, manifest.dtype))
     return ResolvedSource(kept, listings=tuple(listings), unlisted=tuple(unlisted))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,15 @@ def test_a_file_that_is_not_a_shard_is_refused(tmp_path, name):
     assert f"{tmp_path / name}: not a shard file (a shard ends in .bin or .npy)" in str(err.value)
     if name == "manifest.json":
         assert f"pass its directory {tmp_path}" in str(err.value)
+
+
+def test_a_directory_that_cannot_be_listed_is_a_typed_error(tmp_path, monkeypatch):
+    make_shards(tmp_path / "d", [10])
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)  # as chmod 0 would, for a user other than root
+    with pytest.raises(DatasetNotFoundError) as err:
+        TokenDataset(tmp_path / "d")
+    assert str(err.value) == f"{tmp_path / 'd'}: cannot read it (Permission denied); check its permissions"
