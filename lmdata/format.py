@@ -24,8 +24,8 @@ first int32         what it is                               what happens
 anything else       nanoGPT headerless uint16 tokens         read whole as tokens (an odd byte count is refused)
 ==================  =======================================  ==================================================
 
-(A headerless file whose first two tokens happen to spell a known magic, e.g. 50120, 308, is taken for that
-format; its version and size checks then fail loudly rather than silently misreading it.)
+(A headerless file whose first two tokens happen to spell a known magic, 55432, 308 for the v1 one, is taken
+for that format; its version and size checks, or the refusal, then fail loudly rather than misread it.)
 
 What each token dtype can hold is declared once, in ``DTYPE_LIMITS``: the writer, the manifest check and
 validation all bound token ids and vocabulary sizes by it.

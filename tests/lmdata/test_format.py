@@ -259,3 +259,10 @@ def test_a_short_file_starting_with_the_magic_is_a_truncated_header(tmp_path):
     path.write_bytes(make_header(10)[:100])
     with pytest.raises(ShardFormatError, match="starts with the llm.c magic 20240520 but is only 100 bytes"):
         open_shard(path)
+
+
+def test_a_headerless_file_starting_with_the_magics_tokens_is_refused_not_misread(tmp_path):
+    # 55432, 308 are the two uint16 halves of 20240520: such a file is taken for a headered one and then fails
+    path = write_nanogpt(tmp_path / "unlucky.bin", np.array([55432, 308] + [1] * 600, np.uint16))
+    with pytest.raises(ShardFormatError, match="header version 65537 is not supported"):
+        open_shard(path)
