@@ -82,7 +82,10 @@ def _resolve(text: str, allow_unlisted: bool) -> ResolvedSource:
     path = Path(text)
     if path.is_dir():
         if path.suffix in SHARD_SUFFIXES:
-            raise DatasetNotFoundError(f"{path}: is a directory, not a shard file; pass shard files or a dataset")
+            raise DatasetNotFoundError(
+                f"{path}: is a directory, not a shard file; to use it as a dataset directory, rename it without "
+                f"the {path.suffix} suffix"
+            )
         return _resolve_directory(path)
     if not path.exists():
         raise DatasetNotFoundError(f"{path}: no such file or directory")
@@ -130,7 +133,7 @@ def _resolve_directory(path: Path) -> ResolvedSource:
         return ResolvedSource(found)
     manifest = Manifest.load(path)
     listed = {e.file for e in manifest.shards}
-    unlisted = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.name not in listed)
+    unlisted = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.name not in listed and p.is_file())
     listings = tuple(Listing(e, path / MANIFEST_NAME, manifest.dtype) for e in manifest.shards)
     return ResolvedSource([path / e.file for e in manifest.shards], manifest, path, listings, tuple(unlisted))
 
