@@ -39,6 +39,7 @@ class Listing(NamedTuple):
     entry: ShardEntry
     manifest_path: Path
     dtype: str
+    vocab_size: int | None
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def _resolve_directory(path: Path) -> ResolvedSource:
     manifest = Manifest.load(path)
     listed = {e.file for e in manifest.shards}
     unlisted = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.name not in listed and p.is_file())
-    listings = tuple(Listing(e, path / MANIFEST_NAME, manifest.dtype) for e in manifest.shards)
+    listings = tuple(Listing(e, path / MANIFEST_NAME, manifest.dtype, manifest.vocab_size) for e in manifest.shards)
     return ResolvedSource([path / e.file for e in manifest.shards], manifest, path, listings, tuple(unlisted))
 
 
@@ -162,7 +163,7 @@ def _resolve_files(paths: list[Path], allow_unlisted: bool) -> ResolvedSource:
             unlisted.append(path)
             continue
         kept.append(path)
-        listings.append(Listing(by_name[path.name], directory / MANIFEST_NAME, manifest.dtype))
+        listings.append(Listing(by_name[path.name], directory / MANIFEST_NAME, manifest.dtype, manifest.vocab_size))
     return ResolvedSource(kept, listings=tuple(listings), unlisted=tuple(unlisted))
 
 

@@ -113,9 +113,10 @@ def validate_shards(
             result.dataset_problems.append(
                 ShardReport(path, ["not listed in the manifest: a stale shard of an earlier write? delete it"])
             )
-        limit = vocab_size or (resolved.manifest.vocab_size if resolved.manifest else None)
         for i, path in enumerate(resolved.paths):
-            result.reports.append(_validate_one(path, resolved.listing(i), limit, checksums, result))
+            listing = resolved.listing(i)
+            limit = vocab_size or (listing.vocab_size if listing else None)  # the flag, else the manifest's
+            result.reports.append(_validate_one(path, listing, limit, checksums, result))
     return result
 
 

@@ -251,3 +251,13 @@ def test_a_glob_path_naming_nothing_is_still_a_usage_error(tmp_path):
     proc = run_tool(f"{tmp_path}/none_*.bin")
     assert proc.returncode == 2 and "the glob matches no .bin or .npy shard" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_glob_inside_a_manifest_directory_is_bounded_by_its_vocab_size(good_dir):
+    body = json.loads((good_dir / "manifest.json").read_text())
+    for e in body["shards"]:
+        del e["min_token"], e["max_token"]
+    body["vocab_size"] = 200
+    write_manifest(good_dir, body)
+    result = validate_shards([f"{good_dir}/shard_00000[01].bin"])
+    assert [r.problems[0].split(";")[0] for r in result.reports] == ["200 tokens outside [0, 200) (min 0, max 249)"] * 2
