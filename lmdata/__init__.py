@@ -11,16 +11,21 @@ from lmdata.errors import (
     ManifestError,
     SamplerStateError,
     ShardFormatError,
+    ShardWriterError,
+    UnfinishedWriteError,
 )
-from lmdata.format import Shard, make_header, open_shard
+from lmdata.format import DTYPE_LIMITS, LLMC_MAGICS, Shard, dtype_limit, make_header, open_shard
 from lmdata.gather import gather_batch, gather_windows
 from lmdata.loader import BatchLoader, LoaderStats
 from lmdata.manifest import Manifest, ShardEntry
 from lmdata.sampler import EpochSampler, RandomSampler, make_sampler
 from lmdata.validate import ShardReport, ValidationResult, validate_shards
-from lmdata.writer import ShardWriter, write_shards
+from lmdata.writer import MARKER_NAME, ShardWriter, write_shards
 
 __all__ = [
+    "DTYPE_LIMITS",
+    "LLMC_MAGICS",
+    "MARKER_NAME",
     "BatchLoader",
     "DatasetNotFoundError",
     "LoaderStats",
@@ -35,11 +40,14 @@ __all__ = [
     "ShardFormatError",
     "ShardReport",
     "ShardWriter",
+    "ShardWriterError",
     "TokenDataset",
+    "UnfinishedWriteError",
     "ValidationResult",
     "gather_batch",
     "gather_windows",
     "get_batch",
+    "dtype_limit",
     "make_header",
     "make_sampler",
     "open_shard",

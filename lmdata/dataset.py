@@ -1,6 +1,14 @@
 """TokenDataset: one shard, a directory of shards, or a glob, opened as read-only memory maps.
 
-Opening costs milliseconds whatever the size: each file's header and size are checked, no token is read.
+Opening costs milliseconds whatever the size: each file's header and size are checked, no token is read. What
+a reader may use is decided here, once:
+
+* a directory holding the write marker (``lmdata.writer.MARKER_NAME``) is refused: a write into it did not
+  finish, so its shards may be a mix of two writes;
+* a directory with a ``manifest.json`` yields exactly the shards it lists, and each must hold the listed number
+  of tokens and the listed dtype;
+* a file or glob match inside such a directory must be listed in its manifest (else it is a stale shard of an
+  earlier write) and is checked against its entry the same way.
 """
 
 from __future__ import annotations
@@ -8,52 +16,170 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from lmdata.errors import DatasetNotFoundError, ManifestError
-from lmdata.format import SHARD_SUFFIXES, Shard, open_shard
-from lmdata.manifest import MANIFEST_NAME, Manifest
+from lmdata.errors import DatasetNotFoundError, LmDataError, ManifestError, UnfinishedWriteError
+from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, open_shard
+from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from lmdata.writer import MARKER_NAME
 
 PathLike = str | os.PathLike
+Progress = Callable[[int, int], None]
+"""Called as ``progress(bytes_done, bytes_total)`` after each chunk of a token scan."""
+
+
+class Listing(NamedTuple):
+    """The manifest entry that vouches for one shard path, and where it comes from."""
+
+    entry: ShardEntry
+    manifest_path: Path
+    dtype: str
+    vocab_size: int | None
 
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """The shard paths one dataset argument names, and the manifest that listed them, if any."""
+    """The shard paths one dataset argument names, and what vouches for each."""
 
     paths: list[Path]
     manifest: Manifest | None = None
+    """The manifest of the directory the argument named (None for files and globs)."""
     directory: Path | None = None  # the manifest's directory
+    listings: tuple[Listing | None, ...] = ()
+    """Per path, its manifest entry (None for a shard in a directory without a manifest)."""
+    unlisted: tuple[Path, ...] = ()
+    """Shard files beside a manifest that it does not list (never in ``paths``)."""
+
+    def listing(self, i: int) -> Listing | None:
+        return self.listings[i] if self.listings else None
 
 
-def resolve_source(source: PathLike) -> ResolvedSource:
-    """Expand a shard file, directory or glob into shard paths; raises DatasetNotFoundError if it names none.
+def resolve_source(source: PathLike, *, allow_unlisted: bool = False) -> ResolvedSource:
+    """Expand a shard file, directory or glob into shard paths; raises an LmDataError if it names none.
 
     A directory with a ``manifest.json`` yields the shards it lists, in its order (whether or not they exist:
-    opening them says which are missing); without one, its ``.bin`` and ``.npy`` files in name order.
+    opening them says which are missing); without one, its ``.bin`` and ``.npy`` files in name order. A file
+    or glob match inside a directory with a manifest must be listed there (ManifestError), unless
+    ``allow_unlisted``, which puts it in ``unlisted`` instead (for validation, which reports it).
     """
     text = os.fspath(source)
+    try:
+        return _resolve(text, allow_unlisted)
+    except LmDataError:
+        raise
+    except OSError as e:  # e.g. a directory the user may not list: theirs to fix, not a bug
+        where = e.filename or text
+        raise DatasetNotFoundError(f"{where}: cannot read it ({e.strerror}); check its permissions") from None
+
+
+def _resolve(text: str, allow_unlisted: bool) -> ResolvedSource:
     if glob.has_magic(text):
-        matches = sorted(Path(p) for p in glob.glob(text) if Path(p).suffix in SHARD_SUFFIXES)
-        if not matches:
-            raise DatasetNotFoundError(f"{text}: the glob matches no .bin or .npy shard")
-        return ResolvedSource(matches)
+        return _resolve_files(_glob_shards(text), allow_unlisted)
     path = Path(text)
     if path.is_dir():
-        if (path / MANIFEST_NAME).exists():
-            manifest = Manifest.load(path)
-            return ResolvedSource([path / e.file for e in manifest.shards], manifest, path)
+        if path.suffix in SHARD_SUFFIXES:
+            raise DatasetNotFoundError(
+                f"{path}: is a directory, not a shard file; to use it as a dataset directory, rename it without "
+                f"the {path.suffix} suffix"
+            )
+        return _resolve_directory(path)
+    if not path.exists():
+        raise DatasetNotFoundError(f"{path}: no such file or directory")
+    if path.suffix not in SHARD_SUFFIXES:
+        hint = f"; pass its directory {path.parent}" if path.name == MANIFEST_NAME else ""
+        raise DatasetNotFoundError(f"{path}: not a shard file (a shard ends in .bin or .npy){hint}")
+    return _resolve_files([path], allow_unlisted)
+
+
+def check_finished(directory: Path) -> None:
+    """Raise UnfinishedWriteError if ``directory`` holds the marker of an lmdata write that did not finish."""
+    marker = directory / MARKER_NAME
+    if not os.path.lexists(marker):
+        return
+    try:
+        pid = marker.read_text().strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        pid = "unknown"
+    raise UnfinishedWriteError(
+        f"{directory}: an lmdata write into this directory did not finish (marker {MARKER_NAME}, pid {pid}); "
+        "re-run the preparation"
+    )
+
+
+def _glob_shards(pattern: str) -> list[Path]:
+    matches = sorted(Path(p) for p in glob.glob(pattern))
+    for p in matches:
+        if p.is_dir():
+            raise DatasetNotFoundError(
+                f"{p}: the glob {pattern} matches a directory; glob shard files (e.g. DIR/*.bin) or pass the "
+                "directory itself"
+            )
+    shards = [p for p in matches if p.suffix in SHARD_SUFFIXES]
+    if not shards:
+        raise DatasetNotFoundError(f"{pattern}: the glob matches no .bin or .npy shard")
+    return shards
+
+
+def _resolve_directory(path: Path) -> ResolvedSource:
+    check_finished(path)
+    if not (path / MANIFEST_NAME).exists():
         found = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.is_file())
         if not found:
             raise DatasetNotFoundError(f"{path}: the directory holds no .bin or .npy shard")
         return ResolvedSource(found)
-    if not path.exists():
-        raise DatasetNotFoundError(f"{path}: no such file or directory")
-    return ResolvedSource([path])
+    manifest = Manifest.load(path)
+    listed = {e.file for e in manifest.shards}
+    unlisted = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.name not in listed and p.is_file())
+    listings = tuple(Listing(e, path / MANIFEST_NAME, manifest.dtype, manifest.vocab_size) for e in manifest.shards)
+    return ResolvedSource([path / e.file for e in manifest.shards], manifest, path, listings, tuple(unlisted))
+
+
+def _resolve_files(paths: list[Path], allow_unlisted: bool) -> ResolvedSource:
+    """Files named one by one: each inside a directory with a manifest must be listed there."""
+    entries: dict[Path, tuple[Manifest, dict[str, ShardEntry]] | None] = {}  # per directory, loaded once
+    kept, listings, unlisted = [], [], []
+    for path in paths:
+        directory = path.parent
+        if directory not in entries:
+            check_finished(directory)
+            manifest = Manifest.load(directory) if (directory / MANIFEST_NAME).exists() else None
+            entries[directory] = (manifest, {e.file: e for e in manifest.shards}) if manifest else None
+        if entries[directory] is None:
+            kept.append(path)
+            listings.append(None)
+            continue
+        manifest, by_name = entries[directory]
+        if path.name not in by_name:
+            if not allow_unlisted:
+                raise ManifestError(
+                    f"{path} is not listed in {directory / MANIFEST_NAME}: a stale shard of an earlier write? "
+                    "delete it or pass the directory"
+                )
+            unlisted.append(path)
+            continue
+        kept.append(path)
+        listings.append(Listing(by_name[path.name], directory / MANIFEST_NAME, manifest.dtype, manifest.vocab_size))
+    return ResolvedSource(kept, listings=tuple(listings), unlisted=tuple(unlisted))
+
+
+def check_against_listing(shard: Shard, listing: Listing) -> None:
+    """Raise ManifestError if an opened shard disagrees with its manifest entry (count or dtype; cheap)."""
+    fix = f"re-run data preparation or fix {listing.manifest_path}"
+    if listing.entry.num_tokens != shard.num_tokens:
+        raise ManifestError(
+            f"{shard.path}: the manifest lists {listing.entry.num_tokens} tokens but the shard holds "
+            f"{shard.num_tokens}; {fix}"
+        )
+    if shard.tokens.dtype.name != listing.dtype:
+        raise ManifestError(
+            f"{shard.path}: the manifest says dtype {listing.dtype} but the shard holds "
+            f"{shard.tokens.dtype.name}; {fix}"
+        )
 
 
 class TokenDataset:
@@ -73,19 +199,12 @@ class TokenDataset:
             raise ManifestError(f"{manifests[1].directory}: only one directory with a manifest may make up a dataset")
         self.manifest: Manifest | None = manifests[0].manifest if manifests else None
         self.shards: list[Shard] = [open_shard(p) for r in resolved for p in r.paths]
-        if manifests:
-            self._check_against_manifest(manifests[0])
+        self._listings = [r.listing(i) for r in resolved for i in range(len(r.paths))]
+        for shard, listing in zip(self.shards, self._listings, strict=True):
+            if listing is not None:
+                check_against_listing(shard, listing)
         self.lengths = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
-
-    def _check_against_manifest(self, resolved: ResolvedSource) -> None:
-        shards = {s.path: s for s in self.shards}
-        for entry in resolved.manifest.shards:
-            shard = shards[resolved.directory / entry.file]
-            if entry.num_tokens != shard.num_tokens:
-                raise ManifestError(
-                    f"{shard.path}: the manifest lists {entry.num_tokens} tokens but the shard holds "
-                    f"{shard.num_tokens}; re-run data preparation or fix {resolved.directory / MANIFEST_NAME}"
-                )
+        self._token_range: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +213,46 @@ class TokenDataset:
     @property
     def vocab_size(self) -> int | None:
         return self.manifest.vocab_size if self.manifest else None
+
+    @property
+    def dtype_limit(self) -> int:
+        """How many token ids the shards' dtypes can hold (the widest of them): no id can be at or above it."""
+        return max(dtype_limit(s.tokens.dtype) for s in self.shards)
+
+    def token_range(self, progress: Progress | None = None) -> tuple[int, int]:
+        """(smallest, largest) token id over all shards; computed once, then cached.
+
+        Shards whose manifest entry records ``min_token``/``max_token`` cost nothing; the others are scanned
+        with the Numba kernel of :mod:`lmdata.validate` (memory bandwidth: seconds for GBs), calling
+        ``progress(bytes_done, bytes_total)`` after each chunk so a caller can show how far it is.
+        """
+        if self._token_range is None:
+            self._token_range = self._find_token_range(progress)
+        return self._token_range
+
+    def _find_token_range(self, progress: Progress | None) -> tuple[int, int]:
+        # Imported here: lmdata.validate imports this module (resolve_source), and only a scan needs Numba.
+        from lmdata.validate import scan_range
+
+        ranges, to_scan = [], []
+        for shard, listing in zip(self.shards, self._listings, strict=True):
+            entry = listing.entry if listing else None
+            if entry is not None and entry.min_token is not None and entry.max_token is not None:
+                ranges.append((entry.min_token, entry.max_token))
+            else:
+                to_scan.append(shard)
+        total, done = sum(s.tokens.nbytes for s in to_scan), 0
+
+        def on_chunk(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            if progress is not None:
+                progress(done, total)
+
+        for shard in to_scan:
+            lo, hi, _ = scan_range(shard.tokens, on_chunk=on_chunk)
+            ranges.append((lo, hi))
+        return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
 
     def usable_lengths(self, context_length: int) -> np.ndarray:
         """Shard lengths, with shards too short for one window of ``context_length + 1`` tokens set to 0.

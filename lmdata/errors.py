@@ -26,3 +26,11 @@ class ManifestError(LmDataError, ValueError):
 
 class SamplerStateError(LmDataError, ValueError):
     """A sampler or loader state that cannot be loaded here (other world size, other dataset...)."""
+
+
+class UnfinishedWriteError(LmDataError, ValueError):
+    """A directory that an lmdata write started and did not finish (it still holds the write marker)."""
+
+
+class ShardWriterError(LmDataError, ValueError):
+    """A :class:`lmdata.ShardWriter` asked to write what it cannot (bad arguments, no tokens at all...)."""

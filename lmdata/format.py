@@ -12,9 +12,23 @@ and also reads, unchanged:
 * nanoGPT's headerless ``.bin``: the whole file is little-endian uint16 tokens;
 * ``.npy``: any 1-D integer array, opened with ``np.load(mmap_mode="r")``.
 
-A ``.bin`` file of at least 1024 bytes whose first int32 is the magic is read as headered; any other ``.bin``
-as headerless. (A headerless file whose first two tokens happen to be 50120, 308 would be mistaken for a
-headered one; its version and size checks then fail loudly rather than silently misreading it.)
+How a ``.bin`` file is read depends on its first int32 (see ``LLMC_MAGICS``):
+
+==================  =======================================  ==================================================
+first int32         what it is                               what happens
+==================  =======================================  ==================================================
+20240520            llm.c v1 shard (uint16 tokens)           read as headered (version and size checked)
+20240801            llm.c v7 shard (uint32 tokens, Llama 3)  refused: not supported yet (the message says how to
+                                                             convert it to a ``.npy``, which is read)
+20240326, 20240328  an llm.c model checkpoint, tokenizer     refused: not a token shard
+anything else       nanoGPT headerless uint16 tokens         read whole as tokens (an odd byte count is refused)
+==================  =======================================  ==================================================
+
+(A headerless file whose first two tokens happen to spell a known magic, 55432, 308 for the v1 one, is taken
+for that format; its version and size checks, or the refusal, then fail loudly rather than misread it.)
+
+What each token dtype can hold is declared once, in ``DTYPE_LIMITS``: the writer, the manifest check and
+validation all bound token ids and vocabulary sizes by it.
 
 Opening never reads tokens: it checks the header and the file size, then maps the file. Pages are read by the
 kernel only when a batch touches them, and they are clean, file-backed pages that the OS can drop at any time,
@@ -37,6 +51,34 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 SHARD_SUFFIXES = (".bin", ".npy")
+
+# Every first int32 of a .bin file that llm.c writes, and what it is. Only MAGIC is read; a file starting with
+# any other is refused by name, never read as headerless uint16 tokens (which would be garbage, header and all).
+LLMC_MAGICS = {
+    MAGIC: "llm.c v1 uint16 shard",
+    20240801: "llm.c v7 uint32 shard",
+    20240326: "llm.c GPT-2 model checkpoint",
+    20240328: "llm.c tokenizer file",
+}
+_LLMC_V7_MAGIC = 20240801
+
+# How many token ids each dtype can hold: ids are in [0, limit). The one table the writer, the manifest check
+# and validation bound ids and vocabulary sizes by (signed types hold no negative id, so only their positive half).
+DTYPE_LIMITS = {
+    "uint8": 1 << 8,
+    "uint16": 1 << 16,
+    "uint32": 1 << 32,
+    "uint64": 1 << 64,
+    "int8": 1 << 7,
+    "int16": 1 << 15,
+    "int32": 1 << 31,
+    "int64": 1 << 63,
+}
+
+
+def dtype_limit(dtype: np.dtype | str) -> int:
+    """How many token ids ``dtype`` can hold (ids in [0, limit)); see ``DTYPE_LIMITS``."""
+    return DTYPE_LIMITS[np.dtype(dtype).name]
 
 
 @dataclass(frozen=True)
@@ -66,25 +108,49 @@ def open_shard(path: str | os.PathLike) -> Shard:
         size = path.stat().st_size
     except FileNotFoundError:
         raise DatasetNotFoundError(f"{path}: no such shard file") from None
+    except OSError as e:
+        raise DatasetNotFoundError(f"{path}: cannot read the shard ({e.strerror})") from None
+    if path.is_dir():
+        raise ShardFormatError(f"{path}: is a directory, not a shard file; pass the shard files or their directory")
     if size == 0:
         raise ShardFormatError(f"{path}: empty file (0 bytes); delete it or re-run data preparation")
-    if path.suffix == ".npy":
-        return _open_npy(path)
-    return _open_bin(path, size)
+    try:
+        return _open_npy(path) if path.suffix == ".npy" else _open_bin(path, size)
+    except PermissionError as e:  # a shard the user cannot read is theirs to fix, not a bug
+        raise DatasetNotFoundError(f"{path}: cannot read the shard ({e.strerror}); check its permissions") from None
 
 
 def _open_bin(path: Path, size: int) -> Shard:
-    if size >= HEADER_BYTES:
-        with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-        if header[0] == MAGIC:
-            return _open_headered(path, size, header)
+    with open(path, "rb") as f:
+        head = f.read(min(size, HEADER_BYTES))
+    magic = int(np.frombuffer(head[:4], dtype="<i4")[0]) if size >= 4 else None
+    if magic == MAGIC:
+        if size < HEADER_BYTES:
+            raise ShardFormatError(
+                f"{path}: starts with the llm.c magic {MAGIC} but is only {size} bytes, shorter than its "
+                f"{HEADER_BYTES}-byte header; it is truncated, so re-create it"
+            )
+        return _open_headered(path, size, np.frombuffer(head, dtype="<i4"))
+    if magic in LLMC_MAGICS:
+        raise ShardFormatError(f"{path}: {_other_format_message(path, magic)}")
     if size % 2:
         raise ShardFormatError(
             f"{path}: odd byte count {size}, so it is not a file of uint16 tokens "
             "(truncated copy, or written with another dtype?)"
         )
     return Shard(path, np.memmap(path, dtype=TOKEN_DTYPE, mode="r"), "nanogpt")
+
+
+def _other_format_message(path: Path, magic: int) -> str:
+    what = f"{LLMC_MAGICS[magic]} (magic {magic})"
+    if magic == _LLMC_V7_MAGIC:
+        npy = path.with_suffix(".npy").name
+        return (
+            f"{what}: not supported yet; convert it to a .npy, which is read, with "
+            f"np.save('{npy}', np.fromfile('{path.name}', dtype='<u4', offset={HEADER_BYTES})) "
+            "and move the .bin away"
+        )
+    return f"{what}: not a token shard; move it out of the data"
 
 
 def _open_headered(path: Path, size: int, header: np.ndarray) -> Shard:

@@ -4,35 +4,49 @@ Example::
 
     {"format": "lmdata.manifest", "version": 1, "tokenizer": "byte", "vocab_size": 257, "eot_id": 256,
      "dtype": "uint16",
-     "shards": [{"file": "shard_000000.bin", "num_tokens": 100000000, "sha256": "9f2c..."}, ...]}
+     "shards": [{"file": "shard_000000.bin", "num_tokens": 100000000, "sha256": "9f2c...",
+                 "min_token": 0, "max_token": 256}, ...]}
 
 ``sha256`` is of the token bytes, i.e. the file after its 1024-byte header, so that the writer can hash them
-as it streams them out. Opening a dataset checks the listed files and token counts
-(cheap); only ``tools/validate_shards.py`` reads the bytes to check the checksums.
+as it streams them out. ``min_token`` and ``max_token`` are the smallest and largest id in the shard, so that
+the token range of a dataset is known without reading it; manifests written before they existed lack them
+(the range is then unknown and found by a scan). Opening a dataset checks the listed files and token counts
+(cheap); only ``tools/validate_shards.py`` reads the bytes to check the checksums and ranges.
+
+``Manifest.load`` checks every field against ``_TOP_FIELDS`` and ``_ENTRY_FIELDS`` (one rule per field), then
+the rules between fields (``eot_id`` below ``vocab_size``, ``vocab_size`` within the dtype and above every
+recorded ``max_token``), and raises one ``ManifestError`` line naming the file, the field and the value.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmdata.atomic import write_bytes_atomic
 from lmdata.errors import ManifestError
+from lmdata.format import DTYPE_LIMITS, SHARD_SUFFIXES
 
 MANIFEST_NAME = "manifest.json"
 _FORMAT = "lmdata.manifest"
 _VERSION = 1
+_FIX = "fix or delete the manifest, or re-run the data preparation"
 
 
 @dataclass(frozen=True)
 class ShardEntry:
     file: str
-    """File name, relative to the manifest's directory."""
+    """File name, inside the manifest's directory (a plain name: no directory part)."""
     num_tokens: int
     sha256: str
     """Hex SHA-256 of the token bytes (the file after its header)."""
+    min_token: int | None = None
+    """Smallest token id in the shard; None when the manifest predates the field (unknown)."""
+    max_token: int | None = None
+    """Largest token id in the shard; None when unknown."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class Manifest:
     eot_id: int | None = None
     """The end-of-text id placed between documents; None when unknown."""
     dtype: str = "uint16"
+    """The shards' token dtype, a key of ``lmdata.format.DTYPE_LIMITS``."""
 
     @property
     def num_tokens(self) -> int:
@@ -58,17 +73,112 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
+        """Read and check ``directory/manifest.json``; raises ManifestError (one line) for anything wrong in it."""
         path = Path(directory) / MANIFEST_NAME
-        try:
-            body = json.loads(path.read_text())
-            if body.pop("format", None) != _FORMAT or body.pop("version", None) != _VERSION:
-                raise ValueError(f"not an {_FORMAT} version {_VERSION} file")
-            shards = [ShardEntry(**s) for s in body.pop("shards")]
-            return cls(shards=shards, **body)
-        except (ValueError, TypeError, KeyError) as e:
+        body = _read_json(path)
+        _check_fields(path, body, _TOP_FIELDS, "")
+        for i, entry in enumerate(body["shards"]):
+            _check_fields(path, entry, _ENTRY_FIELDS, f"shards[{i}].")
+        del body["format"], body["version"]
+        body["shards"] = [ShardEntry(**e) for e in body["shards"]]
+        manifest = cls(**body)
+        _check_consistency(path, manifest)
+        return manifest
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read the manifest ({e.strerror}); {_FIX}") from None
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: the manifest is not UTF-8 (byte {e.start}); {_FIX}") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: cannot read the manifest: not valid JSON ({e}); {_FIX}") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: cannot read the manifest: nested too deeply to be one; {_FIX}") from None
+    if not isinstance(body, dict):
+        got = "null" if body is None else f"a {type(body).__name__}" if isinstance(body, list) else repr(body)
+        raise ManifestError(f"{path}: the manifest must be a JSON object, got {got}; {_FIX}")
+    return body
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a count
+
+
+def _plain_name(v) -> bool:
+    # A shard must be a file of the dataset directory itself (no "..", no absolute path, no subdirectory) and
+    # a shard by name, so that no other file is ever read as tokens.
+    if not isinstance(v, str) or v in ("", ".", "..") or any(c in v for c in "/\\\0"):
+        return False
+    return Path(v).suffix in SHARD_SUFFIXES
+
+
+# field -> (required, test, what the value must be). Validation is derived from these tables only.
+_Rule = tuple[bool, Callable[[object], bool], str]
+_TOP_FIELDS: dict[str, _Rule] = {
+    "format": (True, lambda v: v == _FORMAT, f"must be {_FORMAT!r}"),
+    "version": (True, lambda v: _is_int(v) and v == _VERSION, f"must be {_VERSION}"),
+    "shards": (True, lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "must be a list"),
+    "tokenizer": (False, lambda v: isinstance(v, str), "must be a string"),
+    "vocab_size": (False, lambda v: v is None or (_is_int(v) and v > 0), "must be a positive int or null"),
+    "eot_id": (False, lambda v: v is None or _is_int(v), "must be an int or null"),
+    "dtype": (False, lambda v: isinstance(v, str) and v in DTYPE_LIMITS, f"must be one of {', '.join(DTYPE_LIMITS)}"),
+}
+_ENTRY_FIELDS: dict[str, _Rule] = {
+    "file": (True, _plain_name, "must be a plain file name ending in .bin or .npy (inside the dataset directory)"),
+    "num_tokens": (True, lambda v: _is_int(v) and v > 0, "must be a positive int"),
+    "sha256": (True, lambda v: isinstance(v, str), "must be a string"),
+    "min_token": (False, lambda v: v is None or (_is_int(v) and v >= 0), "must be a token id (an int >= 0)"),
+    "max_token": (False, lambda v: v is None or (_is_int(v) and v >= 0), "must be a token id (an int >= 0)"),
+}
+
+
+def _check_fields(path: Path, body: dict, rules: dict[str, _Rule], where: str) -> None:
+    for name in body:
+        if name not in rules:
+            raise ManifestError(f"{path}: {where}{name}: unknown field; {_FIX}")
+    for name, (required, ok, must) in rules.items():
+        if name not in body:
+            if required:
+                raise ManifestError(f"{path}: {where}{name}: missing; {_FIX}")
+        elif not ok(body[name]):
+            value = body[name]
+            if name == "shards" and isinstance(value, list):  # say which entry is not an object
+                i = next(i for i, e in enumerate(value) if not isinstance(e, dict))
+                raise ManifestError(f"{path}: shards[{i}] {value[i]!r}: must be an object; {_FIX}")
+            raise ManifestError(f"{path}: {where}{name} {value!r}: {must}; {_FIX}")
+
+
+def _check_consistency(path: Path, m: Manifest) -> None:
+    """The rules between fields, once each field is of its type."""
+    if not m.shards:
+        raise ManifestError(f"{path}: shards: the manifest lists no shard; re-run the data preparation")
+    limit = DTYPE_LIMITS[m.dtype]
+    if m.vocab_size is not None and m.vocab_size > limit:
+        raise ManifestError(
+            f"{path}: vocab_size {m.vocab_size} is more than dtype {m.dtype} can hold ({limit}); {_FIX}"
+        )
+    if m.eot_id is not None and not 0 <= m.eot_id < (m.vocab_size or limit):
+        bound = f"vocab_size {m.vocab_size}" if m.vocab_size else f"{limit}, what dtype {m.dtype} holds"
+        raise ManifestError(f"{path}: eot_id {m.eot_id!r}: must be an int in [0, {bound}); {_FIX}")
+    seen = set()
+    for i, e in enumerate(m.shards):
+        if e.file in seen:
+            raise ManifestError(f"{path}: shards[{i}].file {e.file!r}: listed twice; {_FIX}")
+        seen.add(e.file)
+        if e.min_token is not None and e.max_token is not None and e.min_token > e.max_token:
             raise ManifestError(
-                f"{path}: cannot read the manifest ({e}); fix or delete it (shards load without one)"
-            ) from None
+                f"{path}: shards[{i}]: min_token {e.min_token} is above max_token {e.max_token}; {_FIX}"
+            )
+        if e.max_token is not None and e.max_token >= (m.vocab_size or limit):
+            bound = f"vocab_size {m.vocab_size} is not above" if m.vocab_size else f"dtype {m.dtype} cannot hold"
+            raise ManifestError(
+                f"{path}: {bound} the largest token the shards record ({e.max_token}, shards[{i}]); {_FIX}"
+            )
 
 
 def tokens_sha256(path: str | Path, offset: int) -> str:

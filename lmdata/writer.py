@@ -2,32 +2,67 @@
 
 Memory stays at one write buffer whatever the corpus size: tokens are appended to the open shard's temporary
 file as they come, the header's token count is patched in when the shard is full, then the file is fsynced
-and renamed onto its final name. A crash leaves finished shards complete and no partial ``shard_*.bin``; the
-manifest is written last, so a directory with a manifest is a finished one.
+and renamed onto its final name.
+
+A write into a directory is visible as unfinished until it is complete (a directory of shards without a
+manifest is normal for nanoGPT and llm.c data, so the absence of a manifest alone cannot say so):
+
+1. create the marker ``.lmdata-writing`` (holding the writer's PID), fsynced;
+2. delete an existing ``manifest.json``, so an old manifest never sits beside new shards;
+3. write the shards, each atomically (a shard of an earlier write with the same name is replaced whole);
+4. at :meth:`ShardWriter.close`: write the manifest, delete the writer's own ``{prefix}_NNNNNN.bin`` files
+   that it does not list (leftovers of an earlier, larger write), then remove the marker and fsync.
+
+A crash or :meth:`ShardWriter.abort` at any step leaves the marker, and readers refuse a directory holding it
+(:class:`lmdata.UnfinishedWriteError`) until a fresh write into it completes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from lmdata.atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries
-from lmdata.errors import ShardFormatError
-from lmdata.format import TOKEN_DTYPE, make_header
-from lmdata.manifest import Manifest, ShardEntry
+from lmdata.atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_bytes_atomic
+from lmdata.errors import ShardFormatError, ShardWriterError
+from lmdata.format import DTYPE_LIMITS, TOKEN_DTYPE, make_header
+from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
 
-UINT16_LIMIT = 1 << 16
+MARKER_NAME = ".lmdata-writing"
+UINT16_LIMIT = DTYPE_LIMITS["uint16"]  # kept for callers of the old name
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _check_arguments(shard_tokens, prefix, vocab_size, eot_id) -> None:
+    """Raise ShardWriterError for arguments no shard could be written with (before anything is created)."""
+    if not _is_int(shard_tokens) or shard_tokens <= 0:
+        raise ShardWriterError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
+    if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix or prefix.startswith("."):
+        raise ShardWriterError(f"prefix {prefix!r} must be a plain name (no '/', not hidden), e.g. 'train'")
+    if vocab_size is not None:
+        if not _is_int(vocab_size) or vocab_size <= 0:
+            raise ShardWriterError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if vocab_size > UINT16_LIMIT:
+            raise ShardWriterError(f"vocab_size {vocab_size} does not fit uint16 shards (at most {UINT16_LIMIT})")
+    bound = UINT16_LIMIT if vocab_size is None else vocab_size
+    if eot_id is not None and (not _is_int(eot_id) or not 0 <= eot_id < bound):
+        raise ShardWriterError(f"eot_id must be an int in [0, {bound}), got {eot_id!r}")
 
 
 class ShardWriter:
     """Append token arrays with :meth:`write`; :meth:`close` (or leaving ``with``) writes the manifest.
 
-    Shards are named ``{prefix}_{index:06d}.bin`` and hold ``shard_tokens`` tokens each, the last fewer.
+    Shards are named ``{prefix}_{index:06d}.bin`` and hold ``shard_tokens`` tokens each, the last fewer. The
+    directory holds the marker ``MARKER_NAME`` from construction until :meth:`close` has finished.
     """
 
     def __init__(
@@ -40,25 +75,36 @@ class ShardWriter:
         vocab_size: int | None = None,
         eot_id: int | None = None,
     ):
-        if shard_tokens <= 0:
-            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-        limit = UINT16_LIMIT if vocab_size is None else vocab_size
-        if limit > UINT16_LIMIT:
-            raise ValueError(f"vocab_size {vocab_size} does not fit uint16 shards (at most {UINT16_LIMIT})")
+        _check_arguments(shard_tokens, prefix, vocab_size, eot_id)
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out_dir)
-        self.shard_tokens = shard_tokens
+        self.shard_tokens = int(shard_tokens)
         self.prefix = prefix
-        self._limit = limit
+        self._limit = UINT16_LIMIT if vocab_size is None else int(vocab_size)
         self._meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "eot_id": eot_id}
         self._entries: list[ShardEntry] = []
         self._file = None  # the open temporary file of the current shard
         self._count = 0  # tokens in the current shard
+        self._lo = self._hi = 0  # smallest and largest token in the current shard
         self._hash = None
+        self._manifest: Manifest | None = None  # set once closed
+        self._start()
+
+    def _start(self) -> None:
+        """Steps 1 and 2 of the module's protocol: mark the directory, then drop its old manifest."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out_dir)
+            write_bytes_atomic(self.out_dir / MARKER_NAME, f"{os.getpid()}\n".encode())
+            with contextlib.suppress(FileNotFoundError):
+                (self.out_dir / MANIFEST_NAME).unlink()
+            fsync_dir(self.out_dir)
+        except OSError as e:
+            raise ShardWriterError(f"{self.out_dir}: cannot write shards here ({e.strerror})") from None
 
     def write(self, tokens: np.ndarray | Iterable[int]) -> None:
         """Append tokens (any integer array-like); values must be in [0, vocab_size)."""
+        if self._manifest is not None:
+            raise ShardWriterError(f"{self.out_dir}: the writer is closed; start a new ShardWriter")
         arr = np.asarray(tokens)
         if arr.size == 0:
             return
@@ -71,11 +117,21 @@ class ShardWriter:
                 f"token id {bad} is outside [0, {self._limit}) (the vocab size, or the uint16 range)"
             )
         arr = arr.reshape(-1).astype(TOKEN_DTYPE, copy=False)
+        with self._disk_errors("write a shard"):
+            self._append(arr, lo, hi)
+
+    def _append(self, arr: np.ndarray, lo: int, hi: int) -> None:
+        """Write ``arr`` (uint16 ids, all in [lo, hi]) into shards, finishing each one that fills up."""
+        whole = arr.size
         while arr.size:
             if self._file is None:
                 self._open_shard()
             take = min(arr.size, self.shard_tokens - self._count)
-            data = arr[:take].tobytes()
+            piece = arr[:take]
+            # the whole array's range, found above, is the piece's when the piece is the whole array (usual)
+            p_lo, p_hi = (lo, hi) if take == whole else (int(piece.min()), int(piece.max()))
+            self._lo, self._hi = (p_lo, p_hi) if self._count == 0 else (min(self._lo, p_lo), max(self._hi, p_hi))
+            data = piece.tobytes()
             self._file.write(data)
             self._hash.update(data)
             self._count += take
@@ -105,18 +161,50 @@ class ShardWriter:
         name = self._shard_name()
         os.replace(self._tmp_path, self.out_dir / name)
         fsync_dir(self.out_dir)
-        self._entries.append(ShardEntry(name, self._count, self._hash.hexdigest()))
+        self._entries.append(ShardEntry(name, self._count, self._hash.hexdigest(), self._lo, self._hi))
 
     def close(self) -> Manifest:
-        """Finish the last shard and write ``manifest.json``; returns the manifest."""
+        """Finish the last shard, write ``manifest.json``, drop stale shards, unmark; returns the manifest."""
+        if self._manifest is not None:
+            return self._manifest
         if self._file is not None and self._count:
-            self._finish_shard()
+            with self._disk_errors("write a shard"):
+                self._finish_shard()
+        if not self._entries:
+            raise ShardWriterError(
+                f"{self.out_dir}: no tokens were written, so there is no dataset to finish "
+                "(the directory stays marked unfinished)"
+            )
         manifest = Manifest(shards=list(self._entries), **self._meta)
-        manifest.save(self.out_dir)
+        with self._disk_errors("finish the dataset"):
+            manifest.save(self.out_dir)
+            self._remove_unlisted_shards(manifest)
+            (self.out_dir / MARKER_NAME).unlink()
+            fsync_dir(self.out_dir)
+        self._manifest = manifest
         return manifest
 
+    @contextlib.contextmanager
+    def _disk_errors(self, doing: str) -> Iterator[None]:
+        """Turn an OSError (disk full, permissions) into a ShardWriterError naming the directory."""
+        try:
+            yield
+        except OSError as e:
+            raise ShardWriterError(
+                f"{self.out_dir}: cannot {doing} ({e.strerror}); the directory stays marked unfinished, so fix "
+                "the cause (e.g. free disk space) and re-run"
+            ) from None
+
+    def _remove_unlisted_shards(self, manifest: Manifest) -> None:
+        """Delete ``{prefix}_NNNNNN.bin`` files the manifest does not list: leftovers of an earlier, larger write."""
+        pattern = re.compile(rf"{re.escape(self.prefix)}_\d{{6}}\.bin")
+        listed = {e.file for e in manifest.shards}
+        for path in self.out_dir.iterdir():
+            if pattern.fullmatch(path.name) and path.name not in listed and not path.is_dir():
+                path.unlink()
+
     def abort(self) -> None:
-        """Drop the shard in progress; finished shards stay, and no manifest is written."""
+        """Drop the shard in progress; finished shards stay, no manifest is written, the marker stays."""
         if self._file is not None:
             self._file.close()
             self._file = None

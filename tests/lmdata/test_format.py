@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -170,12 +174,95 @@ def test_short_shard_is_skipped_with_a_warning(tmp_path):
     assert usable.tolist() == [100, 0, 100]
 
 
-def test_header_check_is_cheap_for_a_large_sparse_file(tmp_path):
-    # A 4 GB sparse shard: opening must not read it (it would take seconds and 4 GB of page cache).
-    path = tmp_path / "huge.bin"
-    n = 2_000_000_000
+def bytes_read() -> int:
+    """Bytes this process has read with read(2) and friends (not through a memory map)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def resident_bytes(path) -> int:
+    """Bytes of ``path`` in the page cache now: mincore(2) over a fresh mapping of the whole file.
+
+    A token read through a memory map leaves its page cached, so this sees what ``bytes_read`` cannot.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    try:
+        vec = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
+        if libc.mincore(addr, size, vec.ctypes.data) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+    finally:
+        libc.munmap(addr, size)
+    return int((vec & 1).sum()) * mmap.PAGESIZE
+
+
+def sparse_llmc(path, n: int):
+    """A headered shard of ``n`` tokens whose token bytes are a hole: nothing of them is on disk or cached."""
     with open(path, "wb") as f:
         f.write(make_header(n))
         f.truncate(HEADER_BYTES + 2 * n)
+    return path
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/io and calls mincore")
+def test_opening_reads_only_the_header_of_a_large_sparse_file(tmp_path):
+    # A 4 GB sparse shard: opening must not read its tokens (seconds, and 4 GB of page cache).
+    path = sparse_llmc(tmp_path / "huge.bin", 2_000_000_000)
+    before = bytes_read()
     ds = TokenDataset(path)
-    assert ds.num_tokens == n
+    assert bytes_read() - before < 64 * 1024
+    assert ds.num_tokens == 2_000_000_000
+    assert resident_bytes(path) < 1 << 20, "token pages were read"
+    # the check can fail: touching tokens caches their pages
+    assert int(np.asarray(ds.shards[0].tokens[-1_000_000:]).max()) == 0
+    assert resident_bytes(path) >= 2_000_000
+
+
+@pytest.mark.parametrize(
+    ("magic", "version", "message"),
+    [
+        (20240801, 7, "llm.c v7 uint32 shard (magic 20240801): not supported yet"),
+        (20240326, 3, "llm.c GPT-2 model checkpoint (magic 20240326): not a token shard"),
+        (20240328, 2, "llm.c tokenizer file (magic 20240328): not a token shard"),
+    ],
+)
+def test_other_llmc_magics_are_refused_by_name(tmp_path, magic, version, message):
+    header = np.zeros(256, "<i4")
+    header[:3] = magic, version, 4
+    path = tmp_path / "other.bin"
+    path.write_bytes(header.tobytes() + np.arange(4, dtype="<u4").tobytes())
+    with pytest.raises(ShardFormatError) as err:
+        open_shard(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+    with pytest.raises(ShardFormatError, match="magic"):
+        TokenDataset(tmp_path)
+
+
+def test_v7_shard_message_says_how_to_use_it(tmp_path):
+    header = np.zeros(256, "<i4")
+    header[:3] = 20240801, 7, 2
+    path = tmp_path / "llama.bin"
+    path.write_bytes(header.tobytes() + np.array([5, 100_000], "<u4").tobytes())
+    with pytest.raises(ShardFormatError) as err:
+        open_shard(path)
+    assert "np.save('llama.npy', np.fromfile('llama.bin', dtype='<u4', offset=1024))" in str(err.value)
+
+
+def test_a_short_file_starting_with_the_magic_is_a_truncated_header(tmp_path):
+    path = tmp_path / "cut.bin"
+    path.write_bytes(make_header(10)[:100])
+    with pytest.raises(ShardFormatError, match="starts with the llm.c magic 20240520 but is only 100 bytes"):
+        open_shard(path)
+
+
+def test_a_headerless_file_starting_with_the_magics_tokens_is_refused_not_misread(tmp_path):
+    # 55432, 308 are the two uint16 halves of 20240520: such a file is taken for a headered one and then fails
+    path = write_nanogpt(tmp_path / "unlucky.bin", np.array([55432, 308] + [1] * 600, np.uint16))
+    with pytest.raises(ShardFormatError, match="header version 65537 is not supported"):
+        open_shard(path)

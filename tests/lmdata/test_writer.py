@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
 import subprocess
 import sys
-import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lmdata import Manifest, ShardFormatError, ShardWriter, TokenDataset, write_shards
+from lmdata import (
+    MARKER_NAME,
+    LmDataError,
+    Manifest,
+    ShardFormatError,
+    ShardWriter,
+    ShardWriterError,
+    TokenDataset,
+    UnfinishedWriteError,
+    validate_shards,
+    write_shards,
+)
 from lmdata.format import HEADER_BYTES
+from tests.conftest import write_llmc
 
 
 def test_streams_chunks_into_fixed_size_shards(tmp_path):
@@ -58,32 +72,131 @@ def test_out_of_range_tokens_are_refused(tmp_path, tokens, vocab, message):
 
 
 def test_vocab_too_large_for_uint16_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="vocab_size 70000 does not fit uint16 shards"):
+    with pytest.raises(ShardWriterError, match="vocab_size 70000 does not fit uint16 shards"):
         ShardWriter(tmp_path, vocab_size=70000)
 
 
-def test_a_killed_writer_leaves_only_complete_shards(tmp_path):
-    # The child writes shards forever; SIGKILL it mid-stream. Every shard with a final name must be complete
-    # (its header count matches its size) and a new writer cleans the temporaries up.
-    script = textwrap.dedent(f"""
-        import numpy as np, sys
-        from lmdata import ShardWriter
-        w = ShardWriter({str(tmp_path)!r}, shard_tokens=200_000)
-        print("go", flush=True)
-        while True:
-            w.write(np.arange(50_000) % 60000)
-    """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    assert child.stdout.readline().strip() == b"go"
-    import time
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shard_tokens": 0}, "shard_tokens must be a positive int, got 0"),
+        ({"shard_tokens": 2.5}, "shard_tokens must be a positive int, got 2.5"),
+        ({"vocab_size": 0}, "vocab_size must be a positive int, got 0"),
+        ({"vocab_size": True}, "vocab_size must be a positive int, got True"),
+        ({"vocab_size": 100, "eot_id": 100}, "eot_id must be an int in [0, 100), got 100"),
+        ({"prefix": "a/b"}, "prefix 'a/b' must be a plain name"),
+    ],
+)
+def test_bad_writer_arguments_are_typed_errors(tmp_path, kwargs, message):
+    with pytest.raises(ShardWriterError) as err:
+        ShardWriter(tmp_path / "out", **kwargs)
+    assert message in str(err.value)
+    assert isinstance(err.value, LmDataError) and isinstance(err.value, ValueError)
+    assert not (tmp_path / "out").exists()
 
-    time.sleep(1.0)
+
+def test_out_dir_that_is_a_file_is_a_typed_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ShardWriterError, match="f: cannot write shards here"):
+        ShardWriter(tmp_path / "f")
+
+
+def test_the_marker_exists_exactly_while_writing(tmp_path):
+    w = ShardWriter(tmp_path, shard_tokens=10)
+    assert (tmp_path / MARKER_NAME).read_text() == f"{os.getpid()}\n"
+    w.write(np.arange(25))
+    with pytest.raises(UnfinishedWriteError):
+        TokenDataset(tmp_path)
+    w.close()
+    assert not (tmp_path / MARKER_NAME).exists()
+    assert TokenDataset(tmp_path).lengths.tolist() == [10, 10, 5]
+
+
+def test_abort_leaves_the_directory_marked_unfinished(tmp_path):
+    write_shards([np.arange(30)], tmp_path, shard_tokens=10)
+    w = ShardWriter(tmp_path, shard_tokens=10)
+    assert not (tmp_path / "manifest.json").exists()  # an old manifest never sits beside new shards
+    w.write(np.arange(15))
+    w.abort()
+    assert (tmp_path / MARKER_NAME).exists()
+    with pytest.raises(UnfinishedWriteError, match="did not finish"):
+        TokenDataset(tmp_path)
+
+
+def test_closing_without_tokens_is_refused(tmp_path):
+    w = ShardWriter(tmp_path)
+    with pytest.raises(ShardWriterError, match="no tokens were written"):
+        w.close()
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_a_smaller_rewrite_deletes_the_earlier_shards_it_does_not_list(tmp_path):
+    write_shards([np.arange(50)], tmp_path, shard_tokens=10)
+    write_llmc(tmp_path / "mine.bin", np.arange(5))  # not of the writer's pattern: kept
+    write_llmc(tmp_path / "shard_0000001.bin", np.arange(5))  # seven digits: not the pattern either
+    manifest = write_shards([np.arange(100, 120)], tmp_path, shard_tokens=10)
+    assert [e.file for e in manifest.shards] == ["shard_000000.bin", "shard_000001.bin"]
+    assert set(os.listdir(tmp_path)) == {
+        "manifest.json",
+        "mine.bin",
+        "shard_0000001.bin",
+        "shard_000000.bin",
+        "shard_000001.bin",
+    }
+    np.testing.assert_array_equal(
+        np.concatenate([s.tokens for s in TokenDataset(tmp_path).shards]), np.arange(100, 120)
+    )
+
+
+KILLED_WRITER = """
+import numpy as np, sys
+from lmdata import ShardWriter
+w = ShardWriter(sys.argv[1], shard_tokens=200_000)
+print("go", flush=True)
+while True:
+    w.write(np.arange(50_000) % 60000 + 1)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
+def test_a_killed_rewrite_is_refused_and_a_fresh_write_recovers(tmp_path, delay):
+    # A finished dataset, then a child rewriting it SIGKILLed mid-stream: the directory must never read as a
+    # mix of old and new shards, validation must call it bad, and a fresh write must leave only its shards.
+    old = write_shards([np.zeros(1_000_000, np.uint16)], tmp_path, shard_tokens=200_000)
+    assert len(old.shards) == 5
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # this checkout's lmdata
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env)
+    assert child.stdout.readline().strip() == b"go"
+    time.sleep(delay)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    finals = sorted(tmp_path.glob("shard_*.bin"))
-    assert finals, "the child wrote no shard in a second"
-    for path in finals:
+    assert (tmp_path / MARKER_NAME).read_text() == f"{child.pid}\n"
+    assert not (tmp_path / "manifest.json").exists()
+    with pytest.raises(UnfinishedWriteError, match=f"did not finish \\(marker {MARKER_NAME}, pid {child.pid}\\)"):
+        TokenDataset(tmp_path)
+    result = validate_shards([tmp_path])
+    assert not result.ok
+    for path in sorted(tmp_path.glob("shard_*.bin")):  # every shard with a final name is complete
         assert path.stat().st_size == HEADER_BYTES + 2 * 200_000
-        assert TokenDataset(path).num_tokens == 200_000
-    ShardWriter(tmp_path).abort()
-    assert not list(tmp_path.glob(".tmp-*"))
+    manifest = write_shards([np.arange(300_000) % 60000 + 7], tmp_path, shard_tokens=200_000)
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shard_000000.bin", "shard_000001.bin"]
+    ds = TokenDataset(tmp_path)
+    assert ds.lengths.tolist() == [200_000, 100_000]
+    assert ds.token_range() == (7, 60006) == (manifest.shards[0].min_token, manifest.shards[0].max_token)
+    assert validate_shards([tmp_path]).ok
+
+
+def test_a_full_disk_is_a_typed_error_and_leaves_the_directory_unfinished(tmp_path, monkeypatch):
+    w = ShardWriter(tmp_path, shard_tokens=10)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(ShardWriterError) as err:
+        w.write(np.arange(25))
+    assert str(err.value).startswith(f"{tmp_path}: cannot write a shard (No space left on device); the directory")
+    monkeypatch.undo()
+    w.abort()
+    with pytest.raises(UnfinishedWriteError):
+        TokenDataset(tmp_path)
