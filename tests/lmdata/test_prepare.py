@@ -203,6 +203,7 @@ def snapshot(root):
         (["emptydir"], "emptydir: names no file"),
         (["empty.txt"], "too little text to make both a train and a val split"),
         (["eot.txt"], "too little text to make both a train and a val split"),  # only an end-of-text line
+        (["x.txt", "--val-fraction", "0.9"], "too little text to make both a train and a val split"),  # found late
         (["text", "--val-fraction", "0"], "--val-fraction must be in (0, 1), got 0.0"),
         (["text", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
         (["text", "--val-fraction", "nan"], "--val-fraction must be in (0, 1), got nan"),
@@ -216,6 +217,7 @@ def test_a_refused_prepare_writes_nothing(tmp_path, corpus, capsys, monkeypatch,
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "eot.txt").write_text("<|endoftext|>\n")
+    (tmp_path / "x.txt").write_text("x")  # 2 tokens with end-of-text: none left for train at 0.9
     out = tmp_path / "out"
     if existing:
         prepare([str(corpus)], out, "byte", val_fraction=0.1)

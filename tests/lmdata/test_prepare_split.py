@@ -86,8 +86,8 @@ def _documents(ids: np.ndarray) -> list[str]:
     return [ids[a:b].astype(np.uint8).tobytes().decode("utf-8") for a, b in zip(starts, cuts, strict=True)]
 
 
-@pytest.mark.parametrize("count", [40, 300])
-def test_the_same_documents_give_the_same_shards_however_they_are_stored(tmp_path, count):
+@pytest.mark.parametrize(("count", "tokenizer"), [(40, "byte"), (300, "byte"), (40, "bpe:400")])
+def test_the_same_documents_give_the_same_shards_however_they_are_stored(tmp_path, count, tokenizer):
     sizes = rng.integers(5, 400, count)
     sizes[::17] = 30_000  # some documents much longer than a unit: they are cut, the same way both times
     docs = [words(int(n)) + "\n" for n in sizes]
@@ -98,12 +98,14 @@ def test_the_same_documents_give_the_same_shards_however_they_are_stored(tmp_pat
     for i, doc in enumerate(docs):
         (many / f"doc_{i:05d}.txt").write_text(doc, encoding="utf-8")
     for source in (one, many):
-        prepare([str(source)], tmp_path / f"out_{source.name}", "byte", val_fraction=0.1, shard_tokens=50_000)
+        prepare([str(source)], tmp_path / f"out_{source.name}", tokenizer, val_fraction=0.1, shard_tokens=50_000)
     for split in ("train", "val"):
         a, b = (sorted((tmp_path / f"out_{s}" / split).iterdir()) for s in ("one", "many"))
         assert [p.name for p in a] == [p.name for p in b] and len(a) >= 2
         for x, y in zip(a, b, strict=True):
             assert x.read_bytes() == y.read_bytes(), x.name
+    if tokenizer != "byte":  # the tokenizer is trained on the same pieces too
+        assert (tmp_path / "out_one/tokenizer.json").read_bytes() == (tmp_path / "out_many/tokenizer.json").read_bytes()
 
 
 def test_a_line_without_whitespace_is_cut_between_characters(tmp_path):
