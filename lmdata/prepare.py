@@ -100,6 +100,9 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
 
 
 def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, out_real: Path | None) -> list[Path]:
+    """The files of one input that are text to read. A walk (directory, glob) skips the output directory and
+    lmdata's files with a note, since a tree holding its own dataset is the common case (``--out indir/out``
+    run twice); a file named on its own is a mistake worth stopping for."""
     kept, inside, ours = [], 0, 0
     for path in found:
         if out_real is not None and out_real in (real := path.resolve(), *real.parents):
@@ -128,11 +131,12 @@ def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, ou
 
 
 def _written_by_lmdata(path: Path) -> bool:
-    hidden = (GEN_PREFIX, OLD_PREFIX, TMP_PREFIX)
+    """Shards, manifests, tokenizers, locks and temporaries, and anything in another dataset's generation."""
     return (
         path.suffix in SHARD_SUFFIXES
         or path.name in LMDATA_NAMES
-        or any(part.startswith(hidden) for part in path.parts)
+        or path.name.startswith(TMP_PREFIX)
+        or any(part.startswith((GEN_PREFIX, OLD_PREFIX)) for part in path.parent.parts)
     )
 
 
@@ -145,6 +149,8 @@ class Corpus:
 
 
 def scan(files: list[Path]) -> Corpus:
+    """Count documents and their bytes (not the marker lines between them, so the count does not depend on how
+    files hold the documents)."""
     documents = text_bytes = 0
     for path in files:
         for piece in read_pieces(path, SEGMENT_BYTES):
