@@ -16,10 +16,10 @@ and the next prepare removes what the killed one left (see lmdata/commit.py; a D
 version is moved aside just before the switch: killed right then, DIR reads as missing, never as a mix). A
 second prepare into a DIR in use exits 2.
 
-The split goes by units: a document is one unit if it is at most val_fraction * (input bytes) / 5 long (a unit is at
+The split goes by units: a document is one unit if it is at most val_fraction * (input bytes) / 8 long (a unit is at
 least 256 bytes), else it is cut into units of about that size at line ends or spaces, never inside a character.
 Each unit goes to val while val holds less than val_fraction of the tokens so far, else to train. So the val
-share misses val_fraction by at most one unit (about a fifth of it) whatever the input's shape, small documents
+share misses val_fraction by at most one unit (about an eighth of it) whatever the input's shape, small documents
 go whole to one split, and the same documents give the same shards however files hold them. A single document
 of at most 256 bytes is cut by tokens instead, its last val_fraction to val.
 
@@ -61,7 +61,7 @@ from lmdata.writer import ShardWriter
 
 SEGMENT_BYTES = 64 * 1024  # the largest piece tokenized at once
 MIN_UNIT_BYTES = 256
-UNIT_SHARE = 5  # a unit is at most 1/UNIT_SHARE of the val budget, which bounds the val share's error
+UNIT_SHARE = 8  # a unit is at most 1/UNIT_SHARE of the val budget, which bounds the val share's error
 BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spreads the pieces over all cores
 LMDATA_NAMES = (MANIFEST_NAME, TOKENIZER_FILE, LOCK_NAME)
 
