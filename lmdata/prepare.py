@@ -6,12 +6,25 @@
 INPUT is a text file, a directory (every file below it, recursively, in name order), a quoted glob, or ``-``
 for standard input. Each file is a document; a line holding only ``<|endoftext|>`` also ends one. Documents
 are written with the end-of-text id after each, as headered uint16 shards plus manifest.json, into DIR/train
-and DIR/val (``bpe`` also saves DIR/tokenizer.json).
+and DIR/val (``bpe`` also saves DIR/tokenizer.json). A walk skips what lmdata writes (.bin, .npy,
+manifest.json, tokenizer.json) and everything inside DIR, with a note; naming such a file is an error. Bytes
+that are not UTF-8 become U+FFFD, with a warning per file saying how many.
 
-Memory stays bounded: text is read and tokenized in segments of about 64 KB (cut at line ends), never a whole
-file. The validation split takes every k-th segment (k = 1 / val_fraction), so a single large file (a book)
-splits too; and if the input is so small that no segment fell to validation, the last one goes there (or, for a
-single segment, its last val_fraction of tokens).
+The dataset is committed as a whole: everything is written into a hidden generation directory in DIR, then one
+symlink is switched, so prepare killed at any moment leaves the previous dataset in DIR untouched and readable,
+and the next prepare removes what the killed one left (see lmdata/commit.py; a DIR written by an earlier
+version is moved aside just before the switch: killed right then, DIR reads as missing, never as a mix). A
+second prepare into a DIR in use exits 2.
+
+The split goes by units: a document is one unit if it is at most val_fraction * (input bytes) / 8 long (a unit is at
+least 256 bytes), else it is cut into units of about that size at line ends or spaces, never inside a character.
+Each unit goes to val while val holds less than val_fraction of the tokens so far, else to train. So the val
+share misses val_fraction by at most one unit (about an eighth of it) whatever the input's shape, small documents
+go whole to one split, and the same documents give the same shards however files hold them. A single document
+of at most 256 bytes is cut by tokens instead, its last val_fraction to val.
+
+Memory stays bounded: files are read in 64 KB chunks and tokenized in pieces of at most 64 KB, never a whole
+file or line; standard input is first copied to a temporary file (prepare reads its input more than once).
 """
 
 from __future__ import annotations
@@ -29,9 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lmdata.atomic import TMP_PREFIX
+from lmdata.commit import GEN_PREFIX, LOCK_NAME, OLD_PREFIX, check_output, generation, locked, raise_if_busy
+from lmdata.documents import Piece, decode, read_pieces
 from lmdata.errors import LmDataError
+from lmdata.format import SHARD_SUFFIXES
+from lmdata.manifest import MANIFEST_NAME
 from lmdata.tokenizer import (
-    EOT_TEXT,
+    TOKENIZER_FILE,
     ByteTokenizer,
     HFTokenizer,
     TiktokenTokenizer,
@@ -41,71 +59,169 @@ from lmdata.tokenizer import (
 )
 from lmdata.writer import ShardWriter
 
-SEGMENT_BYTES = 64 * 1024
-BATCH_SEGMENTS = 64  # segments per encode_batch call: HF tokenizers spreads them over all cores
+SEGMENT_BYTES = 64 * 1024  # the largest piece tokenized at once
+MIN_UNIT_BYTES = 256
+UNIT_SHARE = 8  # a unit is at most 1/UNIT_SHARE of the val budget, which bounds the val share's error
+BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spreads the pieces over all cores
+LMDATA_NAMES = (MANIFEST_NAME, TOKENIZER_FILE, LOCK_NAME)
 
 
 class InputError(LmDataError, ValueError):
-    """An input path that is missing, unreadable or empty."""
+    """An input path that is missing, unreadable, empty, or not text."""
 
 
-@dataclass
-class Segment:
-    text: str
-    ends_document: bool
+class OptionError(LmDataError, ValueError):
+    """A --val-fraction or --shard-tokens value out of range."""
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files named by the inputs; InputError naming the first one that names no readable file."""
+def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
+    """Files named by the inputs; InputError naming the first one that names no readable text file.
+
+    A directory or glob skips, with a note, files inside ``out`` and files lmdata writes; naming one is an error.
+    """
+    out_real = None if out is None else out.resolve()
     files: list[Path] = []
     for item in inputs:
         if item == "-":
             files.append(Path("-"))
             continue
         if glob.has_magic(item):
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found, walked = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file()), True
         elif Path(item).is_dir():
-            found = sorted(p for p in Path(item).rglob("*") if p.is_file())
+            found, walked = sorted(p for p in Path(item).rglob("*") if p.is_file()), True
         elif Path(item).exists():
-            found = [Path(item)]
+            found, walked = [Path(item)], False
         else:
             raise InputError(f"{item}: no such file or directory")
         if not found:
             raise InputError(f"{item}: names no file")
-        for path in found:
-            if path.is_file() and not os.access(path, os.R_OK):
-                raise InputError(f"{path}: not readable (permission denied)")
-        files.extend(found)
+        files.extend(_text_files(item, found, walked, out, out_real))
     return files
 
 
-def read_segments(path: Path) -> Iterator[Segment]:
-    """A file's text in segments of about SEGMENT_BYTES, cut at line ends; the file ends a document, and so
-    does a line that is exactly <|endoftext|>."""
-    stream = sys.stdin.buffer if str(path) == "-" else open(path, "rb")  # noqa: SIM115 - closed below
-    try:
-        lines: list[str] = []
-        size = 0
-        for raw in stream:
-            line = raw.decode("utf-8", errors="replace")
-            if line.strip() == EOT_TEXT:
-                yield Segment("".join(lines), True)
-                lines, size = [], 0
-                continue
-            lines.append(line)
-            size += len(raw)
-            if size >= SEGMENT_BYTES:
-                yield Segment("".join(lines), False)
-                lines, size = [], 0
-        yield Segment("".join(lines), True)
-    finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
+def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, out_real: Path | None) -> list[Path]:
+    """The files of one input that are text to read. A walk (directory, glob) skips the output directory and
+    lmdata's files with a note, since a tree holding its own dataset is the common case (``--out indir/out``
+    run twice); a file named on its own is a mistake worth stopping for."""
+    kept, inside, ours = [], 0, 0
+    for path in found:
+        if out_real is not None and out_real in (real := path.resolve(), *real.parents):
+            if not walked:
+                raise InputError(f"{path}: is inside the output directory {out}; prepare does not read its output")
+            inside += 1
+        elif _written_by_lmdata(path):
+            if not walked:
+                raise InputError(f"{path}: is token shards or lmdata metadata, not text; leave it out of the inputs")
+            ours += 1
+        elif not os.access(path, os.R_OK):
+            raise InputError(f"{path}: not readable (permission denied)")
+        else:
+            kept.append(path)
+    if inside:
+        print(f"prepare: note: {item}: skipped {inside} files inside the output directory {out}", file=sys.stderr)
+    if ours:
+        print(
+            f"prepare: note: {item}: skipped {ours} files that lmdata writes (.bin, .npy, manifest.json, "
+            "tokenizer.json)",
+            file=sys.stderr,
+        )
+    if not kept:
+        raise InputError(f"{item}: names no file prepare reads as text (all {len(found)} skipped)")
+    return kept
 
 
-def all_segments(files: list[Path]) -> Iterator[Segment]:
+def _written_by_lmdata(path: Path) -> bool:
+    """Shards, manifests, tokenizers, locks and temporaries, and anything in another dataset's generation."""
+    return (
+        path.suffix in SHARD_SUFFIXES
+        or path.name in LMDATA_NAMES
+        or path.name.startswith(TMP_PREFIX)
+        or any(part.startswith((GEN_PREFIX, OLD_PREFIX)) for part in path.parent.parts)
+    )
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What the first, read-only pass over the input finds: the split's unit size follows from it."""
+
+    documents: int
+    text_bytes: int
+
+
+def scan(files: list[Path]) -> Corpus:
+    """Count documents and their bytes (not the marker lines between them, so the count does not depend on how
+    files hold the documents)."""
+    documents = text_bytes = 0
     for path in files:
-        yield from read_segments(path)
+        for piece in read_pieces(path, SEGMENT_BYTES):
+            documents += piece.starts_document
+            text_bytes += len(piece.data)
+    return Corpus(documents, text_bytes)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    fraction: float
+    unit_bytes: int
+    """A document up to this long is one unit (goes whole to one split); longer ones are cut into units."""
+    single: bool
+    """One tiny document: cut its tokens, the last ``fraction`` of them to val."""
+
+    @property
+    def piece_bytes(self) -> int:
+        return min(SEGMENT_BYTES, self.unit_bytes)
+
+    @classmethod
+    def for_corpus(cls, corpus: Corpus, fraction: float) -> SplitPlan:
+        unit = max(MIN_UNIT_BYTES, int(fraction * corpus.text_bytes / UNIT_SHARE))
+        return cls(fraction, unit, corpus.documents == 1 and corpus.text_bytes <= unit)
+
+
+class Splitter:
+    """The deficit rule: a unit goes to val when val holds less than ``fraction`` of the tokens so far.
+
+    The val share then misses ``fraction`` by at most one unit's tokens, whatever the input's shape, and the
+    choice depends only on the sequence of units (documents, and the pieces of long ones).
+    """
+
+    def __init__(self, plan: SplitPlan):
+        self.plan = plan
+        self.counts = {"train": 0, "val": 0}
+        self.split = "train"
+        self.unit_filled = 0  # bytes in the current unit
+
+    def assign(self, piece: Piece, ids: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """Where the tokens of ``piece`` (the next piece of the input) go."""
+        if self.plan.single:
+            cut = int(ids.size * (1 - self.plan.fraction))
+            parts = [("train", ids[:cut]), ("val", ids[cut:])]
+        else:
+            if piece.starts_document or self.unit_filled + len(piece.data) > self.plan.unit_bytes:
+                total = self.counts["train"] + self.counts["val"]
+                self.split = "val" if self.counts["val"] < self.plan.fraction * total else "train"
+                self.unit_filled = 0
+            self.unit_filled += len(piece.data)
+            parts = [(self.split, ids)]
+        for split, part in parts:
+            self.counts[split] += part.size
+        return parts
+
+
+def decoded_pieces(
+    files: list[Path], limit: int, labels: dict[Path, str] | None = None, warn: bool = True
+) -> Iterator[tuple[str, Piece]]:
+    """Each file's pieces with their text; a warning per file whose bytes were not all UTF-8 (the file named by
+    ``labels`` if there, e.g. standard input)."""
+    for path in files:
+        invalid = 0
+        for piece in read_pieces(path, limit):
+            text, bad = decode(piece.data)
+            invalid += bad
+            yield text, piece
+        if invalid and warn:
+            name = (labels or {}).get(path, path)
+            message = f"{name}: {invalid} bytes are not valid UTF-8 (each run became U+FFFD)"
+            print(f"prepare: warning: {message}", file=sys.stderr)
 
 
 def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
@@ -113,7 +229,8 @@ def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
         return ByteTokenizer()
     if spec.startswith("tiktoken:"):
         return TiktokenTokenizer(spec.partition(":")[2])
-    return HFTokenizer.train((s.text for s in all_segments(files)), bpe_vocab_size(spec))
+    texts = (text for text, _ in decoded_pieces(files, SEGMENT_BYTES, warn=False))
+    return HFTokenizer.train(texts, bpe_vocab_size(spec))
 
 
 class Progress:
@@ -154,61 +271,60 @@ def prepare(
     val_fraction: float = 0.01,
     shard_tokens: int = 100_000_000,
 ) -> dict[str, int]:
-    """Tokenize ``inputs`` into ``out``/train and ``out``/val; returns token counts per split."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    """Tokenize ``inputs`` into ``out``/train and ``out``/val, committed as a whole; returns tokens per split.
+
+    Every check that can fail on the inputs or options runs before ``out`` is touched.
+    """
+    out = Path(out)
+    if not 0 < val_fraction < 1:  # also refuses nan
+        raise OptionError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if shard_tokens <= 0:
+        raise OptionError(f"--shard-tokens must be positive, got {shard_tokens}")
     check_spec(tokenizer_spec)
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, out)
+    check_output(out)
+    raise_if_busy(out)
     with tempfile.TemporaryDirectory() as spool:
-        if tokenizer_spec.startswith("bpe:") and Path("-") in files:
-            # bpe reads the input twice (train, then encode): keep standard input in a temporary file
-            spooled = Path(spool) / "stdin.txt"
-            with open(spooled, "wb") as f:
-                shutil.copyfileobj(sys.stdin.buffer, f)
-            files = [spooled if p == Path("-") else p for p in files]
-        tokenizer = make_tokenizer(tokenizer_spec, files)
-        return _write(files, out, tokenizer, val_fraction, shard_tokens)
+        files, labels = _spool_stdin(files, Path(spool))
+        corpus = scan(files)
+        if corpus.documents == 0:
+            raise InputError("the input holds too little text to make both a train and a val split")
+        with locked(out):
+            tokenizer = make_tokenizer(tokenizer_spec, files)
+            with generation(out) as gen:
+                tokenizer.save(gen)
+                plan = SplitPlan.for_corpus(corpus, val_fraction)
+                return _write(files, labels, gen, tokenizer, plan, shard_tokens)
 
 
-def _write(files: list[Path], out: Path, tok: Tokenizer, val_fraction: float, shard_tokens: int) -> dict[str, int]:
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(out)
+def _spool_stdin(files: list[Path], spool: Path) -> tuple[list[Path], dict[Path, str]]:
+    """Standard input copied to a file (prepare reads its input once to size the split, then to tokenize), and
+    the name to give that file in messages."""
+    if Path("-") not in files:
+        return files, {}
+    spooled = spool / "standard-input"
+    with open(spooled, "wb") as f:
+        shutil.copyfileobj(sys.stdin.buffer, f)
+    return [spooled if p == Path("-") else p for p in files], {spooled: "standard input"}
+
+
+def _write(
+    files: list[Path], labels: dict[Path, str], gen: Path, tok: Tokenizer, plan: SplitPlan, shard_tokens: int
+) -> dict[str, int]:
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "shard_tokens": shard_tokens}
-    writers = {split: ShardWriter(out / split, prefix=split, **meta) for split in ("train", "val")}
-    counts = {"train": 0, "val": 0}
-    every = max(2, round(1 / val_fraction))
-    total = None if Path("-") in files else sum(p.stat().st_size for p in files)
-    progress = Progress(total)
-    pending: tuple[str, object] | None = None  # the latest segment, held back so it can go to val at the end
-    index = 0
+    writers = {split: ShardWriter(gen / split, prefix=split, **meta) for split in ("train", "val")}
+    splitter = Splitter(plan)
+    progress = Progress(sum(p.stat().st_size for p in files))
     try:
-        batch: list[Segment] = []
-        for segment in _with_sentinel(all_segments(files)):
-            if segment is not None:
-                batch.append(segment)
-            if batch and (segment is None or len(batch) == BATCH_SEGMENTS):
-                for seg, ids in zip(batch, tok.encode_batch([s.text for s in batch]), strict=True):
-                    if seg.ends_document:
-                        ids = _append(ids, tok.eot_id)
-                    if ids.size:
-                        if pending is not None:
-                            counts[pending[0]] += pending[1].size
-                            writers[pending[0]].write(pending[1])
-                        pending = ("val" if index % every == every - 1 else "train", ids)
-                        index += 1
-                    progress.update(len(seg.text.encode("utf-8")), ids.size)
-                batch = []
-        if pending is not None:
-            split, ids = pending
-            if counts["val"] == 0 and counts["train"] == 0:  # one segment in all: cut it, val at the end
-                cut = int(ids.size * (1 - val_fraction))
-                parts = {"train": ids[:cut], "val": ids[cut:]}
-            else:
-                parts = {"val" if counts["val"] == 0 else split: ids}
-            for name, part in parts.items():
-                counts[name] += part.size
-                writers[name].write(part)
-        if counts["train"] == 0 or counts["val"] == 0:
+        for batch in _batches(decoded_pieces(files, plan.piece_bytes, labels)):
+            pieces = [piece for _, piece in batch]
+            for piece, ids in zip(pieces, tok.encode_batch([text for text, _ in batch]), strict=True):
+                if piece.ends_document:
+                    ids = _append(ids, tok.eot_id)
+                for split, part in splitter.assign(piece, ids):
+                    writers[split].write(part)
+                progress.update(len(piece.data), ids.size)
+        if not all(splitter.counts.values()):
             raise InputError("the input holds too little text to make both a train and a val split")
         for writer in writers.values():
             writer.close()
@@ -218,12 +334,19 @@ def _write(files: list[Path], out: Path, tok: Tokenizer, val_fraction: float, sh
         raise
     finally:
         progress.close()
-    return counts
+    return splitter.counts
 
 
-def _with_sentinel(items):
-    yield from items
-    yield None
+def _batches(items: Iterator[tuple[str, Piece]]) -> Iterator[list[tuple[str, Piece]]]:
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item[1].data)
+        if len(batch) == BATCH_PIECES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _append(ids: np.ndarray, value: int) -> np.ndarray:
@@ -244,8 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (100M)")
     args = parser.parse_args(argv)
     try:
-        if args.shard_tokens <= 0:
-            raise ValueError(f"--shard-tokens must be positive, got {args.shard_tokens}")
         start = time.perf_counter()
         counts = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.shard_tokens)
     except (LmDataError, ValueError, OSError) as e:

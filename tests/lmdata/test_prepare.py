@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmdata import TokenDataset
-from lmdata.prepare import main
+from lmdata.prepare import main, prepare
 from lmdata.tokenizer import load_tokenizer
 
 DOCS = [f"Document {i}: the quick brown fox {'jumps ' * (i % 7)}over the lazy dog. ünïcödé ✓\n" for i in range(40)]
@@ -38,13 +39,26 @@ def decoded_documents(out, split):
     return [tok.decode(tokens[a:b]) for a, b in zip(starts, cuts, strict=True)]
 
 
+def to_val(sizes: list[int], fraction: float) -> list[int]:
+    """The split rule, written again: indices of the units that go to val."""
+    chosen, val, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if val < fraction * total:
+            chosen.append(i)
+            val += n
+        total += n
+    return chosen
+
+
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe:400"])
 def test_documents_round_trip_through_the_shards(corpus, tmp_path, tokenizer):
     out = tmp_path / "out"
     assert main([str(corpus), "--out", str(out), "--tokenizer", tokenizer, "--val-fraction", "0.1"]) == 0
     train, val = decoded_documents(out, "train"), decoded_documents(out, "val")
-    assert len(val) == 4 and len(train) == 36  # every 10th document goes to validation
     assert sorted(train + val) == sorted(DOCS)
+    if tokenizer == "byte":  # each document to val while val holds under 10% of the tokens so far
+        assert val == [DOCS[i] for i in to_val([len(d.encode()) + 1 for d in DOCS], 0.1)]
+    assert 3 <= len(val) <= 6
     tokens, manifest = split_tokens(out, "train")
     assert manifest.tokenizer == tokenizer and manifest.num_tokens == len(tokens)
     if tokenizer == "byte":
@@ -130,3 +144,85 @@ def test_unreadable_input(tmp_path, capsys):
     path.chmod(0)
     assert main([str(path), "--out", str(tmp_path / "out")]) == 2
     assert "not readable" in capsys.readouterr().err
+
+
+def test_output_inside_the_input_is_not_read_back(corpus, capsys):
+    out = corpus / "out"
+    first = prepare([str(corpus)], out, "byte", val_fraction=0.1)
+    capsys.readouterr()
+    second = prepare([str(corpus)], out, "byte", val_fraction=0.1)
+    assert second == first
+    err = capsys.readouterr().err
+    assert f"skipped 4 files inside the output directory {out}" in err  # 2 shards, 2 manifests
+
+
+def test_a_walk_skips_shards_and_manifests_and_naming_one_is_refused(corpus, tmp_path, capsys):
+    other = tmp_path / "elsewhere"
+    prepare([str(corpus)], other, "bpe:300", val_fraction=0.1)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("some text\n" * 50)
+    shard = next((other / "train").glob("*.bin"))
+    for source in (shard, other / "train" / "manifest.json", other / "tokenizer.json"):
+        (mixed / source.name).write_bytes(source.read_bytes())
+    counts = prepare([str(mixed)], tmp_path / "out", "byte", val_fraction=0.1)
+    assert counts["train"] + counts["val"] == 501
+    err = capsys.readouterr().err
+    assert f"prepare: note: {mixed}: skipped 3 files that lmdata writes" in err
+    assert main([str(mixed / shard.name), "--out", str(tmp_path / "out2")]) == 2
+    assert "is token shards or lmdata metadata, not text" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_invalid_utf8_is_counted_once_per_file(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"".join(b"fine text here \xff and \xc3( more\n" * 300 for _ in range(40)))  # ~400 KB
+    good = tmp_path / "good.txt"
+    good.write_text("all fine ✓\n" * 100)
+    assert main([str(bad), str(good), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1
+    assert f"prepare: warning: {bad}: 24000 bytes are not valid UTF-8 (each run became U+FFFD)" in err
+
+
+def snapshot(root):
+    if not root.exists():
+        return None
+    entries = []
+    for p in root.rglob("*"):
+        what = os.readlink(p) if p.is_symlink() else p.stat().st_size
+        entries.append((str(p.relative_to(root)), what, p.stat(follow_symlinks=False).st_mtime_ns))
+    return sorted(entries)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["missing.txt"], "missing.txt: no such file or directory"),
+        (["emptydir"], "emptydir: names no file"),
+        (["empty.txt"], "too little text to make both a train and a val split"),
+        (["eot.txt"], "too little text to make both a train and a val split"),  # only an end-of-text line
+        (["x.txt", "--val-fraction", "0.9"], "too little text to make both a train and a val split"),  # found late
+        (["text", "--val-fraction", "0"], "--val-fraction must be in (0, 1), got 0.0"),
+        (["text", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
+        (["text", "--val-fraction", "nan"], "--val-fraction must be in (0, 1), got nan"),
+        (["text", "--val-fraction", "inf"], "--val-fraction must be in (0, 1), got inf"),
+        (["text", "--shard-tokens", "0"], "--shard-tokens must be positive, got 0"),
+        (["text", "--tokenizer", "bpe:12"], "vocab 12 is too small"),
+    ],
+)
+def test_a_refused_prepare_writes_nothing(tmp_path, corpus, capsys, monkeypatch, argv, message, existing):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "eot.txt").write_text("<|endoftext|>\n")
+    (tmp_path / "x.txt").write_text("x")  # 2 tokens with end-of-text: none left for train at 0.9
+    out = tmp_path / "out"
+    if existing:
+        prepare([str(corpus)], out, "byte", val_fraction=0.1)
+    before = snapshot(out)
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert snapshot(out) == before
