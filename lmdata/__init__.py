@@ -7,11 +7,16 @@ from lmdata.batch import get_batch
 from lmdata.dataset import TokenDataset, resolve_source
 from lmdata.errors import (
     DatasetNotFoundError,
+    InputError,
     LmDataError,
     ManifestError,
+    OptionError,
+    OutputBusyError,
+    OutputError,
     SamplerStateError,
     ShardFormatError,
     ShardWriterError,
+    TokenizerError,
     UnfinishedWriteError,
 )
 from lmdata.format import DTYPE_LIMITS, LLMC_MAGICS, Shard, dtype_limit, make_header, open_shard
@@ -28,6 +33,11 @@ __all__ = [
     "MARKER_NAME",
     "BatchLoader",
     "DatasetNotFoundError",
+    "InputError",
+    "OptionError",
+    "OutputBusyError",
+    "OutputError",
+    "TokenizerError",
     "LoaderStats",
     "EpochSampler",
     "LmDataError",

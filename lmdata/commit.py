@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmdata.atomic import TMP_PREFIX, fsync_dir
-from lmdata.errors import LmDataError
+from lmdata.errors import OutputBusyError, OutputError
 
 GEN_PREFIX = ".gen-"
 OLD_PREFIX = ".old-"
@@ -55,12 +55,6 @@ ENTRIES = ("train", "val", "tokenizer.json")  # what a generation may hold, each
 STOP_ENV = "LMDATA_PREPARE_STOP_AT"  # tests: stop at a named step (print, then wait to be killed)
 
 
-class OutputError(LmDataError, ValueError):
-    """An output directory that prepare will not write into as it is (files it did not make are in the way)."""
-
-
-class OutputBusyError(LmDataError):
-    """Another prepare holds the output directory's lock."""
 
 
 def stop_point(step: str) -> None:

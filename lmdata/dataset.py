@@ -87,7 +87,9 @@ def _resolve(text: str, allow_unlisted: bool) -> ResolvedSource:
                 f"{path}: is a directory, not a shard file; to use it as a dataset directory, rename it without "
                 f"the {path.suffix} suffix"
             )
-        return _resolve_directory(path)
+        # Resolved once, so the manifest and the shards come from one place even if a re-prepare flips
+        # OUT/current (see lmdata.commit) while we read.
+        return _resolve_directory(Path(os.path.realpath(path)))
     if not path.exists():
         raise DatasetNotFoundError(f"{path}: no such file or directory")
     if path.suffix not in SHARD_SUFFIXES:

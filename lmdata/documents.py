@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmdata.errors import InputError
 from lmdata.tokenizer import EOT_TEXT
 
 READ_BYTES = 64 * 1024
@@ -36,8 +37,13 @@ class Piece:
 
 
 def read_pieces(path: Path, limit: int) -> Iterator[Piece]:
-    """The documents of one file (``-``: standard input), each as pieces of at most ``limit`` bytes."""
-    stream = sys.stdin.buffer if str(path) == "-" else open(path, "rb")  # noqa: SIM115 - closed below
+    """The documents of one file (``-``: standard input), each as pieces of at most ``limit`` bytes.
+
+    An input that cannot be read (permissions, a disk error, a directory) is an InputError naming it."""
+    try:
+        stream = sys.stdin.buffer if str(path) == "-" else open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
     try:
         doc = bytearray()
         started = False  # whether a piece of the current document was yielded already
@@ -53,6 +59,8 @@ def read_pieces(path: Path, limit: int) -> Iterator[Piece]:
                 del doc[:cut]
                 started = True
         yield from _flush(doc, started, limit)
+    except OSError as e:
+        raise InputError(f"{path}: reading failed ({e.strerror})") from None
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()

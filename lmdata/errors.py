@@ -34,3 +34,24 @@ class UnfinishedWriteError(LmDataError, ValueError):
 
 class ShardWriterError(LmDataError, ValueError):
     """A :class:`lmdata.ShardWriter` asked to write what it cannot (bad arguments, no tokens at all...)."""
+
+
+class InputError(LmDataError, ValueError):
+    """An input path that is missing, unreadable, empty, or not text."""
+
+
+class OptionError(LmDataError, ValueError):
+    """A --val-fraction or --shard-tokens value out of range."""
+
+
+class OutputError(LmDataError, ValueError):
+    """An output directory that prepare will not write into as it is (files it did not make are in the way), or
+    cannot write (permissions, a full disk)."""
+
+
+class OutputBusyError(LmDataError):
+    """Another prepare holds the output directory's lock."""
+
+
+class TokenizerError(LmDataError, ValueError):
+    """An unknown, unavailable or unsuitable tokenizer."""

@@ -45,7 +45,7 @@ import numpy as np
 from lmdata.atomic import TMP_PREFIX
 from lmdata.commit import GEN_PREFIX, LOCK_NAME, OLD_PREFIX, check_output, generation, locked, raise_if_busy
 from lmdata.documents import Piece, decode, read_pieces
-from lmdata.errors import LmDataError
+from lmdata.errors import InputError, LmDataError, OptionError, OutputError
 from lmdata.format import SHARD_SUFFIXES
 from lmdata.manifest import MANIFEST_NAME
 from lmdata.tokenizer import (
@@ -66,12 +66,6 @@ BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spr
 LMDATA_NAMES = (MANIFEST_NAME, TOKENIZER_FILE, LOCK_NAME)
 
 
-class InputError(LmDataError, ValueError):
-    """An input path that is missing, unreadable, empty, or not text."""
-
-
-class OptionError(LmDataError, ValueError):
-    """A --val-fraction or --shard-tokens value out of range."""
 
 
 def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
@@ -289,12 +283,18 @@ def prepare(
         corpus = scan(files)
         if corpus.documents == 0:
             raise InputError("the input holds too little text to make both a train and a val split")
-        with locked(out):
-            tokenizer = make_tokenizer(tokenizer_spec, files)
-            with generation(out) as gen:
-                tokenizer.save(gen)
-                plan = SplitPlan.for_corpus(corpus, val_fraction)
-                return _write(files, labels, gen, tokenizer, plan, shard_tokens)
+        try:
+            with locked(out):
+                tokenizer = make_tokenizer(tokenizer_spec, files)
+                with generation(out) as gen:
+                    tokenizer.save(gen)
+                    plan = SplitPlan.for_corpus(corpus, val_fraction)
+                    return _write(files, labels, gen, tokenizer, plan, shard_tokens)
+        except OSError as e:  # reading errors are InputErrors already: this is the output's disk
+            raise OutputError(
+                f"{out}: cannot write the dataset ({e.strerror}{': ' + str(e.filename) if e.filename else ''}); "
+                "the previous dataset there, if any, is intact"
+            ) from None
 
 
 def _spool_stdin(files: list[Path], spool: Path) -> tuple[list[Path], dict[Path, str]]:
@@ -303,8 +303,11 @@ def _spool_stdin(files: list[Path], spool: Path) -> tuple[list[Path], dict[Path,
     if Path("-") not in files:
         return files, {}
     spooled = spool / "standard-input"
-    with open(spooled, "wb") as f:
-        shutil.copyfileobj(sys.stdin.buffer, f)
+    try:
+        with open(spooled, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f)
+    except OSError as e:
+        raise InputError(f"standard input: cannot keep a copy in {spool} ({e.strerror}); set TMPDIR") from None
     return [spooled if p == Path("-") else p for p in files], {spooled: "standard input"}
 
 
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.perf_counter()
         counts = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.shard_tokens)
-    except (LmDataError, ValueError, OSError) as e:
+    except LmDataError as e:  # a user's mistake or environment; anything else is a bug and keeps its traceback
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     print(

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lmdata.errors import LmDataError
+from lmdata.errors import TokenizerError
 
 EOT_TEXT = "<|endoftext|>"
 MAX_VOCAB = 65535  # ids must fit the uint16 shards
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class TokenizerError(LmDataError, ValueError):
-    """An unknown, unavailable or unsuitable tokenizer."""
 
 
 class ByteTokenizer:

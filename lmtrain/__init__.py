@@ -5,7 +5,14 @@ lmtrain knows of data only what lmdata exposes (TokenDataset, BatchLoader).
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes, unwrap
 from lmtrain.checkpoint_manager import CheckpointManager
-from lmtrain.errors import CheckpointError, ConfigError, InsufficientDiskError, LmTrainError
+from lmtrain.errors import (
+    CheckpointError,
+    ConfigError,
+    InsufficientDiskError,
+    LmTrainError,
+    NonFiniteLossError,
+    RunDirBusyError,
+)
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer, parameter_groups
 from lmtrain.rng import capture_rng_state, restore_rng_state
@@ -16,6 +23,8 @@ __all__ = [
     "ConfigError",
     "InsufficientDiskError",
     "LmTrainError",
+    "NonFiniteLossError",
+    "RunDirBusyError",
     "TransformerLM",
     "capture_rng_state",
     "load_checkpoint",

@@ -12,7 +12,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from lmdata.manifest import MANIFEST_NAME
+from lmdata import LmDataError, TokenDataset
 from lmdata.prepare import prepare
 from lmtrain.errors import LmTrainError
 from lmtrain.plot import plot_metrics
@@ -50,7 +50,7 @@ def prepare_demo_data() -> Path:
     """Tokenized standard library under the cache dir, prepared on first use; returns its directory."""
     spec = demo_tokenizer()
     out = cache_dir() / f"stdlib-{spec.replace(':', '')}"
-    if (out / "train" / MANIFEST_NAME).exists() and (out / "val" / MANIFEST_NAME).exists():
+    if _is_prepared(out):
         print(f"demo data: {out} (cached)", flush=True)
         return out
     files = stdlib_sources()
@@ -65,6 +65,15 @@ def prepare_demo_data() -> Path:
         flush=True,
     )
     return out
+
+
+def _is_prepared(out: Path) -> bool:
+    """Both splits open as finished datasets (prepare commits them together, so a killed one left neither)."""
+    try:
+        TokenDataset(out / "train"), TokenDataset(out / "val")
+    except LmDataError:
+        return False
+    return True
 
 
 def demo_values(data: Path) -> dict[str, dict]:

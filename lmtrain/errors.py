@@ -17,3 +17,11 @@ class InsufficientDiskError(LmTrainError, OSError):
 
 class ConfigError(LmTrainError, ValueError):
     """One or more invalid settings; the message lists every problem found."""
+
+
+class NonFiniteLossError(LmTrainError):
+    """The loss or gradient norm became NaN or infinite; training stopped before the optimizer step."""
+
+
+class RunDirBusyError(LmTrainError):
+    """Another process holds the run directory's lock."""

@@ -29,7 +29,7 @@ from lmdata import BatchLoader, SamplerStateError, TokenDataset
 from lmtrain.checkpoint import restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED, TrainConfig
-from lmtrain.errors import ConfigError, LmTrainError
+from lmtrain.errors import ConfigError, NonFiniteLossError
 from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
@@ -41,8 +41,6 @@ from lmtrain.runtime import Runtime, agree_on_step
 VAL_SEED_OFFSET = 1_000_003  # the validation batches' sampler seed: fixed, and distinct from training's
 
 
-class NonFiniteLossError(LmTrainError):
-    """The loss or gradient norm became NaN or infinite; training stopped before the optimizer step."""
 
 
 class Trainer:

@@ -18,8 +18,8 @@ from lmtrain.checkpoint_manager import DISK_FULL
 from lmtrain.cli import parse_flags
 from lmtrain.config import TrainConfig, collect, load_toml, raise_problems, write_config
 from lmtrain.demo import demo_values, prepare_demo_data, report
-from lmtrain.errors import LmTrainError
-from lmtrain.loop import NonFiniteLossError, Trainer
+from lmtrain.errors import LmTrainError, NonFiniteLossError
+from lmtrain.loop import Trainer
 from lmtrain.preflight import preflight
 from lmtrain.rundir import RunDirLock
 from lmtrain.runtime import Runtime, start, stop

@@ -18,14 +18,12 @@ import os
 from pathlib import Path
 
 from lmdata.atomic import write_bytes_atomic
-from lmtrain.errors import LmTrainError
+from lmtrain.errors import RunDirBusyError
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
 
 
-class RunDirBusyError(LmTrainError):
-    """Another process holds the run directory's lock."""
 
 
 class RunDirLock:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lmdata import LmDataError, Manifest
+from lmdata import LmDataError, TokenDataset, TokenizerError
 from lmdata.tokenizer import load_tokenizer
 from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
@@ -26,8 +26,9 @@ from lmtrain.errors import CheckpointError, LmTrainError
 from lmtrain.model import TransformerLM
 
 
-def load_run(checkpoint: str | Path) -> tuple[TransformerLM, dict]:
-    """(model in eval mode on the CPU, resolved config) from a run directory's newest checkpoint or a file."""
+def load_run(checkpoint: str | Path) -> tuple[TransformerLM, dict, dict | None]:
+    """(model in eval mode on the CPU, resolved config, fingerprint of the training data) from a run directory's
+    newest checkpoint or a file. Reads only: safe while the run trains."""
     path = Path(checkpoint)
     if path.is_dir():
         found = CheckpointManager(path).load_latest()
@@ -46,16 +47,26 @@ def load_run(checkpoint: str | Path) -> tuple[TransformerLM, dict]:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the checkpoint's model config does not build a model ({e})") from None
     restore(obj, model)
-    return model.eval(), config
+    data = obj.get("data")
+    return model.eval(), config, data.get("train") if isinstance(data, dict) else None
 
 
-def tokenizer_for(config: dict, spec: str | None):
-    train = Path(config["data"]["train_data"])
+def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None):
+    """``spec``'s tokenizer, else the one the training manifest names, if the training data is still the data the
+    model was trained on (a re-prepare may have brought another tokenizer)."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    train = Path(str(data.get("train_data") or ""))
     if spec is not None:
         return load_tokenizer(spec, train)
-    if not (train / "manifest.json").exists():
-        raise LmDataError(f"{train}: no manifest.json names the tokenizer; pass --tokenizer")
-    return load_tokenizer(Manifest.load(train).tokenizer, train)
+    dataset = TokenDataset(train)
+    if dataset.manifest is None:
+        raise TokenizerError(f"{train}: no manifest.json names the tokenizer; pass --tokenizer")
+    if trained_on is not None and dataset.fingerprint() != trained_on:
+        raise TokenizerError(
+            f"{train}: the training data changed since this model was trained (prepared again?), so its "
+            "tokenizer may not be the model's; pass --tokenizer with the one the model was trained with"
+        )
+    return load_tokenizer(dataset.manifest.tokenizer, train)
 
 
 @torch.no_grad()
@@ -100,8 +111,8 @@ def sample_text(
     seed: int = 0,
     tokenizer: str | None = None,
 ) -> str:
-    model, config = load_run(checkpoint)
-    tok = tokenizer_for(config, tokenizer)
+    model, config, trained_on = load_run(checkpoint)
+    tok = tokenizer_for(config, tokenizer, trained_on)
     vocab = config["model"]["vocab_size"]
     if tok.vocab_size > vocab:
         raise CheckpointError(

@@ -107,3 +107,17 @@ def test_plot_metrics_writes_a_png(run_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_metrics(run_dir).name == "loss.png"
+
+
+def test_sampling_after_the_data_was_prepared_again_refuses_to_guess_the_tokenizer(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(TEXT)
+    data, out = tmp_path / "data", tmp_path / "run"
+    prepare([str(tmp_path / "a.txt")], data, "byte", val_fraction=0.2)
+    argv = ["--train-data", str(data / "train"), "--val-data", str(data / "val"), "--out-dir", str(out)]
+    assert train_main([*argv, *TINY, "--max-steps", "2", "--eval-interval", "0"]) == 0
+    (tmp_path / "a.txt").write_text(TEXT.upper())
+    prepare([str(tmp_path / "a.txt")], data, "byte", val_fraction=0.2)  # same path, other data (and maybe tokenizer)
+    capsys.readouterr()
+    assert sample_main(["--checkpoint", str(out), "--prompt", "x", "--max-new-tokens", "3"]) == 2
+    assert "the training data changed since this model was trained" in capsys.readouterr().err
+    assert sample_main(["--checkpoint", str(out), "--prompt", "x", "--max-new-tokens", "3", "--tokenizer", "byte"]) == 0
