@@ -6,6 +6,7 @@ lmdata knows nothing of models: it turns token files into int64 (B, T) tensors o
 from lmdata.batch import get_batch
 from lmdata.dataset import TokenDataset, resolve_source
 from lmdata.errors import (
+    ArgumentError,
     DatasetNotFoundError,
     InputError,
     LmDataError,
@@ -28,6 +29,7 @@ from lmdata.validate import ShardReport, ValidationResult, validate_shards
 from lmdata.writer import MARKER_NAME, ShardWriter, write_shards
 
 __all__ = [
+    "ArgumentError",
     "DTYPE_LIMITS",
     "LLMC_MAGICS",
     "MARKER_NAME",

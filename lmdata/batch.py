@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lmdata.errors import ArgumentError
 from lmdata.format import check_token_array
 from lmdata.gather import gather_windows, row_indices
 
@@ -26,12 +27,12 @@ def get_batch(
     """
     check_token_array(x, what="get_batch: x")
     if batch_size <= 0 or context_length <= 0:
-        raise ValueError(
+        raise ArgumentError(
             f"batch_size and context_length must be positive, got batch_size={batch_size}, "
             f"context_length={context_length}"
         )
     if len(x) <= context_length:
-        raise ValueError(
+        raise ArgumentError(
             f"x has {len(x)} tokens but a window needs context_length + 1 = {context_length + 1}; "
             "use a shorter context_length or more data"
         )

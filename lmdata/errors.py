@@ -12,6 +12,10 @@ class LmDataError(Exception):
     """Base class of every error lmdata raises on purpose."""
 
 
+class ArgumentError(LmDataError, ValueError):
+    """An API argument outside its range (batch size, context length, prefetch, sampler name, rank...)."""
+
+
 class DatasetNotFoundError(LmDataError, FileNotFoundError):
     """A dataset path, directory or glob that names no readable shard."""
 

@@ -41,6 +41,7 @@ import torch
 from numba.typed import List
 
 from lmdata.dataset import TokenDataset
+from lmdata.errors import ArgumentError
 from lmdata.gather import BatchFiller
 from lmdata.sampler import make_sampler
 
@@ -268,9 +269,9 @@ class BatchLoader:
         dtype: torch.dtype = torch.int64,
     ):
         if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+            raise ArgumentError(f"prefetch must be at least 1, got {prefetch}")
         if dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
+            raise ArgumentError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
         rank, world_size = _default_rank_world(rank, world_size)
         self.device = torch.device(device)
         if self.device.type == "cuda":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from lmdata.errors import SamplerStateError
+from lmdata.errors import ArgumentError, SamplerStateError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -132,7 +132,7 @@ class WindowIndex:
         self.ends = np.cumsum(counts)  # ends[i]: one past the last window id of shard i
         self.num_windows = int(self.ends[-1]) if len(self.ends) else 0
         if self.num_windows == 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"no shard holds a window of context_length + 1 = {span} tokens "
                 f"(longest shard: {int(lengths.max(initial=0))} tokens); use a shorter context_length"
             )
@@ -169,7 +169,7 @@ class _Sampler:
         if seed < 0:
             problems.append(f"seed must be non-negative, got {seed}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ArgumentError("; ".join(problems))
         stride = context_length if self.kind == EPOCH else 1
         self.index = WindowIndex(lengths, context_length, stride)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -274,5 +274,5 @@ def make_sampler(name: str, lengths: np.ndarray, context_length: int, batch_size
     try:
         cls = SAMPLERS[name]
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
+        raise ArgumentError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
     return cls(lengths, context_length, batch_size, **kwargs)

@@ -37,7 +37,7 @@ import torch
 
 from lmdata.atomic import fsync_dir, remove_stale_temporaries, write_bytes_atomic
 from lmtrain.checkpoint import load_object, save_object
-from lmtrain.errors import CheckpointError, InsufficientDiskError
+from lmtrain.errors import CheckpointError, ConfigError, InsufficientDiskError
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 LATEST = "latest"
@@ -106,7 +106,7 @@ class CheckpointManager:
         self, out_dir: str | Path, keep: int = 3, milestone_every: int | None = None, async_save: bool = False
     ):
         if keep < 1:
-            raise ValueError(f"keep must be at least 1, got {keep}")
+            raise ConfigError(f"keep must be at least 1, got {keep}")
         self.dir = Path(out_dir) / "checkpoints"
         self.keep, self.milestone_every, self.async_save = keep, milestone_every, async_save
         self._thread: threading.Thread | None = None

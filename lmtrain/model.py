@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtrain.errors import ConfigError
+
 
 def _init_linear(layer: nn.Linear) -> None:
     std = math.sqrt(2.0 / (layer.in_features + layer.out_features))
@@ -49,7 +51,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, d_head: int, context_length: int, theta: float):
         super().__init__()
         if d_head % 2:
-            raise ValueError(f"RoPE needs an even head dimension, got d_head={d_head}")
+            raise ConfigError(f"RoPE needs an even head dimension, got d_head={d_head}")
         inv_freq = theta ** (-torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)  # (d_head/2,)
         angles = torch.outer(torch.arange(context_length, dtype=torch.float64), inv_freq)  # (ctx, d_head/2)
         # Non-persistent: derived from the config, so not part of state_dict (the course's keys only).
@@ -142,7 +144,7 @@ class TransformerLM(nn.Module):
             if value <= 0
         ]
         if problems or (problems := shape_problems(d_model, num_heads)):
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
         self.context_length = context_length
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
         nn.init.trunc_normal_(self.token_embeddings.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
