@@ -65,3 +65,31 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, d
             section, name = dest.split(".", 1)
             values.setdefault(section, {})[name] = value
     return args, values
+
+
+def _accepts_text(spec) -> str:
+    """The type column of the README's reference: the type and what the field accepts."""
+    a = spec.accepts
+    rules = ["required"] if a.required else []
+    rules += [f"{symbol} {getattr(a, attr)}" for attr, symbol in _SYMBOLS if getattr(a, attr) is not None]
+    rules += ["one of " + ", ".join(a.choices)] if a.choices else []
+    kind = spec.kind.__name__ + (", finite" if spec.kind is float else "")
+    return "; ".join([kind, *rules])
+
+
+_SYMBOLS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def reference_markdown() -> str:
+    """The README's flag and TOML reference, generated from the declarations (a test keeps the README equal)."""
+    lines = []
+    for section, specs in FIELDS.items():
+        lines += [f"**{GROUP_TITLES[section]}** (`[{section}]`)", "", "| flag | TOML key | type | default | meaning |"]
+        lines.append("|---|---|---|---|---|")
+        for spec in specs.values():
+            name = flag(spec.name)
+            shown = f"`{name} / --no-{name[2:]}`" if spec.kind is bool else f"`{name}`"
+            default = "—" if spec.default is None else f"`{spec.default}`"
+            lines.append(f"| {shown} | `{spec.name}` | {_accepts_text(spec)} | {default} | {spec.help} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -29,28 +29,35 @@ METRICS_NAME = "metrics.jsonl"
 class RunDirLock:
     """``with RunDirLock(out_dir):`` holds the exclusive lock; raises RunDirBusyError if another process has it.
 
-    The directory is created if needed; :attr:`created` says whether this lock created it, so that a run
+    The directory is created if needed; :attr:`made` lists the directories this lock created, so that a run
     refused before it wrote anything can leave no trace (:meth:`discard`).
     """
 
     def __init__(self, out_dir: str | os.PathLike):
         self.dir = Path(out_dir)
-        self.created = False
+        self.made: list[Path] = []
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.created = not self.dir.exists()
+        self.made = [p for p in (self.dir, *self.dir.parents) if not p.exists()]  # deepest first
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        lock = self.dir / LOCK_NAME
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunDirBusyError(
+                    f"--out-dir {self.dir}: another training run (pid {holder}) is using this directory; wait for "
+                    "it to finish or stop it, or choose another --out-dir"
+                ) from None
+            # a refused run that created the directory unlinks the file (discard): a lock on it guards nothing
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break
             os.close(fd)
-            raise RunDirBusyError(
-                f"--out-dir {self.dir}: another training run (pid {holder}) is using this directory; wait for it "
-                "to finish or stop it, or choose another --out-dir"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -61,11 +68,12 @@ class RunDirLock:
             self._fd = None
 
     def discard(self) -> None:
-        """Release, and remove the directory again if this lock created it and nothing else was written."""
-        if self.created:
+        """Release, and remove the directories this lock created if nothing else was written into them."""
+        if self.made:
             with contextlib.suppress(OSError):
                 (self.dir / LOCK_NAME).unlink()  # still locked: no other trainer can be inside
-                self.dir.rmdir()  # fails, and so keeps the directory, if anything else is in it
+                for directory in self.made:
+                    directory.rmdir()  # fails, and so keeps it, if anything else is in it
         self.release()
 
     def __enter__(self) -> RunDirLock:

@@ -112,9 +112,9 @@ def test_a_bad_resume_path_is_refused_and_writes_nothing(corpus, tmp_path, capsy
         "not_a_dict": "expected a dict, found list",
         "not_training": "not a training checkpoint of lmtrain.main: optimizer (missing); iteration (str, expected int)",
     }[case]
-    out = tmp_path / "run"
+    out = tmp_path / "new" / "run"
     assert message in refused(args(corpus, out, "--resume", str(target)), capsys)
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_refused_resume_leaves_config_json_as_it_was(corpus, tmp_path, capsys):  # noqa: F811
