@@ -142,7 +142,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> None:
         """Train to max_steps, after :meth:`resume`. Raises NonFiniteLossError; returns normally on completion or
-        SIGTERM/SIGINT. A run resumed at max_steps is already finished: nothing runs and nothing is written."""
+        SIGTERM/SIGINT. A run resumed at max_steps is already finished: no step runs and no checkpoint is written."""
         c, rt = self.c, self.rt
         if self.step >= c.run.max_steps:
             self._say(f"the run is already at step {self.step} = --max-steps: nothing to do")

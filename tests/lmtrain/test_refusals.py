@@ -148,3 +148,22 @@ def test_preflight_asks_for_at_least_the_room_the_first_save_checks(corpus, tmp_
     assert asked and max(asked) <= preflight_asks
     state = torch.load(out / "checkpoints" / "step_00000002.pt", weights_only=True)
     assert free_bytes_needed(estimate_bytes(state)) <= preflight_asks
+
+
+def test_a_long_token_scan_shows_its_progress(tmp_path, capsys, monkeypatch):
+    """Data without a manifest is scanned at preflight; past a few seconds it says how far it got."""
+    import numpy as np
+
+    from lmdata import TokenDataset
+    from lmtrain import preflight
+    from tests.conftest import write_nanogpt
+
+    ds = TokenDataset(write_nanogpt(tmp_path / "t.bin", np.arange(5000) % 100))
+    clock = iter([0.0, 10.0, 10.0, 20.0, 20.0])  # the scan's start, then each progress call
+    monkeypatch.setattr(preflight.time, "perf_counter", lambda: next(clock, 30.0))
+    assert preflight._token_range_problems("train", ds, vocab_size=100, given=True) == []
+    err = capsys.readouterr().err
+    assert "scanning the train data for its token range" in err
+    assert preflight._token_range_problems("train", ds, vocab_size=99, given=True) == [
+        "--vocab-size 99 is smaller than the largest token in the train data (99)"
+    ]
