@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
+import re
 import sys
 import tempfile
 import time
@@ -45,7 +45,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmdata.atomic import TMP_PREFIX, fsync_dir
-from lmdata.errors import OutputBusyError, OutputError
+from lmdata.errors import LmDataError, OutputBusyError, OutputError
+from lmdata.manifest import MANIFEST_NAME, Manifest
+from lmdata.writer import MARKER_NAME
 
 GEN_PREFIX = ".gen-"
 OLD_PREFIX = ".old-"
@@ -66,32 +68,91 @@ def stop_point(step: str) -> None:
 
 
 def check_output(out: Path) -> None:
-    """Raise OutputError if ``out`` holds something prepare must not replace; reads only, writes nothing."""
+    """Raise OutputError if ``out`` holds something prepare must not replace or delete; reads only.
+
+    Prepare replaces OUT's train/, val/ and tokenizer.json and deletes the generation they led to, so each must
+    hold only what prepare writes (:func:`foreign_files`): a run directory or a user's file there would be
+    deleted with it.
+    """
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; choose another --out")
+    inside = next((p for p in Path(os.path.realpath(out)).parents if (p / CURRENT).is_symlink()), None)
+    if inside is not None or any(part.startswith(GEN_PREFIX) for part in Path(os.path.realpath(out)).parts):
+        raise OutputError(
+            f"{out}: lies inside the prepared dataset {inside or out}; a re-prepare of that one would delete it. "
+            "Choose an --out outside it"
+        )
     current = out / CURRENT
     if current.exists() and not current.is_symlink():
         raise OutputError(f"{current}: not a link that prepare made; move it away or choose another --out")
-    for name in ENTRIES:
-        _check_entry(out / name)
+    for name in ENTRIES:  # what a re-prepare deletes: a real entry (old layout), or the current generation's
+        if not (out / name).is_symlink():
+            _check_entry(out / name)
+        if current.is_symlink():
+            _check_entry(current / name)
 
 
 def _check_entry(path: Path) -> None:
-    if path.is_symlink() or not path.exists():
-        return  # a link is replaced, never followed into
+    """OutputError unless ``path`` holds only what prepare writes."""
+    if not path.exists():
+        return
     if path.name == "tokenizer.json":
         if not path.is_file():
             raise OutputError(f"{path}: not a file; move it away or choose another --out")
         return
     if not path.is_dir():
         raise OutputError(f"{path}: not a directory; move it away or choose another --out")
-    for child in sorted(path.iterdir()):
-        written_by_lmdata = child.is_file() and (child.suffix in (".bin", ".npy", ".json") or child.name[0] == ".")
-        if not written_by_lmdata:
-            raise OutputError(
-                f"{path}: holds {child.name}, which prepare did not write; move it away or choose another --out "
-                "(prepare replaces this directory)"
-            )
+    foreign = foreign_files(path)
+    if foreign:
+        shown = ", ".join(p.name for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"{path}: holds {shown}, which prepare did not write; a re-prepare replaces this directory and would "
+            "delete them: move them away or choose another --out"
+        )
+
+
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-]+_\d{6}\.bin$")  # ShardWriter's {prefix}_{index:06d}.bin
+
+
+def foreign_files(split: Path) -> list[Path]:
+    """What in a split directory prepare did not write: anything but its manifest, the shards the manifest lists
+    or that are named as ShardWriter names them, the write marker and temporary files."""
+    listed: set[str] = set()
+    with contextlib.suppress(LmDataError):
+        if (split / MANIFEST_NAME).is_file():
+            listed = {entry.file for entry in Manifest.load(split).shards}
+    ours = {MANIFEST_NAME, MARKER_NAME} | listed
+    return [
+        child
+        for child in sorted(split.iterdir())
+        if not (
+            (child.is_file() or child.is_symlink())
+            and (child.name in ours or child.name.startswith(TMP_PREFIX) or _SHARD_NAME.match(child.name))
+        )
+    ]
+
+
+def _remove_written(root: Path) -> None:
+    """Delete a generation or set-aside old layout: only what prepare writes; anything else stays, with a
+    warning (never ``rmtree`` a directory a user may have put a run into)."""
+    kept = []
+    for name in ENTRIES:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            foreign = foreign_files(path)
+            for child in path.iterdir():
+                if child not in foreign:
+                    child.unlink(missing_ok=True)
+            kept += foreign
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()
+    if kept:
+        print(f"prepare: warning: left {root} in place: it holds {kept[0]}, which prepare did not write",
+              file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -103,7 +164,7 @@ def generation(out: Path) -> Iterator[Path]:
     try:
         yield gen
     except BaseException:
-        shutil.rmtree(gen, ignore_errors=True)
+        _remove_written(gen)
         raise
     commit(out, gen)
 
@@ -120,7 +181,7 @@ def remove_leftovers(out: Path) -> None:
     keep = current_generation(out)
     for path in out.iterdir():
         if path.name.startswith(GEN_PREFIX) and path.name != keep:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_written(path)
         elif path.name.startswith(TMP_PREFIX) and path.is_symlink():
             path.unlink(missing_ok=True)
 
@@ -138,7 +199,7 @@ def commit(out: Path, gen: Path) -> None:
     stop_point("flipped")
     for path in out.iterdir():
         if (path.name.startswith(GEN_PREFIX) and path != gen) or path.name.startswith(OLD_PREFIX):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_written(path)
     for name in ENTRIES:
         if not (gen / name).exists() and (out / name).is_symlink():
             (out / name).unlink()

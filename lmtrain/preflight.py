@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lmdata import LmDataError, TokenDataset
+from lmdata.manifest import MANIFEST_NAME
 from lmtrain.checkpoint_manager import checkpoint_tensor_bytes, free_bytes_needed
 from lmtrain.config import RESUME_MODES, TrainConfig
 from lmtrain.model import TransformerLM
@@ -111,6 +112,24 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _foreign_out_dir(out: Path) -> str | None:
+    """Why ``out`` is not a directory a run may write into, or None. A run writes (and ``--resume replace``
+    deletes) its own entries there, so it must be new, a run directory, or hold only a few plain files (a
+    run.toml): never a dataset, a generation a re-prepare deletes, or a tree like ``/`` or a home directory."""
+    resolved = Path(os.path.realpath(out))
+    for directory in (resolved, *resolved.parents):
+        if (directory / "current").is_symlink() or directory.name.startswith(".gen-") or (
+            directory != resolved and (directory / MANIFEST_NAME).exists()
+        ):
+            return f"lies inside the dataset {directory}, which a re-prepare replaces"
+    if not out.is_dir() or any((out / name).exists() for name in (*RUN_DIR_ENTRIES, ".lock")):
+        return None
+    children = list(out.iterdir())
+    if any(c.is_dir() or c.suffix in (".bin", ".npy") or c.name == MANIFEST_NAME for c in children):
+        return "holds directories or shards but is not a run directory (no config.json or checkpoints/)"
+    return None
+
+
 def check_out_dir(c: TrainConfig, num_parameters: int | None) -> list[str]:
     """The out dir can be created and written, and the disk has room for a checkpoint (nothing is written).
 
@@ -132,6 +151,8 @@ def check_out_dir(c: TrainConfig, num_parameters: int | None) -> list[str]:
     ]
     if wrong:
         return wrong
+    if problem := _foreign_out_dir(out):
+        return [f"--out-dir {out}: {problem}; choose a new or empty directory (or a run directory to resume)"]
     if num_parameters is None:
         return []
     needed = free_bytes_needed(checkpoint_tensor_bytes(num_parameters))

@@ -189,3 +189,34 @@ def test_a_second_prepare_into_the_same_directory_exits_2_naming_it(datasets, ca
         kill(proc)
     assert visible(out, old, new) == "old"
     check_next_prepare_recovers(out, new_in, new)
+
+
+def test_a_run_directory_inside_the_dataset_stops_a_re_prepare_and_survives(datasets, capsys):
+    out, new_in, old, _ = datasets
+    run = out / "train" / "run"  # e.g. --out-dir DATA/train/run: lives in the current generation
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000003.pt").write_bytes(b"weights")
+    assert main([str(new_in), "--out", str(out), "--val-fraction", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds run, which prepare did not write" in err and "would delete them" in err
+    assert (run / "checkpoints" / "step_00000003.pt").read_bytes() == b"weights"
+    assert visible(out, old, {}) == "old"
+
+
+def test_user_files_in_an_old_layout_split_directory_are_never_deleted(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.txt", OLD_DOCS)
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    np.save(out / "train" / "my_precious_shards.npy", np.arange(10))
+    (out / "train" / "notes.json").write_text('{"n": 1}')
+    (out / "train" / ".env").write_text("secret")
+    assert main([str(corpus), "--out", str(out)]) == 2
+    assert ".env, my_precious_shards.npy, notes.json" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "train").iterdir()) == [".env", "my_precious_shards.npy", "notes.json"]
+
+
+def test_an_out_inside_another_prepared_dataset_is_refused(datasets, capsys):
+    out, new_in, old, _ = datasets
+    assert main([str(new_in), "--out", str(out / "train" / "nested")]) == 2
+    assert "lies inside the prepared dataset" in capsys.readouterr().err
+    assert not (out / "train" / "nested").exists() and visible(out, old, {}) == "old"

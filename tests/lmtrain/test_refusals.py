@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,28 @@ def test_a_long_token_scan_shows_its_progress(tmp_path, capsys, monkeypatch):
     assert preflight._token_range_problems("train", ds, vocab_size=99, given=True) == [
         "--vocab-size 99 is smaller than the largest token in the train data (99)"
     ]
+
+
+@pytest.mark.parametrize("where", ["root", "inside_dataset", "dataset_itself", "a_tree"])
+def test_an_out_dir_that_is_not_a_run_directory_is_refused(corpus, tmp_path, capsys, where):  # noqa: F811
+    from lmdata.prepare import prepare
+
+    (tmp_path / "t.txt").write_text("hello world, this is some text\n" * 400)
+    prepare([str(tmp_path / "t.txt")], tmp_path / "data", "byte", val_fraction=0.2)
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    out = {
+        "root": Path("/"),
+        "inside_dataset": tmp_path / "data" / "train" / "run",  # a re-prepare would delete it
+        "dataset_itself": corpus / "train",
+        "a_tree": tmp_path / "tree",
+    }[where]
+    err = refused(args(corpus, out), capsys)
+    assert "choose a new or empty directory" in err
+    assert not (out / "config.json").exists() and not (out / ".lock").exists()
+
+
+def test_an_out_dir_holding_only_the_run_toml_is_fine(corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.toml").write_text("[run]\nmax_steps = 1\n")
+    assert main([*args(corpus, out, "--eval-interval", "0"), "--config", str(out / "run.toml")]) == 0
