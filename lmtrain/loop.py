@@ -44,7 +44,10 @@ VAL_SEED_OFFSET = 1_000_003  # the validation batches' sampler seed: fixed, and 
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, runtime: Runtime):
+    def __init__(
+        self, config: TrainConfig, runtime: Runtime, datasets: tuple[TokenDataset, TokenDataset] | None = None
+    ):
+        """``datasets``: (train, val) already opened and checked (by preflight); else opened from the config."""
         self.c, self.rt = config, runtime
         c, rt = config, runtime
         torch.manual_seed(c.run.seed)
@@ -55,7 +58,9 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.train_model = self._wrap(self.model)
-        self.train_data, self.val_data = TokenDataset(c.data.train_data), TokenDataset(c.data.val_data)
+        if datasets is None:
+            datasets = TokenDataset(c.data.train_data), TokenDataset(c.data.val_data)
+        self.train_data, self.val_data = datasets
         self.loader = BatchLoader(
             self.train_data,
             c.run.batch_size,

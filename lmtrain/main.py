@@ -20,15 +20,16 @@ from lmtrain.config import TrainConfig, collect, load_toml, raise_problems, writ
 from lmtrain.demo import demo_values, prepare_demo_data, report
 from lmtrain.errors import LmTrainError, NonFiniteLossError
 from lmtrain.loop import Trainer
-from lmtrain.preflight import preflight
+from lmtrain.preflight import Preflight, preflight
 from lmtrain.rundir import RunDirLock
 from lmtrain.runtime import Runtime, start, stop
 
 EXIT_USAGE, EXIT_NONFINITE = 2, 3
 
 
-def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, bool, bool]:
-    """(config, allow_config_change, is_demo). With no data given anywhere, the demo supplies data and settings."""
+def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Preflight, bool, bool]:
+    """(config, what preflight derived, allow_config_change, is_demo). With no data given anywhere, the demo
+    supplies data and settings."""
     args, flags = parse_flags(argv)
     file_values = load_toml(args.config) if getattr(args, "config", None) else {}
     source = f"--config {args.config}" if getattr(args, "config", None) else "flags"
@@ -42,17 +43,18 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, bool, bool]:
     config, problems, bad = collect(file_values, flags, source=source)
     derived, found = preflight(config, bad)
     raise_problems(problems + found)
-    return config.with_vocab_size(derived.vocab_size), getattr(args, "allow_config_change", False), is_demo
+    allow_change = getattr(args, "allow_config_change", False)
+    return config.with_vocab_size(derived.vocab_size), derived, allow_change, is_demo
 
 
-def run(config: TrainConfig, runtime: Runtime, allow_change: bool) -> Trainer:
+def run(config: TrainConfig, checked: Preflight, runtime: Runtime, allow_change: bool) -> Trainer:
     """Lock the run dir (rank 0), resume or start afresh, write config.json, train; returns the finished trainer."""
     out = Path(config.data.out_dir)
     lock = RunDirLock(out)
     if runtime.is_main:
         lock.acquire()
     try:
-        trainer = Trainer(config, runtime)
+        trainer = Trainer(config, runtime, (checked.train, checked.val))  # the data preflight checked
         trainer.resume(allow_change)
     except BaseException:
         lock.discard()  # refused before anything was written: leave no trace of this attempt
@@ -74,13 +76,13 @@ def run(config: TrainConfig, runtime: Runtime, allow_change: bool) -> Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config, allow_change, is_demo = resolve_config(argv)
+        config, checked, allow_change, is_demo = resolve_config(argv)
         runtime = start(config.run.device, config.run.dtype)
     except (LmTrainError, LmDataError) as e:
         print(f"lmtrain: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        trainer = run(config, runtime, allow_change)
+        trainer = run(config, checked, runtime, allow_change)
     except NonFiniteLossError as e:
         print(f"lmtrain: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE

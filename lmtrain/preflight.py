@@ -30,9 +30,12 @@ RUN_DIR_ENTRIES = {"config.json": False, "metrics.jsonl": False, "checkpoints": 
 
 @dataclass(frozen=True)
 class Preflight:
-    """What the checks derived: the vocabulary size (given, or the training manifest's)."""
+    """What the checks derived: the vocabulary size (given, or the training manifest's) and the datasets they
+    checked, which the run then trains on (opening them again could find other data, e.g. after a re-prepare)."""
 
     vocab_size: int
+    train: TokenDataset
+    val: TokenDataset
 
 
 def count_parameters(c: TrainConfig, vocab_size: int) -> int:
@@ -42,24 +45,31 @@ def count_parameters(c: TrainConfig, vocab_size: int) -> int:
 
 
 def _open(c: TrainConfig) -> tuple[dict[str, TokenDataset], list[str]]:
-    datasets, problems = {}, []
-    for name in ("train_data", "val_data"):
-        try:
-            datasets[name] = TokenDataset(getattr(c.data, name))
-        except LmDataError as e:
-            problems.append(f"--{name.replace('_', '-')}: {e}")
+    """Both datasets, opened at one instant: if a path resolves elsewhere after opening (a re-prepare switched
+    OUT/current in between), open both again, so train and val never come from two generations."""
+    paths = {name: getattr(c.data, name) for name in ("train_data", "val_data")}
+    for _ in range(3):
+        before = {name: os.path.realpath(path) for name, path in paths.items()}
+        datasets, problems = {}, []
+        for name, path in paths.items():
+            try:
+                datasets[name] = TokenDataset(path)
+            except LmDataError as e:
+                problems.append(f"--{name.replace('_', '-')}: {e}")
+        if before == {name: os.path.realpath(path) for name, path in paths.items()}:
+            break
     return datasets, problems
 
 
-def check_data(c: TrainConfig) -> tuple[int | None, list[str]]:
-    """(vocab_size, problems): open both datasets, settle the vocabulary, check windows fit and token ids."""
+def check_data(c: TrainConfig) -> tuple[int | None, dict[str, TokenDataset], list[str]]:
+    """(vocab_size, datasets, problems): open both datasets, settle the vocabulary, check windows fit and ids."""
     datasets, problems = _open(c)
     if problems:
-        return None, problems
+        return None, datasets, problems
     train, val = datasets["train_data"], datasets["val_data"]
     vocab_size = c.model.vocab_size or train.vocab_size
     if vocab_size is None:
-        return None, ["--vocab-size is required: the training data has no manifest.json that states it"]
+        return None, datasets, ["--vocab-size is required: the training data has no manifest.json that states it"]
     for name, ds in (("train", train), ("val", val)):
         longest = int(ds.lengths.max())
         if longest < c.model.context_length + 1:
@@ -68,7 +78,7 @@ def check_data(c: TrainConfig) -> tuple[int | None, list[str]]:
                 f"has {longest} tokens and a window needs context_length + 1"
             )
         problems += _token_range_problems(name, ds, vocab_size, given=c.model.vocab_size is not None)
-    return vocab_size, problems
+    return vocab_size, datasets, problems
 
 
 def _token_range_problems(name: str, ds: TokenDataset, vocab_size: int, given: bool) -> list[str]:
@@ -228,9 +238,9 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
     """
     problems = check_logging_packages(c) if _usable(bad, "log.") else []
     problems += check_resume_path(c) if _usable(bad, "checkpoint.resume") else []
-    vocab_size = None
+    vocab_size, datasets = None, {}
     if _usable(bad, "data.train_data", "data.val_data", "model.vocab_size", "model.context_length"):
-        vocab_size, data_problems = check_data(c)
+        vocab_size, datasets, data_problems = check_data(c)
         problems += data_problems
     model_known = vocab_size is not None and _usable(bad, "model.")
     num_parameters = count_parameters(c, vocab_size) if model_known else None
@@ -238,4 +248,6 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
         problems += check_out_dir(c, num_parameters)
     if num_parameters is not None and _usable(bad, "run."):
         problems += check_memory(c, num_parameters)
-    return (Preflight(vocab_size) if vocab_size is not None and not problems else None), problems
+    if vocab_size is None or problems:
+        return None, problems
+    return Preflight(vocab_size, datasets["train_data"], datasets["val_data"]), problems

@@ -228,3 +228,19 @@ def test_run_dir_entries_of_the_wrong_kind_are_refused_at_start(corpus, tmp_path
     assert main(args(corpus, out)) == 2
     err = capsys.readouterr().err
     assert f"{out / 'checkpoints'} should be a directory" in err and f"{out / 'metrics.jsonl'} should be a file" in err
+
+
+def test_resume_on_replaced_data_without_a_manifest_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+    """nanoGPT/.npy data has no checksums: a shard replaced by other tokens of the same name and size is still
+    told apart (a sampled digest), so the run does not silently continue on other data."""
+    import numpy as np
+
+    train = tmp_path / "train.npy"
+    np.save(train, np.random.default_rng(1).integers(0, 64, 5000).astype(np.int32))
+    common = ["--train-data", str(train), "--val-data", str(corpus / "val"), "--vocab-size", "64"]
+    out = tmp_path / "run"
+    tiny = args(corpus, out)[6:]
+    assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "2", "--eval-interval", "0"]) == 0
+    np.save(train, np.random.default_rng(2).integers(0, 64, 5000).astype(np.int32))
+    assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "4", "--eval-interval", "0"]) == 2
+    assert "the data differs from the data this run was trained on" in capsys.readouterr().err
