@@ -83,8 +83,13 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
             found, walked = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file()), True
         elif Path(item).is_dir():
             found, walked = sorted(p for p in Path(item).rglob("*") if p.is_file()), True
-        elif Path(item).exists():
+        elif Path(item).is_file():
             found, walked = [Path(item)], False
+        elif Path(item).exists():  # a FIFO, <(process substitution), a device such as /dev/zero
+            raise InputError(
+                f"{item}: not a regular file (a pipe or a device); prepare reads its input more than once, so "
+                "pipe such input to standard input instead: ... | python -m lmdata.prepare - --out DIR"
+            )
         else:
             raise InputError(f"{item}: no such file or directory")
         if not found:

@@ -153,4 +153,4 @@ def load_tokenizer(name: str, directory: Path) -> Tokenizer:
             if candidate.exists():
                 return HFTokenizer.load(candidate, name)
         raise TokenizerError(f"{directory}: no {TOKENIZER_FILE} here or in its parent for tokenizer {name}")
-    raise TokenizerError(f"unknown tokenizer {name!r} in the manifest")
+    raise TokenizerError(f"unknown tokenizer {name!r}: expected byte, bpe:N or tiktoken:NAME")

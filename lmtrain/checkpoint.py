@@ -100,6 +100,25 @@ def load_checkpoint(src: Target, model: nn.Module, optimizer: torch.optim.Optimi
     return int(obj["iteration"])
 
 
+def _weights_mismatch(saved: dict, expected: dict) -> str | None:
+    """One line saying how ``saved`` differs from the model's state dict (missing, unexpected, other shapes)."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape
+    ]
+    parts = [
+        f"{len(items)} {what} (first: {items[0]})"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+        if items
+    ]
+    if not parts:
+        return None
+    return "; ".join(parts) + ". The model's shape cannot change on resume: start a new run (another --out-dir)"
+
+
 def restore(obj: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a loaded checkpoint dict's model and optimizer state; CheckpointError naming mismatched keys."""
     missing = [k for k in ("model", "optimizer", "iteration") if k not in obj]
@@ -107,8 +126,11 @@ def restore(obj: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None
         raise CheckpointError(f"the checkpoint lacks {missing}; it was not written by save_checkpoint")
     if not isinstance(obj["model"], dict):
         raise CheckpointError(f"the checkpoint's model state is a {type(obj['model']).__name__}, not a state dict")
+    saved = strip_wrapper_prefixes(obj["model"])
+    if mismatch := _weights_mismatch(saved, unwrap(model).state_dict()):
+        raise CheckpointError(f"the checkpoint's weights do not fit this model: {mismatch}")
     try:
-        unwrap(model).load_state_dict(strip_wrapper_prefixes(obj["model"]))
+        unwrap(model).load_state_dict(saved)
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"the checkpoint's weights do not fit this model: {e}") from None
     if optimizer is not None:

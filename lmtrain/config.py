@@ -312,6 +312,8 @@ def build_config(file_values: dict[str, dict], flag_values: dict[str, dict], sou
 
 def load_toml(path: str | Path) -> dict[str, dict]:
     """The sections of a TOML config file; ConfigError for a file that is missing, unreadable or not TOML."""
+    if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+        raise ConfigError(f"--config {path}: not a regular file (a pipe or a device); pass a TOML file")
     try:
         with open(path, "rb") as f:
             values = tomllib.loads(f.read().decode("utf-8"))

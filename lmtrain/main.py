@@ -1,6 +1,6 @@
 """``python -m lmtrain.main``: parse, validate, build, run. Exit codes: 0 done (or stopped by SIGTERM/SIGINT with a
 checkpoint), 2 a user error (bad flag, config, data or checkpoint, a busy run dir, a full disk; one message, no
-traceback), 3 a non-finite loss.
+traceback), 3 a non-finite loss, 130 stopped at once by a second SIGINT/SIGTERM.
 
 Order, so that a refused run writes nothing: every check (config, data, disk, memory) runs first; then rank 0
 locks the run directory, picks the checkpoint to resume from and checks it; only then is ``config.json`` written
@@ -24,7 +24,7 @@ from lmtrain.preflight import Preflight, preflight
 from lmtrain.rundir import RunDirLock
 from lmtrain.runtime import Runtime, start, stop
 
-EXIT_USAGE, EXIT_NONFINITE = 2, 3
+EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Preflight, bool, bool]:
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"lmtrain: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM: stop now, without a checkpoint of this step
+        print("lmtrain: stopped at once by a second signal; the last checkpoint written is intact", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (LmTrainError, LmDataError) as e:
         print(f"lmtrain: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -90,7 +90,10 @@ def _token_range_problems(name: str, ds: TokenDataset, vocab_size: int, given: b
         ]
     lo, hi = ds.token_range(progress=_ScanProgress(name))
     if lo < 0:
-        return [f"the {name} data holds negative token ids (smallest {lo}); token ids must be >= 0"]
+        return [
+            f"the {name} data holds token ids below 0 (or uint64 ids of 2^63 and more): the smallest, read as "
+            f"int64, is {lo}; token ids must be in [0, vocab_size)"
+        ]
     if hi >= vocab_size:
         source = "--vocab-size" if given else "the vocabulary size from the manifest"
         return [f"{source} {vocab_size} is smaller than the largest token in the {name} data ({hi})"]

@@ -89,7 +89,10 @@ def generate(
         if temperature == 0:
             token = int(logits.argmax())
         else:
-            probs = torch.softmax(logits / temperature, dim=-1)
+            # float64 and shifted so the largest logit is 0: a tiny temperature (1e-300 is 0 in float32) then
+            # gives -inf, not nan, for the others, i.e. greedy
+            shifted = logits.double() - logits.max()
+            probs = torch.softmax(shifted / temperature, dim=-1)
             if top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
@@ -141,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:  # also false for nan
         problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 in argv arrive as lone surrogates
+        problems.append("--prompt is not valid UTF-8 text")
     if not 0 <= args.seed <= MAX_SEED:
         problems.append(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
     if problems:

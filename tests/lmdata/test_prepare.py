@@ -226,3 +226,12 @@ def test_a_refused_prepare_writes_nothing(tmp_path, corpus, capsys, monkeypatch,
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert snapshot(out) == before
+
+
+def test_a_pipe_or_device_as_input_is_refused_not_read_forever(tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for item in (str(fifo), "/dev/zero"):
+        assert main([item, "--out", str(tmp_path / "out")]) == 2
+        assert "not a regular file (a pipe or a device)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,17 @@ def test_an_out_dir_holding_only_the_run_toml_is_fine(corpus, tmp_path):  # noqa
     out.mkdir()
     (out / "run.toml").write_text("[run]\nmax_steps = 1\n")
     assert main([*args(corpus, out, "--eval-interval", "0"), "--config", str(out / "run.toml")]) == 0
+
+
+def test_a_config_that_is_a_pipe_is_refused_not_waited_on(corpus, tmp_path, capsys):  # noqa: F811
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    assert "not a regular file" in refused([*args(corpus, tmp_path / "r"), "--config", str(fifo)], capsys)
+
+
+def test_changing_the_model_shape_on_resume_is_one_clear_line(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
+    err = refused(args(corpus, out, "--max-steps", "4", "--d-model", "64", "--allow-config-change"), capsys)
+    assert "of another shape (first: token_embeddings.weight: checkpoint (64, 32), model (64, 64))" in err
+    assert "The model's shape cannot change on resume" in err and len(err.strip().splitlines()) == 1

@@ -244,3 +244,17 @@ def test_resume_on_replaced_data_without_a_manifest_is_refused(corpus, tmp_path,
     np.save(train, np.random.default_rng(2).integers(0, 64, 5000).astype(np.int32))
     assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "4", "--eval-interval", "0"]) == 2
     assert "the data differs from the data this run was trained on" in capsys.readouterr().err
+
+
+def test_a_second_sigterm_stops_at_once_without_a_traceback(corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    # long steps (200 micro-batches), so both signals land inside one step
+    proc = run_cli(args(corpus, out, "--max-steps", "1000", "--grad-accum-steps", "200", "--checkpoint-interval", "1"))
+    wait_for_step(out, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped at once by a second signal" in err and "Traceback" not in err
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert torch.load(out / "checkpoints" / latest, weights_only=True)["iteration"] >= 1

@@ -121,3 +121,19 @@ def test_sampling_after_the_data_was_prepared_again_refuses_to_guess_the_tokeniz
     assert sample_main(["--checkpoint", str(out), "--prompt", "x", "--max-new-tokens", "3"]) == 2
     assert "the training data changed since this model was trained" in capsys.readouterr().err
     assert sample_main(["--checkpoint", str(out), "--prompt", "x", "--max-new-tokens", "3", "--tokenizer", "byte"]) == 0
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash(run_dir, capsys):
+    argv = ["--checkpoint", str(run_dir), "--prompt", "line 7", "--max-new-tokens", "8", "--seed", "1"]
+    assert sample_main([*argv, "--temperature", "1e-300"]) == 0
+    tiny = capsys.readouterr().out
+    assert sample_main([*argv, "--temperature", "0"]) == 0
+    assert tiny == capsys.readouterr().out
+
+
+def test_a_prompt_that_is_not_utf8_exits_2(run_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmtrain.sample", "--checkpoint", str(run_dir), "--prompt", b"\xff\xfe"],
+        capture_output=True,
+    )
+    assert proc.returncode == 2 and b"--prompt is not valid UTF-8 text" in proc.stderr
