@@ -21,6 +21,24 @@ from typing import BinaryIO
 TMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes private files (0600) and directories (0700); what we publish gets the modes open() and mkdir()
+# would give (0644 and 0755 under the usual umask 022), so a dataset or a run can be shared with a group.
+FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+
+
+def mkstemp_public(name: str, directory: str | os.PathLike) -> tuple[int, str]:
+    """``tempfile.mkstemp`` for a file that will be renamed onto ``name`` in ``directory``, with FILE_MODE."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}.", dir=directory)
+    os.fchmod(fd, FILE_MODE)
+    return fd, tmp_name
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename or unlink inside ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -38,7 +56,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     ``.tmp-*`` file beside ``path``; :func:`remove_stale_temporaries` cleans those up.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    fd, tmp_name = mkstemp_public(path.name, path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

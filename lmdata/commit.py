@@ -44,7 +44,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmdata.atomic import TMP_PREFIX, fsync_dir
+from lmdata.atomic import DIR_MODE, TMP_PREFIX, fsync_dir
 from lmdata.errors import LmDataError, OutputBusyError, OutputError
 from lmdata.manifest import MANIFEST_NAME, Manifest
 from lmdata.writer import MARKER_NAME
@@ -161,6 +161,7 @@ def generation(out: Path) -> Iterator[Path]:
     block returns, delete it if the block raises. Leftovers of killed prepares are removed first."""
     remove_leftovers(out)
     gen = Path(tempfile.mkdtemp(prefix=GEN_PREFIX, dir=out))
+    os.chmod(gen, DIR_MODE)  # mkdtemp's 0700 would hide the dataset from everyone else
     try:
         yield gen
     except BaseException:

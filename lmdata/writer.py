@@ -23,13 +23,12 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from lmdata.atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_bytes_atomic
+from lmdata.atomic import fsync_dir, mkstemp_public, remove_stale_temporaries, write_bytes_atomic
 from lmdata.errors import ShardFormatError, ShardWriterError
 from lmdata.format import DTYPE_LIMITS, TOKEN_DTYPE, make_header
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
@@ -140,7 +139,7 @@ class ShardWriter:
                 self._finish_shard()
 
     def _open_shard(self) -> None:
-        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{self._shard_name()}.", dir=self.out_dir)
+        fd, name = mkstemp_public(self._shard_name(), self.out_dir)
         self._tmp_path = Path(name)
         self._file = os.fdopen(fd, "w+b")
         self._file.write(make_header(0))  # placeholder: the count is patched in when the shard is finished

@@ -220,3 +220,15 @@ def test_an_out_inside_another_prepared_dataset_is_refused(datasets, capsys):
     assert main([str(new_in), "--out", str(out / "train" / "nested")]) == 2
     assert "lies inside the prepared dataset" in capsys.readouterr().err
     assert not (out / "train" / "nested").exists() and visible(out, old, {}) == "old"
+
+
+def test_a_prepared_dataset_is_readable_by_others(tmp_path):
+    """mkdtemp/mkstemp make private 0700/0600 entries; a published dataset has the modes open() would give."""
+    out = tmp_path / "out"
+    prepare([str(write_corpus(tmp_path / "c.txt", OLD_DOCS))], out, "byte", val_fraction=0.1)
+    umask = os.umask(0)
+    os.umask(umask)
+    gen = (out / "current").resolve()
+    assert gen.stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in (gen / "train" / "manifest.json", *sorted((gen / "train").glob("*.bin"))):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
