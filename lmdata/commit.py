@@ -82,6 +82,8 @@ def check_output(out: Path) -> None:
             f"{out}: lies inside the prepared dataset {inside or out}; a re-prepare of that one would delete it. "
             "Choose an --out outside it"
         )
+    if (out / "checkpoints").is_dir() or (out / "metrics.jsonl").is_file():
+        raise OutputError(f"{out}: is a training run directory (it has checkpoints or metrics); choose another --out")
     current = out / CURRENT
     if current.exists() and not current.is_symlink():
         raise OutputError(f"{current}: not a link that prepare made; move it away or choose another --out")

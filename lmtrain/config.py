@@ -239,6 +239,16 @@ def _lr_problems(c: TrainConfig) -> list[str]:
     return [f"[optim] min_lr={o.min_lr} is above lr={o.lr}"] if o.min_lr > o.lr else []
 
 
+def _schedule_problems(c: TrainConfig) -> list[str]:
+    o = c.optim
+    if o.lr_decay_steps is not None and o.lr_decay_steps <= o.warmup_steps:
+        return [
+            f"[optim] lr_decay_steps={o.lr_decay_steps} is not after warmup_steps={o.warmup_steps}: the LR would "
+            "jump from --lr to --min-lr at the end of the warm-up"
+        ]
+    return []
+
+
 def _shape_problems(c: TrainConfig) -> list[str]:
     return [f"[model] {p}" for p in shape_problems(c.model.d_model, c.model.num_heads)]
 
@@ -247,6 +257,7 @@ def _shape_problems(c: TrainConfig) -> list[str]:
 CROSS_CHECKS = (
     (("run.device",), _device_problems),
     (("optim.lr", "optim.min_lr"), _lr_problems),
+    (("optim.lr_decay_steps", "optim.warmup_steps"), _schedule_problems),
     (("model.d_model", "model.num_heads"), _shape_problems),
 )
 

@@ -43,6 +43,8 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Preflight, bool
     config, problems, bad = collect(file_values, flags, source=source)
     derived, found = preflight(config, bad)
     raise_problems(problems + found)
+    for note in derived.warnings:
+        print(f"lmtrain: warning: {note}", file=sys.stderr, flush=True)
     allow_change = getattr(args, "allow_config_change", False)
     return config.with_vocab_size(derived.vocab_size), derived, allow_change, is_demo
 

@@ -36,6 +36,7 @@ class Preflight:
     vocab_size: int
     train: TokenDataset
     val: TokenDataset
+    warnings: tuple[str, ...] = ()  # settings that are allowed but probably not what was meant
 
 
 def count_parameters(c: TrainConfig, vocab_size: int) -> int:
@@ -188,19 +189,44 @@ def available_memory() -> int | None:
 
 
 def check_memory(c: TrainConfig, num_parameters: int) -> list[str]:
-    """The loader's host buffers (and, on the CPU, the model with its gradients and AdamW state) fit in memory."""
+    """The host batches (the loader's ring, the fixed validation batches) and, on the CPU, the model with its
+    gradients and AdamW state fit in memory."""
     r = c.run
-    # prefetch + 2 batches in the loader's ring, each an int64 (B, T) for inputs and one for targets.
-    buffers = (r.prefetch + 2) * 2 * r.batch_size * c.model.context_length * 8
+    # prefetch + 2 batches in the loader's ring, and the fixed validation batches kept for every evaluation,
+    # each an int64 (B, T) for inputs and one for targets.
+    buffers = (r.prefetch + 2 + c.log.eval_batches) * 2 * r.batch_size * c.model.context_length * 8
     on_cpu = r.device == "cpu" or (r.device == "auto" and not torch.cuda.is_available())
     model = num_parameters * TRAINING_BYTES_PER_PARAM if on_cpu else 0
     available = available_memory()
     if available is None or buffers + model <= available:
         return []
-    what = f"the loader's host buffers ({buffers / 2**30:,.2f} GiB: (prefetch + 2) x 2 x batch_size x context_length"
-    what += " x 8 bytes)" + (f" and the model's training state ({model / 2**30:,.2f} GiB)" if model else "")
-    return [f"{what} need more than the {available / 2**30:,.2f} GiB of memory available; lower --batch-size, "
-            "--prefetch or --context-length (or the model size)"]
+    what = f"the host batches ({buffers / 2**30:,.2f} GiB: (prefetch + 2 + eval_batches) x 2 x batch_size x "
+    what += "context_length x 8 bytes)"
+    if model:
+        what += f" and the model's training state ({model / 2**30:,.2f} GiB)"
+    return [
+        f"{what} need more than the {available / 2**30:,.2f} GiB of memory available; lower --batch-size, "
+        "--prefetch, --eval-batches or --context-length (or the model size)"
+    ]
+
+
+def surprising_settings(c: TrainConfig, train: TokenDataset, val: TokenDataset) -> list[str]:
+    """Settings that are each valid but together are probably a mistake: said, not refused."""
+    notes = []
+    if c.optim.warmup_steps >= c.run.max_steps:
+        notes.append(
+            f"--warmup-steps {c.optim.warmup_steps} is not below --max-steps {c.run.max_steps}: the LR never "
+            f"reaches --lr {c.optim.lr}"
+        )
+    windows = int((val.lengths - c.model.context_length).clip(min=0).sum())  # start positions, as the val loader
+    if c.log.eval_batches * c.run.batch_size > max(windows, 1):
+        notes.append(
+            f"--eval-batches {c.log.eval_batches} x --batch-size {c.run.batch_size} windows is more than the "
+            f"{windows:,} distinct windows of the val data: evaluation repeats windows (and takes longer)"
+        )
+    if [s.path for s in train.shards] == [s.path for s in val.shards]:
+        notes.append("--val-data is the training data: the val loss will not show overfitting")
+    return notes
 
 
 def check_resume_path(c: TrainConfig) -> list[str]:
@@ -253,4 +279,5 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
         problems += check_memory(c, num_parameters)
     if vocab_size is None or problems:
         return None, problems
-    return Preflight(vocab_size, datasets["train_data"], datasets["val_data"]), problems
+    train, val = datasets["train_data"], datasets["val_data"]
+    return Preflight(vocab_size, train, val, tuple(surprising_settings(c, train, val))), problems

@@ -232,3 +232,12 @@ def test_a_prepared_dataset_is_readable_by_others(tmp_path):
     assert gen.stat().st_mode & 0o777 == 0o777 & ~umask
     for path in (gen / "train" / "manifest.json", *sorted((gen / "train").glob("*.bin"))):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_a_training_run_directory_is_not_an_output(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    assert main([str(write_corpus(tmp_path / "c.txt", OLD_DOCS)), "--out", str(run)]) == 2
+    assert "is a training run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]

@@ -16,9 +16,10 @@ from tests.lmtrain.test_main import args, corpus  # noqa: F401 - the module-scop
 
 
 def refused(argv: list[str], capsys) -> str:
-    """Run main, assert exit 2 with one error message and no traceback; return stderr."""
+    """Run main, assert exit 2 with one error message and no traceback; return stderr without warnings."""
     assert main(argv) == 2
     err = capsys.readouterr().err
+    err = "".join(line for line in err.splitlines(keepends=True) if not line.startswith("lmtrain: warning:"))
     assert err.startswith("lmtrain: error:") and "Traceback" not in err
     return err
 
@@ -92,7 +93,7 @@ def test_host_buffers_that_cannot_fit_in_memory_are_refused(corpus, tmp_path, ca
     out = tmp_path / "run"
     # (16 + 2) x 2 x 10^7 x 32 x 8 bytes = 92 GB of loader buffers, more than any test machine has
     err = refused(args(corpus, out, "--batch-size", "10000000"), capsys)
-    assert "the loader's host buffers" in err and "GiB of memory available" in err
+    assert "the host batches" in err and "GiB of memory available" in err
     assert not out.exists()
 
 
@@ -208,3 +209,20 @@ def test_changing_the_model_shape_on_resume_is_one_clear_line(corpus, tmp_path, 
     err = refused(args(corpus, out, "--max-steps", "4", "--d-model", "64", "--allow-config-change"), capsys)
     assert "of another shape (first: token_embeddings.weight: checkpoint (64, 32), model (64, 64))" in err
     assert "The model's shape cannot change on resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_surprising_settings_are_said_and_a_schedule_that_jumps_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+    import numpy as np
+
+    from lmdata import write_shards
+
+    write_shards([np.arange(100) % 64], tmp_path / "small_val", vocab_size=64)  # 100 - 32 = 68 windows
+    argv = args(corpus, tmp_path / "run", "--max-steps", "3", "--warmup-steps", "5", "--eval-batches", "9")
+    assert main([*argv, "--eval-interval", "0", "--val-data", str(tmp_path / "small_val")]) == 0
+    err = capsys.readouterr().err
+    assert "--warmup-steps 5 is not below --max-steps 3: the LR never reaches --lr" in err
+    assert "9 x --batch-size 8 windows is more than the 68 distinct windows of the val data" in err
+    assert main(args(corpus, tmp_path / "run2", "--max-steps", "1", "--val-data", str(corpus / "train"))) == 0
+    assert "--val-data is the training data" in capsys.readouterr().err
+    err = refused(args(corpus, tmp_path / "r3", "--warmup-steps", "5", "--lr-decay-steps", "2"), capsys)
+    assert "lr_decay_steps=2 is not after warmup_steps=5" in err
