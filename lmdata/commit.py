@@ -101,6 +101,9 @@ def _check_entry(path: Path) -> None:
     if path.name == "tokenizer.json":
         if not path.is_file():
             raise OutputError(f"{path}: not a file; move it away or choose another --out")
+        if path.parent.name != CURRENT and (path.parent / CURRENT).is_symlink():
+            # in a generation layout prepare makes OUT/tokenizer.json a link: a real file is someone else's
+            raise OutputError(f"{path}: a file prepare did not write (it makes a link there); move it away")
         return
     if not path.is_dir():
         raise OutputError(f"{path}: not a directory; move it away or choose another --out")
@@ -113,25 +116,28 @@ def _check_entry(path: Path) -> None:
         )
 
 
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-]+_\d{6}\.bin$")  # ShardWriter's {prefix}_{index:06d}.bin
-
-
 def foreign_files(split: Path) -> list[Path]:
-    """What in a split directory prepare did not write: anything but its manifest, the shards the manifest lists
-    or that are named as ShardWriter names them, the write marker and temporary files."""
+    """What in a split directory (``train`` or ``val``) prepare did not write: anything but its manifest, the
+    shards the manifest lists, the write marker and temporary files, and, while the marker says a write of
+    ours did not finish, shards named as that write names them (``train_000012.bin`` in ``train/``)."""
     listed: set[str] = set()
     with contextlib.suppress(LmDataError):
         if (split / MANIFEST_NAME).is_file():
             listed = {entry.file for entry in Manifest.load(split).shards}
-    ours = {MANIFEST_NAME, MARKER_NAME} | listed
-    return [
-        child
-        for child in sorted(split.iterdir())
-        if not (
-            (child.is_file() or child.is_symlink())
-            and (child.name in ours or child.name.startswith(TMP_PREFIX) or _SHARD_NAME.match(child.name))
+    unfinished = re.compile(rf"^{re.escape(split.name)}_\d{{6}}\.bin$") if (split / MARKER_NAME).is_file() else None
+
+    def ours(child: Path) -> bool:
+        if not (child.is_file() or child.is_symlink()):
+            return False
+        name = child.name
+        return (
+            name in listed
+            or name in (MANIFEST_NAME, MARKER_NAME)
+            or name.startswith(TMP_PREFIX)
+            or bool(unfinished and unfinished.match(name))
         )
-    ]
+
+    return [child for child in sorted(split.iterdir()) if not ours(child)]
 
 
 def _remove_written(root: Path) -> None:
@@ -183,7 +189,7 @@ def remove_leftovers(out: Path) -> None:
     """Delete generations that ``current`` does not name and temporary links: what a killed prepare left."""
     keep = current_generation(out)
     for path in out.iterdir():
-        if path.name.startswith(GEN_PREFIX) and path.name != keep:
+        if path.name.startswith(GEN_PREFIX) and path.name != keep and path.is_dir() and not path.is_symlink():
             _remove_written(path)
         elif path.name.startswith(TMP_PREFIX) and path.is_symlink():
             path.unlink(missing_ok=True)
@@ -201,7 +207,8 @@ def commit(out: Path, gen: Path) -> None:
     _link(out / CURRENT, gen.name)  # the commit point
     stop_point("flipped")
     for path in out.iterdir():
-        if (path.name.startswith(GEN_PREFIX) and path != gen) or path.name.startswith(OLD_PREFIX):
+        ours = (path.name.startswith(GEN_PREFIX) and path != gen) or path.name.startswith(OLD_PREFIX)
+        if ours and path.is_dir() and not path.is_symlink():  # never follow a link out of OUT
             _remove_written(path)
     for name in ENTRIES:
         if not (gen / name).exists() and (out / name).is_symlink():

@@ -241,3 +241,31 @@ def test_a_training_run_directory_is_not_an_output(tmp_path, capsys):
     assert main([str(write_corpus(tmp_path / "c.txt", OLD_DOCS)), "--out", str(run)]) == 2
     assert "is a training run directory" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+
+def test_files_named_like_shards_but_not_listed_are_a_users_and_stop_a_re_prepare(datasets, capsys):
+    out, new_in, old, _ = datasets
+    (out / "train" / "fineweb_train_000001.bin").write_bytes(b"\0" * 64)  # llm.c's naming, not in the manifest
+    (out / "val" / "val_000009.bin").write_bytes(b"mine")
+    assert main([str(new_in), "--out", str(out)]) == 2
+    assert "fineweb_train_000001.bin, which prepare did not write" in capsys.readouterr().err
+    assert (out / "val" / "val_000009.bin").read_bytes() == b"mine" and visible(out, old, {}) == "old"
+
+
+def test_a_real_tokenizer_json_beside_a_generation_layout_is_a_users(datasets, capsys):
+    out, new_in, _, _ = datasets
+    (out / "tokenizer.json").write_text('{"user": "mine"}')
+    assert main([str(new_in), "--out", str(out)]) == 2
+    assert "tokenizer.json: a file prepare did not write" in capsys.readouterr().err
+    assert (out / "tokenizer.json").read_text() == '{"user": "mine"}'
+
+
+def test_a_generation_name_that_links_outside_is_never_followed(datasets, tmp_path):
+    out, new_in, _, new = datasets
+    elsewhere = tmp_path / "userdir" / "train"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "train_000001.bin").write_bytes(b"keep")
+    (out / ".gen-link").symlink_to(tmp_path / "userdir")
+    assert main([str(new_in), "--out", str(out), "--val-fraction", "0.1", "--shard-tokens", "3000"]) == 0
+    assert (elsewhere / "train_000001.bin").read_bytes() == b"keep"
+    assert visible(out, {}, new) == "new"
