@@ -76,10 +76,13 @@ def check_output(out: Path) -> None:
     """
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; choose another --out")
-    inside = next((p for p in Path(os.path.realpath(out)).parents if (p / CURRENT).is_symlink()), None)
-    if inside is not None or any(part.startswith(GEN_PREFIX) for part in Path(os.path.realpath(out)).parts):
+    base = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not base.is_dir():
+        raise OutputError(f"{out}: cannot be created because {base} is a file; choose another --out")
+    inside = inside_prepared(out.parent) if out.parent != out else None
+    if inside is not None:
         raise OutputError(
-            f"{out}: lies inside the prepared dataset {inside or out}; a re-prepare of that one would delete it. "
+            f"{out}: lies inside the prepared dataset {inside}; a re-prepare of that one would delete it. "
             "Choose an --out outside it"
         )
     if (out / "checkpoints").is_dir() or (out / "metrics.jsonl").is_file():
@@ -183,6 +186,23 @@ def current_generation(out: Path) -> str | None:
         return os.readlink(out / CURRENT)
     except (FileNotFoundError, OSError):
         return None
+
+
+def is_prepared(directory: Path) -> bool:
+    """``directory`` is a dataset that prepare committed: its ``current`` links to a generation."""
+    return (current_generation(directory) or "").startswith(GEN_PREFIX)
+
+
+def inside_prepared(path: Path) -> Path | None:
+    """The prepared dataset ``path`` lies in (or is inside one of its generations), or None. Whatever is there
+    a re-prepare may replace or delete."""
+    resolved = Path(os.path.realpath(path))
+    for directory in (resolved, *resolved.parents):
+        if is_prepared(directory):
+            return directory
+        if directory.name.startswith(GEN_PREFIX):
+            return directory.parent
+    return None
 
 
 def remove_leftovers(out: Path) -> None:

@@ -133,7 +133,9 @@ def _resolve_directory(path: Path) -> ResolvedSource:
     if not (path / MANIFEST_NAME).exists():
         found = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.is_file())
         if not found:
-            raise DatasetNotFoundError(f"{path}: the directory holds no .bin or .npy shard")
+            splits = [name for name in ("train", "val") if (path / name / MANIFEST_NAME).exists()]
+            hint = f"; it holds prepared splits: pass {path / splits[0]}" if splits else ""
+            raise DatasetNotFoundError(f"{path}: the directory holds no .bin or .npy shard{hint}")
         return ResolvedSource(found)
     manifest = Manifest.load(path)
     listed = {e.file for e in manifest.shards}

@@ -73,7 +73,7 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
 
     A directory or glob skips, with a note, files inside ``out`` and files lmdata writes; naming one is an error.
     """
-    out_real = None if out is None else out.resolve()
+    out_real = None if out is None else Path(os.path.realpath(out))  # realpath: no error on a loop of links
     files: list[Path] = []
     for item in inputs:
         if item == "-":
@@ -104,7 +104,7 @@ def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, ou
     run twice); a file named on its own is a mistake worth stopping for."""
     kept, inside, ours = [], 0, 0
     for path in found:
-        if out_real is not None and out_real in (real := path.resolve(), *real.parents):
+        if out_real is not None and out_real in (real := Path(os.path.realpath(path)), *real.parents):
             if not walked:
                 raise InputError(f"{path}: is inside the output directory {out}; prepare does not read its output")
             inside += 1
@@ -280,9 +280,12 @@ def prepare(
     if shard_tokens <= 0:
         raise OptionError(f"--shard-tokens must be positive, got {shard_tokens}")
     check_spec(tokenizer_spec)
-    files = expand_inputs(inputs, out)
-    check_output(out)
-    raise_if_busy(out)
+    try:
+        files = expand_inputs(inputs, out)
+        check_output(out)
+        raise_if_busy(out)
+    except OSError as e:  # a name too long, a file where a directory should be...: the path's fault
+        raise OutputError(f"{e.filename or out}: cannot use this path ({e.strerror}); choose another --out") from None
     with tempfile.TemporaryDirectory() as spool:
         files, labels = _spool_stdin(files, Path(spool))
         corpus = scan(files)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lmdata.atomic import fsync_dir, remove_stale_temporaries, write_bytes_atomic
+from lmdata.atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_bytes_atomic
 from lmtrain.checkpoint import load_object, save_object
 from lmtrain.errors import CheckpointError, ConfigError, InsufficientDiskError
 
@@ -45,6 +45,7 @@ _SIZE_MARGIN = 1.05  # zip headers and pickled structure on top of the tensor by
 _FREE_RESERVE = 64 * 2**20  # never fill the disk to the last byte
 CHECKPOINT_BYTES_PER_PARAM = 12  # float32 weights + AdamW's two float32 moments
 _REPLACED_PREFIX = ".checkpoints-replaced-"  # a checkpoint directory being deleted by --resume replace
+_RELIST_TRIES = 20  # a reader racing a trainer that saves and prunes every step
 _STATE_ALLOWANCE = 2**20  # RNG states (tens of KB), the loader's position, step counters, the config
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -97,6 +98,19 @@ def verify(path: Path) -> None:
         raise CheckpointError(f"{path}: not a complete checkpoint ({type(e).__name__}: {e})") from None
     if bad is not None:
         raise CheckpointError(f"{path}: member {bad} fails its CRC check; the file is corrupt")
+
+
+def _remove_checkpoint_files(directory: Path) -> None:
+    """Delete the files a CheckpointManager writes in ``directory`` (checkpoints, ``latest``, temporaries), then
+    the directory if that emptied it; anything else stays, and is named in a warning."""
+    for path in directory.iterdir():
+        if _NAME.match(path.name) or path.name == LATEST or path.name.startswith(TMP_PREFIX):
+            path.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        kept = ", ".join(sorted(p.name for p in directory.iterdir()))
+        warnings.warn(f"{directory}: kept {kept}: not checkpoints of this run", stacklevel=2)
 
 
 class CheckpointManager:
@@ -192,18 +206,20 @@ class CheckpointManager:
         :meth:`delete_all`. Only the run's one writer (holding its lock) may call this."""
         if self.dir.is_dir():
             remove_stale_temporaries(self.dir)
-        for old in self.dir.parent.glob(f"{_REPLACED_PREFIX}*"):
-            shutil.rmtree(old, ignore_errors=True)
+        for aside in self.dir.parent.glob(f"{_REPLACED_PREFIX}*"):
+            if aside.is_dir() and not aside.is_symlink():
+                _remove_checkpoint_files(aside)
 
     def delete_all(self) -> None:
         """Delete every checkpoint (``--resume replace``; the writer only), all at once as far as a reader or a
-        later resume can tell: the directory is renamed aside (atomic), then removed."""
+        later resume can tell: the directory is renamed aside (atomic), then its checkpoint files are deleted.
+        Files that are not checkpoints (a user's notes) stay there, with a warning."""
         if not self.dir.exists():
             return
         aside = self.dir.parent / f"{_REPLACED_PREFIX}{os.getpid()}"
         os.replace(self.dir, aside)
         fsync_dir(self.dir.parent)
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_checkpoint_files(aside)
 
     def load_latest(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that verifies and loads, as (path, state); None if there is none.
@@ -213,16 +229,20 @@ class CheckpointManager:
         Reads only: safe while a trainer writes into the directory.
         """
         damaged = []
-        for step in reversed(self.steps()):
-            path = self.dir / checkpoint_name(step)
-            try:
-                verify(path)
-                return path, load_object(path)
-            except FileNotFoundError:
-                continue
-            except CheckpointError as e:
-                damaged.append(str(e))
-                warnings.warn(f"skipping damaged checkpoint: {e}; trying the previous one", stacklevel=2)
+        for _ in range(_RELIST_TRIES):  # every file listed was pruned while we looked: list again
+            listed = self.steps()
+            for step in reversed(listed):
+                path = self.dir / checkpoint_name(step)
+                try:
+                    verify(path)
+                    return path, load_object(path)
+                except FileNotFoundError:
+                    continue
+                except CheckpointError as e:
+                    damaged.append(str(e))
+                    warnings.warn(f"skipping damaged checkpoint: {e}; trying the previous one", stacklevel=2)
+            if damaged or not listed:
+                break
         if damaged:
             raise CheckpointError(
                 f"{self.dir}: every checkpoint is damaged, none can be resumed from:\n  " + "\n  ".join(damaged)

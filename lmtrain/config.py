@@ -136,7 +136,7 @@ SECTIONS: dict[str, type] = {
 }
 # Fields that may change between a run and its resumption without --allow-config-change.
 RESUMABLE_CHANGES = (
-    {("run", "max_steps"), ("optim", "lr_decay_steps")}
+    {("run", "max_steps"), ("optim", "lr_decay_steps"), ("run", "prefetch"), ("run", "compile")}
     | {("log", f.name) for f in dataclasses.fields(LogConfig)}
     | {("checkpoint", f.name) for f in dataclasses.fields(CheckpointConfig)}
     | {("data", "out_dir")}
@@ -262,11 +262,14 @@ CROSS_CHECKS = (
 )
 
 
-def validate(c: TrainConfig) -> tuple[list[str], set[str]]:
-    """(problems, bad fields as "section.name") of the values themselves; the data is checked in preflight."""
-    problems, bad = [], set()
+def validate(c: TrainConfig, already_bad: frozenset[str] = frozenset()) -> tuple[list[str], set[str]]:
+    """(problems, bad fields as "section.name") of the values themselves; the data is checked in preflight.
+    ``already_bad`` fields (given with a wrong type, so left at their default) are not reported again."""
+    problems, bad = [], set(already_bad)
     for section, specs in FIELDS.items():
         for name, spec in specs.items():
+            if f"{section}.{name}" in already_bad:
+                continue
             found = field_problems(spec, getattr(getattr(c, section), name))
             problems += found
             if found:
@@ -304,8 +307,8 @@ def collect(
                     merged[key] = float(value) if spec.kind is float and value is not None else value
         sections[section] = cls(**merged)
     config = TrainConfig(**sections)
-    found, found_bad = validate(config)
-    return config, problems + found, bad | found_bad
+    found, bad = validate(config, frozenset(bad))
+    return config, problems + found, bad
 
 
 def raise_problems(problems: list[str]) -> None:

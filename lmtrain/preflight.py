@@ -7,6 +7,7 @@ config it checks.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 
 from lmdata import LmDataError, TokenDataset
+from lmdata.commit import inside_prepared
 from lmdata.manifest import MANIFEST_NAME
 from lmtrain.checkpoint_manager import checkpoint_tensor_bytes, free_bytes_needed
-from lmtrain.config import RESUME_MODES, TrainConfig
+from lmtrain.config import RESUME_MODES, SECTIONS, TrainConfig
 from lmtrain.model import TransformerLM
 
 TRAINING_BYTES_PER_PARAM = 16  # float32 weights, gradients and AdamW's two moments
@@ -126,21 +128,32 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _is_run_config(path: Path) -> bool:
+    """``path`` is a ``config.json`` that lmtrain wrote (a JSON object with every config section)."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(body, dict) and set(SECTIONS) <= body.keys()
+
+
 def _foreign_out_dir(out: Path) -> str | None:
     """Why ``out`` is not a directory a run may write into, or None. A run writes (and ``--resume replace``
-    deletes) its own entries there, so it must be new, a run directory, or hold only a few plain files (a
-    run.toml): never a dataset, a generation a re-prepare deletes, or a tree like ``/`` or a home directory."""
-    resolved = Path(os.path.realpath(out))
-    for directory in (resolved, *resolved.parents):
-        if (directory / "current").is_symlink() or directory.name.startswith(".gen-") or (
-            directory != resolved and (directory / MANIFEST_NAME).exists()
-        ):
-            return f"lies inside the dataset {directory}, which a re-prepare replaces"
-    if not out.is_dir() or any((out / name).exists() for name in (*RUN_DIR_ENTRIES, ".lock")):
+    deletes) its own entries there, so it must be new, a run directory (its config.json is lmtrain's), or hold
+    only plain files other than those entries (a run.toml): never a dataset or what a re-prepare deletes, a
+    project's own ``checkpoints/``, or a tree like ``/`` or a home directory."""
+    if (dataset := inside_prepared(out)) is not None:
+        return f"lies inside the prepared dataset {dataset}, which a re-prepare replaces"
+    if not out.is_dir():
         return None
+    if (out / "config.json").exists():
+        ours = _is_run_config(out / "config.json")
+        return None if ours else "its config.json is not an lmtrain run's (a run would overwrite it)"
+    if found := [name for name in ("metrics.jsonl", "checkpoints") if (out / name).exists()]:
+        return f"holds {found[0]} but no lmtrain config.json, so it is not a run directory"
     children = list(out.iterdir())
     if any(c.is_dir() or c.suffix in (".bin", ".npy") or c.name == MANIFEST_NAME for c in children):
-        return "holds directories or shards but is not a run directory (no config.json or checkpoints/)"
+        return "holds directories or shards but is not a run directory (no config.json)"
     return None
 
 
@@ -151,13 +164,25 @@ def check_out_dir(c: TrainConfig, num_parameters: int | None) -> list[str]:
     skipped when the model's size is not known (the data's problems are reported instead).
     """
     out = Path(c.data.out_dir)
+    try:
+        return _out_dir_problems(out, num_parameters)
+    except OSError as e:  # a name too long, a loop of links...: the path's fault, not a bug
+        return [f"--out-dir {out}: cannot use this path ({e.strerror})"]
+
+
+def _out_dir_problems(out: Path, num_parameters: int | None) -> list[str]:
     if out.exists() and not out.is_dir():
         return [f"--out-dir {out}: exists and is not a directory"]
+    dangling = [p for p in (out, *(out / name for name in RUN_DIR_ENTRIES)) if p.is_symlink() and not p.exists()]
+    if dangling:
+        return [f"--out-dir {out}: {dangling[0]} is a link to nothing (or a loop of links); remove or fix it"]
     base = _existing_ancestor(out)
     if not base.is_dir():
         return [f"--out-dir {out}: cannot be created because {base} is a file"]
     if not os.access(base, os.W_OK | os.X_OK):
-        return [f"--out-dir {out}: cannot write into {base} (permission denied); choose another directory"]
+        read_only = os.statvfs(base).f_flag & os.ST_RDONLY
+        why = "a read-only file system" if read_only else "permission denied"
+        return [f"--out-dir {out}: cannot write into {base} ({why}); choose another directory"]
     wrong = [
         f"--out-dir {out}: {out / name} should be a {'directory' if is_dir else 'file'}; move it away"
         for name, is_dir in RUN_DIR_ENTRIES.items()
@@ -271,8 +296,12 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
     if _usable(bad, "data.train_data", "data.val_data", "model.vocab_size", "model.context_length"):
         vocab_size, datasets, data_problems = check_data(c)
         problems += data_problems
-    model_known = vocab_size is not None and _usable(bad, "model.")
-    num_parameters = count_parameters(c, vocab_size) if model_known else None
+    num_parameters = None
+    if vocab_size is not None and _usable(bad, "model."):
+        try:
+            num_parameters = count_parameters(c, vocab_size)
+        except (RuntimeError, OverflowError) as e:  # sizes past what torch can even describe
+            problems.append(f"[model] the model is too large to build ({e}); lower d_model, d_ff or num_layers")
     if _usable(bad, "data.out_dir"):
         problems += check_out_dir(c, num_parameters)
     if num_parameters is not None and _usable(bad, "run."):

@@ -1,6 +1,6 @@
 """The run directory's single writer: an exclusive lock held for the life of a training run.
 
-``OUT_DIR/.lock`` is locked with ``fcntl.flock``. The kernel releases the lock when the process dies however
+``OUT_DIR/.lmtrain.lock`` is locked with ``fcntl.flock``. The kernel releases the lock when the process dies however
 it dies (``kill -9`` included), so a crash never leaves a stale lock; the file itself stays (deleting it would
 let a second trainer lock a new file while the first still holds the old one). The holder writes its PID into
 it so that a refused trainer can say who holds the directory.
@@ -20,7 +20,7 @@ from pathlib import Path
 from lmdata.atomic import write_bytes_atomic
 from lmtrain.errors import RunDirBusyError
 
-LOCK_NAME = ".lock"
+LOCK_NAME = ".lmtrain.lock"  # not prepare's .lock: a run dir and a dataset are never the same directory
 METRICS_NAME = "metrics.jsonl"
 
 

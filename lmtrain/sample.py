@@ -30,6 +30,13 @@ def load_run(checkpoint: str | Path) -> tuple[TransformerLM, dict, dict | None]:
     """(model in eval mode on the CPU, resolved config, fingerprint of the training data) from a run directory's
     newest checkpoint or a file. Reads only: safe while the run trains."""
     path = Path(checkpoint)
+    try:
+        return _load_run(path)
+    except OSError as e:  # a name too long, a loop of links, no permission
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _load_run(path: Path) -> tuple[TransformerLM, dict, dict | None]:
     if path.is_dir():
         found = CheckpointManager(path).load_latest()
         if found is None:

@@ -235,3 +235,20 @@ def test_a_pipe_or_device_as_input_is_refused_not_read_forever(tmp_path, capsys)
         assert main([item, "--out", str(tmp_path / "out")]) == 2
         assert "not a regular file (a pipe or a device)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "link_loop", "name_too_long"])
+def test_an_unusable_out_path_is_exit_2_not_a_traceback(tmp_path, capsys, case):
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n" * 100)
+    if case == "under_a_file":
+        out = text / "x"
+    elif case == "link_loop":
+        out = tmp_path / "a"
+        out.symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(out)
+    else:
+        out = tmp_path / ("x" * 300)
+    assert main([str(text), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prepare: error:") and "Traceback" not in err

@@ -187,7 +187,7 @@ def test_an_out_dir_that_is_not_a_run_directory_is_refused(corpus, tmp_path, cap
     }[where]
     err = refused(args(corpus, out), capsys)
     assert "choose a new or empty directory" in err
-    assert not (out / "config.json").exists() and not (out / ".lock").exists()
+    assert not (out / "config.json").exists() and not (out / ".lmtrain.lock").exists()
 
 
 def test_an_out_dir_holding_only_the_run_toml_is_fine(corpus, tmp_path):  # noqa: F811
@@ -226,3 +226,54 @@ def test_surprising_settings_are_said_and_a_schedule_that_jumps_is_refused(corpu
     assert "--val-data is the training data" in capsys.readouterr().err
     err = refused(args(corpus, tmp_path / "r3", "--warmup-steps", "5", "--lr-decay-steps", "2"), capsys)
     assert "lr_decay_steps=2 is not after warmup_steps=5" in err
+
+
+def test_a_project_directory_with_its_own_checkpoints_and_config_is_not_a_run_directory(corpus, tmp_path, capsys):  # noqa: F811, E501
+    project = tmp_path / "repo"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "checkpoints" / "model_best.pth").write_text("w")
+    (project / "config.json").write_text('{"proj": 1}')
+    err = refused(args(corpus, project, "--resume", "replace"), capsys)
+    assert "its config.json is not an lmtrain run's" in err
+    assert (project / "checkpoints" / "model_best.pth").read_text() == "w"
+    assert (project / "config.json").read_text() == '{"proj": 1}'
+
+
+def test_a_current_link_beside_runs_is_not_a_dataset(corpus, tmp_path):  # noqa: F811
+    runs = tmp_path / "runs"
+    assert main(args(corpus, runs / "exp1", "--max-steps", "2", "--eval-interval", "0")) == 0
+    (runs / "current").symlink_to("exp1")  # a common convention
+    assert main(args(corpus, runs / "exp1", "--max-steps", "3", "--eval-interval", "0")) == 0
+
+
+@pytest.mark.parametrize("case", ["dangling_link", "link_loop", "name_too_long", "huge_model"])
+def test_paths_and_sizes_that_broke_with_a_traceback(corpus, tmp_path, capsys, case):  # noqa: F811
+    extra = []
+    if case == "dangling_link":
+        out = tmp_path / "latest"
+        out.symlink_to(tmp_path / "gone")
+    elif case == "link_loop":
+        out = tmp_path / "a"
+        out.symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(out)
+    elif case == "name_too_long":
+        out = tmp_path / ("x" * 300)
+    else:
+        out, extra = tmp_path / "run", ["--d-model", "4000000000", "--num-heads", "2"]
+    message = {
+        "dangling_link": "is a link to nothing",
+        "link_loop": "is a link to nothing (or a loop of links)",
+        "name_too_long": "cannot use this path (File name too long)",
+        "huge_model": "the model is too large to build",
+    }[case]
+    assert message in refused(args(corpus, out, *extra), capsys)
+
+
+def test_the_prepare_root_as_data_says_which_directory_to_pass(corpus, tmp_path, capsys):  # noqa: F811
+    err = refused([*args(corpus, tmp_path / "run")[:1], str(corpus), *args(corpus, tmp_path / "run")[2:]], capsys)
+    assert f"it holds prepared splits: pass {corpus / 'train'}" in err
+
+
+def test_a_value_of_the_wrong_type_is_one_problem(tmp_path):
+    _, problems, _ = collect({"data": {"train_data": 3}}, {})
+    assert [p for p in problems if "train_data" in p] == ["[data] train_data: expected str, got 3 (int)"]

@@ -210,7 +210,7 @@ def test_replace_interrupted_after_setting_the_old_checkpoints_aside_never_resum
     def killed(*a, **k):  # the process dies right after the atomic rename, before deleting anything
         raise SystemExit(137)
 
-    monkeypatch.setattr("lmtrain.checkpoint_manager.shutil.rmtree", killed)
+    monkeypatch.setattr("lmtrain.checkpoint_manager._remove_checkpoint_files", killed)
     with pytest.raises(SystemExit):
         main(args(corpus, out, "--max-steps", "2", "--resume", "replace"))
     assert not (out / "checkpoints").exists() and list(out.glob(".checkpoints-replaced-*"))
@@ -258,3 +258,13 @@ def test_a_second_sigterm_stops_at_once_without_a_traceback(corpus, tmp_path):  
     assert proc.returncode == 130 and "stopped at once by a second signal" in err and "Traceback" not in err
     latest = (out / "checkpoints" / "latest").read_text()
     assert torch.load(out / "checkpoints" / latest, weights_only=True)["iteration"] >= 1
+
+
+def test_replace_keeps_a_users_file_in_checkpoints(corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
+    (out / "checkpoints" / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match="kept notes.txt: not checkpoints of this run"):
+        assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0", "--resume", "replace")) == 0
+    aside = list(out.glob(".checkpoints-replaced-*"))
+    assert [p.name for p in aside[0].iterdir()] == ["notes.txt"] and steps_on_disk(out) == [2]

@@ -137,3 +137,8 @@ def test_a_prompt_that_is_not_utf8_exits_2(run_dir):
         capture_output=True,
     )
     assert proc.returncode == 2 and b"--prompt is not valid UTF-8 text" in proc.stderr
+
+
+def test_a_checkpoint_path_too_long_is_exit_2(tmp_path, capsys):
+    assert sample_main(["--checkpoint", str(tmp_path / ("x" * 300))]) == 2
+    assert "File name too long" in capsys.readouterr().err
