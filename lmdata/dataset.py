@@ -41,6 +41,7 @@ class Listing(NamedTuple):
     manifest_path: Path
     dtype: str
     vocab_size: int | None
+    tokenizer: str
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ def _resolve_directory(path: Path) -> ResolvedSource:
     manifest = Manifest.load(path)
     listed = {e.file for e in manifest.shards}
     unlisted = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.name not in listed and p.is_file())
-    listings = tuple(Listing(e, path / MANIFEST_NAME, manifest.dtype, manifest.vocab_size) for e in manifest.shards)
+    m, source = manifest, path / MANIFEST_NAME
+    listings = tuple(Listing(e, source, m.dtype, m.vocab_size, m.tokenizer) for e in m.shards)
     return ResolvedSource([path / e.file for e in manifest.shards], manifest, path, listings, tuple(unlisted))
 
 
@@ -168,7 +170,9 @@ def _resolve_files(paths: list[Path], allow_unlisted: bool) -> ResolvedSource:
             unlisted.append(path)
             continue
         kept.append(path)
-        listings.append(Listing(by_name[path.name], directory / MANIFEST_NAME, manifest.dtype, manifest.vocab_size))
+        listings.append(Listing(
+                by_name[path.name], directory / MANIFEST_NAME, manifest.dtype, manifest.vocab_size, manifest.tokenizer
+            ))
     return ResolvedSource(kept, listings=tuple(listings), unlisted=tuple(unlisted))
 
 
@@ -200,6 +204,15 @@ def sampled_sha256(tokens: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _check_one_tokenizer(listings: list[Listing | None]) -> None:
+    """ManifestError if the shards (of a glob or list across dataset directories) were made by different
+    tokenizers: their ids mean different things, so training on them together is wrong whatever the vocab."""
+    made_by = {(x.tokenizer, x.vocab_size): x.manifest_path for x in listings if x is not None}
+    if len(made_by) > 1:
+        shown = "; ".join(f"{t} (vocab {v}) in {p}" for (t, v), p in made_by.items())
+        raise ManifestError(f"these shards were made by different tokenizers: {shown}; train on one dataset")
+
+
 class TokenDataset:
     """An ordered list of shards. ``source`` is a shard file, a directory, a glob, or a list of those.
 
@@ -218,6 +231,7 @@ class TokenDataset:
         self.manifest: Manifest | None = manifests[0].manifest if manifests else None
         self.shards: list[Shard] = [open_shard(p) for r in resolved for p in r.paths]
         self._listings = [r.listing(i) for r in resolved for i in range(len(r.paths))]
+        _check_one_tokenizer(self._listings)
         for shard, listing in zip(self.shards, self._listings, strict=True):
             if listing is not None:
                 check_against_listing(shard, listing)

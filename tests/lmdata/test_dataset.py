@@ -164,3 +164,14 @@ def test_a_directory_that_cannot_be_listed_is_a_typed_error(tmp_path, monkeypatc
     with pytest.raises(DatasetNotFoundError) as err:
         TokenDataset(tmp_path / "d")
     assert str(err.value) == f"{tmp_path / 'd'}: cannot read it (Permission denied); check its permissions"
+
+
+def test_a_glob_across_datasets_of_different_tokenizers_is_refused(tmp_path):
+    from lmdata import ManifestError, write_shards
+
+    write_shards([np.arange(100) % 50], tmp_path / "a" / "train", tokenizer="byte", vocab_size=257)
+    write_shards([np.arange(100) % 50], tmp_path / "b" / "train", tokenizer="bpe:300", vocab_size=300)
+    with pytest.raises(ManifestError, match="made by different tokenizers: byte \\(vocab 257\\)"):
+        TokenDataset(str(tmp_path / "*" / "train" / "*.bin"))
+    write_shards([np.arange(100) % 50], tmp_path / "b" / "train", tokenizer="byte", vocab_size=257)
+    assert len(TokenDataset(str(tmp_path / "*" / "train" / "*.bin"))) == 2  # the same tokenizer: fine
