@@ -73,8 +73,9 @@ step() {
   echo
   echo "===== [$name] $(date -u +%H:%M:%S) time box ${box}s (${left}s left of the session's ${TOTAL_S}s) ====="
   if ((left < 10)); then
-    echo "SKIP: [$name] no time left"
-    record "$name" SKIP 0 "no time left"
+    echo "TIMEOUT: [$name] no time left"
+    record "$name" TIMEOUT 0 "not run: no time left in the session"
+    NOT_PASSED=$((NOT_PASSED + 1))
     return
   fi
   ((box > left)) && box=$left

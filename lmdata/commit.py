@@ -79,16 +79,18 @@ def check_output(out: Path) -> None:
     base = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not base.is_dir():
         raise OutputError(f"{out}: cannot be created because {base} is a file; choose another --out")
-    inside = inside_prepared(out.parent) if out.parent != out else None
+    resolved = Path(os.path.realpath(out))  # a link named as --out counts where it leads
+    inside = resolved.parent if resolved.name.startswith(GEN_PREFIX) else inside_prepared(resolved.parent)
     if inside is not None:
         raise OutputError(
             f"{out}: lies inside the prepared dataset {inside}; a re-prepare of that one would delete it. "
             "Choose an --out outside it"
         )
-    if (out / "checkpoints").is_dir() or (out / "metrics.jsonl").is_file():
-        raise OutputError(f"{out}: is a training run directory (it has checkpoints or metrics); choose another --out")
+    run = next((d for d in (resolved, *resolved.parents) if _is_run_dir(d)), None)
+    if run is not None:
+        raise OutputError(f"{out}: is or lies in the training run directory {run}; choose another --out")
     current = out / CURRENT
-    if current.exists() and not current.is_symlink():
+    if (current.exists() or current.is_symlink()) and not is_prepared(out):
         raise OutputError(f"{current}: not a link that prepare made; move it away or choose another --out")
     for name in ENTRIES:  # what a re-prepare deletes: a real entry (old layout), or the current generation's
         if not (out / name).is_symlink():
@@ -186,6 +188,13 @@ def current_generation(out: Path) -> str | None:
         return os.readlink(out / CURRENT)
     except (FileNotFoundError, OSError):
         return None
+
+
+def _is_run_dir(directory: Path) -> bool:
+    """An lmtrain run directory (lmdata knows it only by its layout): a run's files must not be mixed with data."""
+    return (directory / "checkpoints").is_dir() and (directory / "config.json").is_file() or (
+        directory / "metrics.jsonl"
+    ).is_file()
 
 
 def is_prepared(directory: Path) -> bool:

@@ -245,7 +245,17 @@ class TokenDataset:
 
     @property
     def vocab_size(self) -> int | None:
-        return self.manifest.vocab_size if self.manifest else None
+        """The manifest's vocab size; for a glob or list of listed shards, theirs (one tokenizer made them all)."""
+        if self.manifest is not None:
+            return self.manifest.vocab_size
+        sizes = {x.vocab_size for x in self._listings if x is not None}
+        return sizes.pop() if len(sizes) == 1 and None not in self._listings else None
+
+    @property
+    def made_by(self) -> tuple[str, int | None] | None:
+        """(tokenizer, vocab size) of the manifests that list the shards, if every shard is listed; else None."""
+        made = {(x.tokenizer, x.vocab_size) for x in self._listings if x is not None}
+        return made.pop() if len(made) == 1 and None not in self._listings else None
 
     @property
     def dtype_limit(self) -> int:

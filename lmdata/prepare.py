@@ -45,7 +45,7 @@ import numpy as np
 from lmdata.atomic import TMP_PREFIX
 from lmdata.commit import GEN_PREFIX, LOCK_NAME, OLD_PREFIX, check_output, generation, locked, raise_if_busy
 from lmdata.documents import Piece, decode, read_pieces
-from lmdata.errors import InputError, LmDataError, OptionError, OutputError
+from lmdata.errors import InputError, LmDataError, OptionError, OutputError, ShardWriterError
 from lmdata.format import SHARD_SUFFIXES
 from lmdata.manifest import MANIFEST_NAME
 from lmdata.tokenizer import (
@@ -57,13 +57,13 @@ from lmdata.tokenizer import (
     bpe_vocab_size,
     check_spec,
 )
-from lmdata.writer import ShardWriter
+from lmdata.writer import MARKER_NAME, ShardWriter
 
 SEGMENT_BYTES = 64 * 1024  # the largest piece tokenized at once
 MIN_UNIT_BYTES = 256
 UNIT_SHARE = 8  # a unit is at most 1/UNIT_SHARE of the val budget, which bounds the val share's error
 BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spreads the pieces over all cores
-LMDATA_NAMES = (MANIFEST_NAME, TOKENIZER_FILE, LOCK_NAME)
+LMDATA_NAMES = (MANIFEST_NAME, TOKENIZER_FILE, LOCK_NAME, MARKER_NAME)
 
 
 
@@ -282,6 +282,9 @@ def prepare(
     check_spec(tokenizer_spec)
     try:
         files = expand_inputs(inputs, out)
+    except OSError as e:  # a name too long, a loop of links: the input path's fault
+        raise InputError(f"{e.filename or inputs}: cannot read it ({e.strerror})") from None
+    try:
         check_output(out)
         raise_if_busy(out)
     except OSError as e:  # a name too long, a file where a directory should be...: the path's fault
@@ -298,10 +301,11 @@ def prepare(
                     tokenizer.save(gen)
                     plan = SplitPlan.for_corpus(corpus, val_fraction)
                     return _write(files, labels, gen, tokenizer, plan, shard_tokens)
-        except OSError as e:  # reading errors are InputErrors already: this is the output's disk
+        except (OSError, ShardWriterError) as e:  # reading errors are InputErrors already: this is the output
+            what = e.strerror if isinstance(e, OSError) else str(e)
             raise OutputError(
-                f"{out}: cannot write the dataset ({e.strerror}{': ' + str(e.filename) if e.filename else ''}); "
-                "the previous dataset there, if any, is intact"
+                f"{out}: writing the dataset failed ({what}); a failure before the switch to the new generation "
+                "leaves the previous dataset as it was (see lmdata/commit.py). Fix the cause and run prepare again"
             ) from None
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from lmdata.errors import TokenizerError
+from lmdata.format import DTYPE_LIMITS
 
 EOT_TEXT = "<|endoftext|>"
-MAX_VOCAB = 65535  # ids must fit the uint16 shards
+MAX_VOCAB = DTYPE_LIMITS["uint16"]  # ids must fit the uint16 shards: 0 .. 65535
 TOKENIZER_FILE = "tokenizer.json"
 
 

@@ -34,7 +34,7 @@ from lmdata.format import DTYPE_LIMITS, TOKEN_DTYPE, make_header
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
 
 MARKER_NAME = ".lmdata-writing"
-UINT16_LIMIT = DTYPE_LIMITS["uint16"]  # kept for callers of the old name
+UINT16_LIMIT = DTYPE_LIMITS["uint16"]  # what the headered uint16 shards this writer makes can hold
 
 
 def _is_int(v) -> bool:

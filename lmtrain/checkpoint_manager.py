@@ -24,10 +24,12 @@ a write in flight, so the process never exits with a half-written checkpoint.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import os
 import re
 import shutil
+import tempfile
 import threading
 import warnings
 import zipfile
@@ -76,14 +78,16 @@ def estimate_bytes(obj) -> int:
     return 0
 
 
-def to_host(obj):
-    """A deep copy of ``obj`` with every tensor copied to the CPU: a snapshot that training cannot modify."""
+def to_host(obj, copy: bool = True):
+    """``obj`` with every tensor on the CPU. ``copy``: a deep copy, a snapshot that training cannot modify
+    (async saves); else CPU tensors are used as they are (a sync save writes them before training goes on, and
+    needs no second copy of the whole state in memory)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu", copy=copy)
     if isinstance(obj, dict):
-        return {k: to_host(v) for k, v in obj.items()}
+        return {k: to_host(v, copy) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v) for v in obj)
+        return type(obj)(to_host(v, copy) for v in obj)
     return obj
 
 
@@ -140,7 +144,7 @@ class CheckpointManager:
         self.check_disk(estimate_bytes(state))
         if not self.async_save:
             # CPU tensors in the file either way, so that a plain torch.load works on a machine without the GPU
-            self._commit(step, path, to_host(state))  # to_host: device-to-host copies, a sync point on CUDA
+            self._commit(step, path, to_host(state, copy=False))  # to_host: device-to-host copies, a sync point on CUDA
             return path
         snapshot = to_host(state)  # the only blocking part: training may now change the live tensors
         self._thread = threading.Thread(
@@ -207,8 +211,10 @@ class CheckpointManager:
         if self.dir.is_dir():
             remove_stale_temporaries(self.dir)
         for aside in self.dir.parent.glob(f"{_REPLACED_PREFIX}*"):
-            if aside.is_dir() and not aside.is_symlink():
-                _remove_checkpoint_files(aside)
+            if aside.is_dir() and not aside.is_symlink() and (aside / self.dir.name).is_dir():
+                _remove_checkpoint_files(aside / self.dir.name)
+                with contextlib.suppress(OSError):
+                    aside.rmdir()
 
     def delete_all(self) -> None:
         """Delete every checkpoint (``--resume replace``; the writer only), all at once as far as a reader or a
@@ -216,10 +222,17 @@ class CheckpointManager:
         Files that are not checkpoints (a user's notes) stay there, with a warning."""
         if not self.dir.exists():
             return
-        aside = self.dir.parent / f"{_REPLACED_PREFIX}{os.getpid()}"
-        os.replace(self.dir, aside)
+        if self.dir.is_symlink():  # renaming the link aside would drop it (and where it points, a bigger disk)
+            raise CheckpointError(
+                f"--resume replace: {self.dir} is a link to {os.path.realpath(self.dir)}; delete the checkpoints "
+                "there yourself (or make it a real directory), then run again"
+            )
+        aside = Path(tempfile.mkdtemp(prefix=_REPLACED_PREFIX, dir=self.dir.parent))  # a fresh name every time
+        os.replace(self.dir, aside / self.dir.name)
         fsync_dir(self.dir.parent)
-        _remove_checkpoint_files(aside)
+        _remove_checkpoint_files(aside / self.dir.name)
+        with contextlib.suppress(OSError):
+            aside.rmdir()
 
     def load_latest(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that verifies and loads, as (path, state); None if there is none.

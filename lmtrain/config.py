@@ -326,9 +326,9 @@ def build_config(file_values: dict[str, dict], flag_values: dict[str, dict], sou
 
 def load_toml(path: str | Path) -> dict[str, dict]:
     """The sections of a TOML config file; ConfigError for a file that is missing, unreadable or not TOML."""
-    if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
-        raise ConfigError(f"--config {path}: not a regular file (a pipe or a device); pass a TOML file")
     try:
+        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+            raise ConfigError(f"--config {path}: not a regular file (a pipe or a device); pass a TOML file")
         with open(path, "rb") as f:
             values = tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
@@ -341,6 +341,8 @@ def load_toml(path: str | Path) -> dict[str, dict]:
         raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    except OSError as e:  # a name too long, a loop of links
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
     bad = [k for k, v in values.items() if not isinstance(v, dict)]
     if bad:
         raise ConfigError(f"--config {path}: keys must be inside sections like [model]; found top-level {bad}")

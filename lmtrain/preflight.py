@@ -70,6 +70,11 @@ def check_data(c: TrainConfig) -> tuple[int | None, dict[str, TokenDataset], lis
     if problems:
         return None, datasets, problems
     train, val = datasets["train_data"], datasets["val_data"]
+    if train.made_by and val.made_by and train.made_by != val.made_by:
+        problems.append(
+            f"the train and val data were made by different tokenizers ({train.made_by[0]}, vocab "
+            f"{train.made_by[1]}; {val.made_by[0]}, vocab {val.made_by[1]}): the val loss would mean nothing"
+        )
     vocab_size = c.model.vocab_size or train.vocab_size
     if vocab_size is None:
         return None, datasets, ["--vocab-size is required: the training data has no manifest.json that states it"]
@@ -173,7 +178,8 @@ def check_out_dir(c: TrainConfig, num_parameters: int | None) -> list[str]:
 def _out_dir_problems(out: Path, num_parameters: int | None) -> list[str]:
     if out.exists() and not out.is_dir():
         return [f"--out-dir {out}: exists and is not a directory"]
-    dangling = [p for p in (out, *(out / name for name in RUN_DIR_ENTRIES)) if p.is_symlink() and not p.exists()]
+    maybe = (*(out / name for name in RUN_DIR_ENTRIES), out, *out.parents)
+    dangling = [p for p in maybe if p.is_symlink() and not p.exists()]
     if dangling:
         return [f"--out-dir {out}: {dangling[0]} is a link to nothing (or a loop of links); remove or fix it"]
     base = _existing_ancestor(out)
@@ -260,12 +266,15 @@ def check_resume_path(c: TrainConfig) -> list[str]:
     if choice in RESUME_MODES:
         return []
     path = Path(choice)
-    if not path.exists():
-        return [f"--resume {choice}: no such file (use auto, never, replace, or a checkpoint's path)"]
-    if path.is_dir():
-        return [f"--resume {choice}: is a directory; pass a checkpoint file such as {path}/checkpoints/step_*.pt"]
-    if not zipfile.is_zipfile(path):
-        return [f"--resume {choice}: not a checkpoint (torch.save zip file)"]
+    try:
+        if not path.exists():
+            return [f"--resume {choice}: no such file (use auto, never, replace, or a checkpoint's path)"]
+        if path.is_dir():
+            return [f"--resume {choice}: is a directory; pass a checkpoint file such as {path}/checkpoints/step_*.pt"]
+        if not zipfile.is_zipfile(path):
+            return [f"--resume {choice}: not a checkpoint (torch.save zip file)"]
+    except OSError as e:  # a name too long, a loop of links
+        return [f"--resume {choice}: cannot read it ({e.strerror})"]
     return []
 
 

@@ -90,6 +90,20 @@ def check_parts(path: Path, obj: dict) -> None:
         )
 
 
+def same_data(saved: dict, now: dict) -> bool:
+    """The data fingerprints agree. Checkpoints written before shards without a manifest had sampled checksums
+    recorded ``sha256: []`` for them: those compare by names and sizes alone, so that they still resume."""
+    if not isinstance(saved, dict) or saved.keys() != now.keys():
+        return False
+    for split, fingerprint in now.items():
+        old = saved[split]
+        if isinstance(old, dict) and old.get("sha256") == [] and fingerprint["sha256"] != []:
+            old = {**old, "sha256": fingerprint["sha256"]}
+        if old != fingerprint:
+            return False
+    return True
+
+
 def check_fits_run(path: Path, obj: dict, c: TrainConfig, data: dict, allow_config_change: bool) -> None:
     """Refuse a checkpoint beyond --max-steps, or made with other data or settings (unless allowed)."""
     step = obj["iteration"]
@@ -98,7 +112,7 @@ def check_fits_run(path: Path, obj: dict, c: TrainConfig, data: dict, allow_conf
             f"{path}: the checkpoint is at step {step}, beyond --max-steps {c.run.max_steps}; raise --max-steps "
             "to train further, or use another --out-dir for a new run"
         )
-    if obj["data"] != data and not allow_config_change:
+    if not same_data(obj["data"], data) and not allow_config_change:
         raise ConfigError(
             f"{path}: the data differs from the data this run was trained on (file names, "
             "sizes or checksums changed); pass --allow-config-change to resume anyway"

@@ -117,7 +117,7 @@ def test_a_single_small_file_is_cut_into_train_and_val(tmp_path):
     [
         (["missing.txt"], "missing.txt: no such file or directory"),
         (["emptydir"], "emptydir: names no file"),
-        (["text", "--tokenizer", "bpe:70000"], "vocab 70000 does not fit uint16 shards (at most 65535)"),
+        (["text", "--tokenizer", "bpe:70000"], "vocab 70000 does not fit uint16 shards (at most 65536)"),
         (["text", "--tokenizer", "bpe:big"], "expected bpe:N with N a whole number"),
         (["text", "--tokenizer", "sentencepiece"], "unknown; use byte, bpe:N or tiktoken:NAME"),
         (["text", "--tokenizer", "tiktoken:gpt2"], "tiktoken"),

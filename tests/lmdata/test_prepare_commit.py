@@ -239,7 +239,7 @@ def test_a_training_run_directory_is_not_an_output(tmp_path, capsys):
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("")
     assert main([str(write_corpus(tmp_path / "c.txt", OLD_DOCS)), "--out", str(run)]) == 2
-    assert "is a training run directory" in capsys.readouterr().err
+    assert "lies in the training run directory" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]
 
 
@@ -269,3 +269,16 @@ def test_a_generation_name_that_links_outside_is_never_followed(datasets, tmp_pa
     assert main([str(new_in), "--out", str(out), "--val-fraction", "0.1", "--shard-tokens", "3000"]) == 0
     assert (elsewhere / "train_000001.bin").read_bytes() == b"keep"
     assert visible(out, {}, new) == "new"
+
+
+def test_an_out_through_a_link_into_a_dataset_or_inside_a_run_is_refused(datasets, tmp_path, capsys):
+    out, new_in, old, _ = datasets
+    (tmp_path / "trainlink").symlink_to(out / "train")
+    assert main([str(new_in), "--out", str(tmp_path / "trainlink")]) == 2
+    assert "lies inside the prepared dataset" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert main([str(new_in), "--out", str(run / "checkpoints")]) == 2
+    assert "lies in the training run directory" in capsys.readouterr().err
+    assert visible(out, old, {}) == "old"

@@ -277,3 +277,8 @@ def test_the_prepare_root_as_data_says_which_directory_to_pass(corpus, tmp_path,
 def test_a_value_of_the_wrong_type_is_one_problem(tmp_path):
     _, problems, _ = collect({"data": {"train_data": 3}}, {})
     assert [p for p in problems if "train_data" in p] == ["[data] train_data: expected str, got 3 (int)"]
+
+
+def test_an_out_dir_below_a_dangling_link_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
+    assert "is a link to nothing" in refused(args(corpus, tmp_path / "dang" / "x"), capsys)

@@ -267,4 +267,34 @@ def test_replace_keeps_a_users_file_in_checkpoints(corpus, tmp_path):  # noqa: F
     with pytest.warns(UserWarning, match="kept notes.txt: not checkpoints of this run"):
         assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0", "--resume", "replace")) == 0
     aside = list(out.glob(".checkpoints-replaced-*"))
-    assert [p.name for p in aside[0].iterdir()] == ["notes.txt"] and steps_on_disk(out) == [2]
+    assert [p.name for p in (aside[0] / "checkpoints").iterdir()] == ["notes.txt"] and steps_on_disk(out) == [2]
+    (out / "checkpoints" / "more.txt").write_text("mine too")  # a second replace gets a fresh aside name
+    with pytest.warns(UserWarning, match="kept more.txt"):
+        assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0", "--resume", "replace")) == 0
+    assert len(list(out.glob(".checkpoints-replaced-*"))) == 2
+
+
+def test_replace_refuses_a_linked_checkpoint_directory(corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
+    (out / "checkpoints").rename(tmp_path / "bigdisk")
+    (out / "checkpoints").symlink_to(tmp_path / "bigdisk")
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0", "--resume", "replace")) == 2
+    assert "is a link to" in capsys.readouterr().err and (out / "checkpoints").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "bigdisk").iterdir()) == ["latest", "step_00000002.pt"]
+
+
+def test_a_checkpoint_from_before_sampled_digests_still_resumes(corpus, tmp_path):  # noqa: F811
+    import numpy as np
+
+    train = tmp_path / "train.npy"
+    np.save(train, np.random.default_rng(1).integers(0, 64, 5000).astype(np.int32))
+    common = ["--train-data", str(train), "--val-data", str(corpus / "val"), "--vocab-size", "64"]
+    out = tmp_path / "run"
+    tiny = args(corpus, out)[6:]
+    assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "2", "--eval-interval", "0"]) == 0
+    path = out / "checkpoints" / "step_00000002.pt"
+    obj = torch.load(path, weights_only=True)
+    obj["data"]["train"]["sha256"] = []  # how the previous version recorded data without a manifest
+    torch.save(obj, path)
+    assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "4", "--eval-interval", "0"]) == 0
