@@ -1,8 +1,10 @@
 """The run directory's single writer: an exclusive lock held for the life of a training run.
 
 ``OUT_DIR/.lmtrain.lock`` is locked with ``fcntl.flock``. The kernel releases the lock when the process dies however
-it dies (``kill -9`` included), so a crash never leaves a stale lock; the file itself stays (deleting it would
-let a second trainer lock a new file while the first still holds the old one). The holder writes its PID into
+it dies (``kill -9`` included), so a crash never leaves a stale lock. The file stays after a run (deleting it
+would let a second trainer lock a new file while the first still holds the old one); only a run refused before
+it wrote anything removes it, while still holding it, and so :meth:`RunDirLock.acquire` checks that the file it
+locked is the one at the path. The holder writes its PID into
 it so that a refused trainer can say who holds the directory.
 
 Only the lock holder writes into the run directory: config, metrics, checkpoints, and cleaning up what a killed
