@@ -6,11 +6,12 @@
 1. Host-to-device copies, pinned + ``non_blocking`` against pageable memory, timed with CUDA events, at the size
    of one training batch (launch overhead dominates there) and at 64 MB and 256 MB (where bandwidth shows).
 2. The real training step: a :class:`lmtrain.loop.Trainer` built from a :class:`TrainConfig` on generated shards
-   (GPT-2-small shape, 124M parameters besides the token embedding, vocab 50257, bf16), its own ``_train_step`` with its per-step host sync,
-   fed either by its BatchLoader or by batches already on the device. The two feeders take turns in rounds
-   (the first alternates), after a warm-up of both, and loader statistics are reset after the warm-up. Each
-   turn runs 3x the loader's prefetch steps, so the queue it filled during the other feeder's turn is a small
-   part. Throughput ratio: median over rounds of in-memory time / loader time.
+   (GPT-2-small shape, 124M parameters besides the token embedding, vocab 50257, bf16), its own
+   ``_train_step`` with its per-step host sync, fed either by its BatchLoader or by batches already on the
+   device. The two feeders take turns in rounds (the first alternates), after a warm-up of both, and loader
+   statistics are reset after the warm-up. Each turn runs 3x the loader's prefetch steps, so the queue it
+   filled during the other feeder's turn is a small part. Throughput ratio: median over rounds of in-memory
+   time / loader time.
 
 Checks (the thresholds are stated in THRESHOLDS): loader throughput >= 0.98 of in-memory; pinned H2D at 64 MB and
 up >= 1.5x pageable and >= 10 GB/s.
