@@ -57,8 +57,6 @@ ENTRIES = ("train", "val", "tokenizer.json")  # what a generation may hold, each
 STOP_ENV = "LMDATA_PREPARE_STOP_AT"  # tests: stop at a named step (print, then wait to be killed)
 
 
-
-
 def stop_point(step: str) -> None:
     """For crash tests: when $LMDATA_PREPARE_STOP_AT names this step, say so and wait to be killed."""
     if os.environ.get(STOP_ENV) == step:

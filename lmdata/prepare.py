@@ -66,8 +66,6 @@ BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spr
 LMDATA_NAMES = (MANIFEST_NAME, TOKENIZER_FILE, LOCK_NAME, MARKER_NAME)
 
 
-
-
 def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
     """Files named by the inputs; InputError naming the first one that names no readable text file.
 

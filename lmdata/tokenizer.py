@@ -19,8 +19,6 @@ MAX_VOCAB = DTYPE_LIMITS["uint16"]  # ids must fit the uint16 shards: 0 .. 65535
 TOKENIZER_FILE = "tokenizer.json"
 
 
-
-
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, and 256 for end-of-text: vocab 257, nothing to train or download."""
 

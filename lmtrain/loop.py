@@ -41,8 +41,6 @@ from lmtrain.runtime import Runtime, agree_on_step
 VAL_SEED_OFFSET = 1_000_003  # the validation batches' sampler seed: fixed, and distinct from training's
 
 
-
-
 class Trainer:
     def __init__(
         self, config: TrainConfig, runtime: Runtime, datasets: tuple[TokenDataset, TokenDataset] | None = None

@@ -26,8 +26,6 @@ LOCK_NAME = ".lmtrain.lock"  # not prepare's .lock: a run dir and a dataset are 
 METRICS_NAME = "metrics.jsonl"
 
 
-
-
 class RunDirLock:
     """``with RunDirLock(out_dir):`` holds the exclusive lock; raises RunDirBusyError if another process has it.
 
