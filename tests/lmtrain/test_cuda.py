@@ -21,7 +21,7 @@ from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.main import main
 from lmtrain.metrics import peak_flops
 from tests.conftest import cuda
-from tests.lmtrain.test_main import args, corpus, final_weights, records, run_cli, wait_for_step  # noqa: F401
+from tests.lmtrain.test_main import args, final_weights, records, run_cli, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,13 +45,13 @@ def test_saves_write_host_copies_not_the_live_tensors(tmp_path, monkeypatch, asy
     assert same_storage == (not async_save)
 
 
-def cuda_args(corpus, out, *extra):  # noqa: F811
+def cuda_args(corpus, out, *extra):
     return args(corpus, out, "--device", "cuda", *extra)
 
 
 @pytest.mark.cuda
 @cuda
-def test_bf16_fused_adamw_run_with_mfu(corpus, tmp_path, capsys):  # noqa: F811
+def test_bf16_fused_adamw_run_with_mfu(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(cuda_args(corpus, out, "--max-steps", "30", "--eval-interval", "0", "--log-interval", "10")) == 0
     printed = capsys.readouterr().out
@@ -70,7 +70,7 @@ def test_bf16_fused_adamw_run_with_mfu(corpus, tmp_path, capsys):  # noqa: F811
 
 @pytest.mark.cuda
 @cuda
-def test_kill_9_and_resume_on_cuda(corpus, tmp_path):  # noqa: F811
+def test_kill_9_and_resume_on_cuda(corpus, tmp_path):
     # Long enough that the kill lands mid-run even at a few ms per step; resume is from the newest checkpoint then
     common = ["--max-steps", "200", "--checkpoint-interval", "10", "--eval-interval", "0"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -95,7 +95,7 @@ def test_kill_9_and_resume_on_cuda(corpus, tmp_path):  # noqa: F811
 
 @pytest.mark.cuda
 @cuda
-def test_sigterm_on_cuda_checkpoints_and_exits_0(corpus, tmp_path):  # noqa: F811
+def test_sigterm_on_cuda_checkpoints_and_exits_0(corpus, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(cuda_args(corpus, out, "--max-steps", "100000", "--checkpoint-interval", "100000"))
     wait_for_step(out, 5, proc, timeout=120)
@@ -108,7 +108,7 @@ def test_sigterm_on_cuda_checkpoints_and_exits_0(corpus, tmp_path):  # noqa: F81
 
 @pytest.mark.cuda
 @cuda
-def test_non_finite_loss_on_cuda_stops_with_exit_3(corpus, tmp_path, capsys):  # noqa: F811
+def test_non_finite_loss_on_cuda_stops_with_exit_3(corpus, tmp_path, capsys):
     flags = ["--max-steps", "50", "--lr", "1e30", "--min-lr", "0", "--warmup-steps", "0", "--grad-clip", "0"]
     out = tmp_path / "run"
     assert main(cuda_args(corpus, out, *flags, "--checkpoint-interval", "1")) == 3
@@ -120,7 +120,7 @@ def test_non_finite_loss_on_cuda_stops_with_exit_3(corpus, tmp_path, capsys):  #
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("mode", ["--no-async-checkpoint", "--async-checkpoint"])
-def test_a_cuda_checkpoint_loads_with_plain_torch_load_without_a_gpu(corpus, tmp_path, mode):  # noqa: F811
+def test_a_cuda_checkpoint_loads_with_plain_torch_load_without_a_gpu(corpus, tmp_path, mode):
     out = tmp_path / "run"
     assert main(cuda_args(corpus, out, "--max-steps", "3", "--eval-interval", "0", mode)) == 0
     code = textwrap.dedent(

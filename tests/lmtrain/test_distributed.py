@@ -22,7 +22,7 @@ import lmtrain.loop
 from lmtrain.config import build_config
 from lmtrain.loop import Trainer
 from lmtrain.runtime import Runtime, agree_on_step
-from tests.lmtrain.test_main import args, corpus, records  # noqa: F401 - corpus is a fixture
+from tests.lmtrain.test_main import args, records
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,7 @@ def torchrun(argv: list[str], **kwargs) -> subprocess.Popen:
     )
 
 
-def test_torchrun_with_gradient_accumulation_trains_and_checkpoints(corpus, tmp_path):  # noqa: F811
+def test_torchrun_with_gradient_accumulation_trains_and_checkpoints(corpus, tmp_path):
     out = tmp_path / "ddp"
     proc = torchrun(args(corpus, out, "--max-steps", "4", "--grad-accum-steps", "2", "--eval-interval", "0"))
     _, err = proc.communicate(timeout=120)
@@ -55,7 +55,7 @@ def test_torchrun_with_gradient_accumulation_trains_and_checkpoints(corpus, tmp_
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_torchrun_non_finite_loss_stops_every_rank_without_a_hang(corpus, tmp_path):  # noqa: F811
+def test_torchrun_non_finite_loss_stops_every_rank_without_a_hang(corpus, tmp_path):
     out = tmp_path / "ddp"
     flags = ["--max-steps", "50", "--lr", "1e30", "--min-lr", "0", "--warmup-steps", "0", "--grad-clip", "0"]
     proc = torchrun(args(corpus, out, *flags, "--checkpoint-interval", "1", "--eval-interval", "0"))
@@ -85,7 +85,7 @@ def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
     return found
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_step(corpus, tmp_path):  # noqa: F811
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(corpus, tmp_path):
     out = tmp_path / "ddp"
     proc = torchrun(args(corpus, out, "--max-steps", "100000", "--checkpoint-interval", "100000"))
     deadline = time.monotonic() + 60
@@ -146,7 +146,7 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_a_distributed_step_has_one_host_sync_and_one_collective(corpus, tmp_path, monkeypatch, one_process_group):  # noqa: F811
+def test_a_distributed_step_has_one_host_sync_and_one_collective(corpus, tmp_path, monkeypatch, one_process_group):
     steps = 4
     flags = args(corpus, tmp_path / "run", "--max-steps", str(steps), "--log-interval", "1000", "--eval-interval", "0")
     from lmtrain.cli import parse_flags

@@ -8,10 +8,10 @@ from lmtrain.cli import parse_flags
 from lmtrain.config import build_config
 from lmtrain.loop import Trainer
 from lmtrain.runtime import Runtime
-from tests.lmtrain.test_main import args, corpus  # noqa: F401 - corpus is a fixture
+from tests.lmtrain.test_main import args
 
 
-def trainer(corpus, out, batch_size: int, accum: int) -> Trainer:  # noqa: F811
+def trainer(corpus, out, batch_size: int, accum: int) -> Trainer:
     flags = args(corpus, out, "--batch-size", str(batch_size), "--grad-accum-steps", str(accum), "--lr", "1e-2")
     config = build_config({}, parse_flags([*flags, "--vocab-size", "64", "--warmup-steps", "0"])[1])
     t = Trainer(config, Runtime(torch.device("cpu"), torch.float32))
@@ -19,7 +19,7 @@ def trainer(corpus, out, batch_size: int, accum: int) -> Trainer:  # noqa: F811
     return t
 
 
-def test_two_micro_batches_of_8_equal_one_batch_of_16(corpus, tmp_path):  # noqa: F811
+def test_two_micro_batches_of_8_equal_one_batch_of_16(corpus, tmp_path):
     g = torch.Generator().manual_seed(1)
     # (steps, 16, T + 1) tokens: each step's same 16 sequences, split in two for the accumulating run
     steps, T = 3, 32

@@ -12,7 +12,7 @@ import torch
 from lmtrain.config import FIELDS, MAX_SEED, collect
 from lmtrain.main import main
 from lmtrain.preflight import count_parameters
-from tests.lmtrain.test_main import args, corpus  # noqa: F401 - the module-scoped corpus fixture
+from tests.lmtrain.test_main import args
 
 
 def refused(argv: list[str], capsys) -> str:
@@ -37,7 +37,7 @@ FLOAT_CASES = [
 
 
 @pytest.mark.parametrize(("flag", "value"), FLOAT_CASES)
-def test_a_non_finite_float_setting_is_refused_before_anything_is_written(corpus, tmp_path, capsys, flag, value):  # noqa: F811
+def test_a_non_finite_float_setting_is_refused_before_anything_is_written(corpus, tmp_path, capsys, flag, value):
     out = tmp_path / "run"
     err = refused(args(corpus, out, f"{flag}={value}"), capsys)  # "=": argparse reads "-inf" as a flag otherwise
     assert f"{flag[2:].replace('-', '_')} must be a finite number, got {float(value)}" in err
@@ -68,19 +68,19 @@ def test_every_float_field_is_checked_for_finiteness():
         (["--eval-interval", "-1"], "[log] eval_interval must be >= 0, got -1"),
     ],
 )
-def test_each_bad_value_names_the_field_and_the_rule(corpus, tmp_path, capsys, extra, message):  # noqa: F811
+def test_each_bad_value_names_the_field_and_the_rule(corpus, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     assert message in refused(args(corpus, out, *extra), capsys)
     assert not out.exists()
 
 
-def test_the_largest_seed_trains(corpus, tmp_path):  # noqa: F811
+def test_the_largest_seed_trains(corpus, tmp_path):
     # the validation sampler's seed is derived from the run's: it must not overflow int64
     argv = args(corpus, tmp_path / "run", "--seed", str(MAX_SEED), "--max-steps", "1", "--eval-interval", "0")
     assert main(argv) == 0
 
 
-def test_config_that_is_a_directory_or_not_utf8(corpus, tmp_path, capsys):  # noqa: F811
+def test_config_that_is_a_directory_or_not_utf8(corpus, tmp_path, capsys):
     err = refused([*args(corpus, tmp_path / "r"), "--config", str(tmp_path)], capsys)
     assert "is a directory; pass a TOML file" in err
     toml = tmp_path / "bad.toml"
@@ -89,7 +89,7 @@ def test_config_that_is_a_directory_or_not_utf8(corpus, tmp_path, capsys):  # no
     assert not (tmp_path / "r").exists()
 
 
-def test_host_buffers_that_cannot_fit_in_memory_are_refused(corpus, tmp_path, capsys):  # noqa: F811
+def test_host_buffers_that_cannot_fit_in_memory_are_refused(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     # (16 + 2) x 2 x 10^7 x 32 x 8 bytes = 92 GB of loader buffers, more than any test machine has
     err = refused(args(corpus, out, "--batch-size", "10000000"), capsys)
@@ -98,7 +98,7 @@ def test_host_buffers_that_cannot_fit_in_memory_are_refused(corpus, tmp_path, ca
 
 
 @pytest.mark.parametrize("case", ["missing", "text", "directory", "not_a_dict", "not_training"])
-def test_a_bad_resume_path_is_refused_and_writes_nothing(corpus, tmp_path, capsys, case):  # noqa: F811
+def test_a_bad_resume_path_is_refused_and_writes_nothing(corpus, tmp_path, capsys, case):
     target = tmp_path / "thing"
     if case == "text":
         target.write_text("hello")
@@ -120,7 +120,7 @@ def test_a_bad_resume_path_is_refused_and_writes_nothing(corpus, tmp_path, capsy
     assert not (tmp_path / "new").exists()
 
 
-def test_a_refused_resume_leaves_config_json_as_it_was(corpus, tmp_path, capsys):  # noqa: F811
+def test_a_refused_resume_leaves_config_json_as_it_was(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
     before = (out / "config.json").read_bytes()
@@ -129,7 +129,7 @@ def test_a_refused_resume_leaves_config_json_as_it_was(corpus, tmp_path, capsys)
     assert (out / "config.json").read_bytes() == before
 
 
-def test_preflight_asks_for_at_least_the_room_the_first_save_checks(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_preflight_asks_for_at_least_the_room_the_first_save_checks(corpus, tmp_path, monkeypatch):
     """One estimate: a run that passes preflight's disk check cannot fail the first save's for lack of room."""
     from lmtrain import checkpoint_manager
     from lmtrain.checkpoint_manager import checkpoint_tensor_bytes, estimate_bytes, free_bytes_needed
@@ -173,7 +173,7 @@ def test_a_long_token_scan_shows_its_progress(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["root", "inside_dataset", "dataset_itself", "a_tree"])
-def test_an_out_dir_that_is_not_a_run_directory_is_refused(corpus, tmp_path, capsys, where):  # noqa: F811
+def test_an_out_dir_that_is_not_a_run_directory_is_refused(corpus, tmp_path, capsys, where):
     from lmdata.prepare import prepare
 
     (tmp_path / "t.txt").write_text("hello world, this is some text\n" * 400)
@@ -190,20 +190,20 @@ def test_an_out_dir_that_is_not_a_run_directory_is_refused(corpus, tmp_path, cap
     assert not (out / "config.json").exists() and not (out / ".lmtrain.lock").exists()
 
 
-def test_an_out_dir_holding_only_the_run_toml_is_fine(corpus, tmp_path):  # noqa: F811
+def test_an_out_dir_holding_only_the_run_toml_is_fine(corpus, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.toml").write_text("[run]\nmax_steps = 1\n")
     assert main([*args(corpus, out, "--eval-interval", "0"), "--config", str(out / "run.toml")]) == 0
 
 
-def test_a_config_that_is_a_pipe_is_refused_not_waited_on(corpus, tmp_path, capsys):  # noqa: F811
+def test_a_config_that_is_a_pipe_is_refused_not_waited_on(corpus, tmp_path, capsys):
     fifo = tmp_path / "run.toml"
     os.mkfifo(fifo)
     assert "not a regular file" in refused([*args(corpus, tmp_path / "r"), "--config", str(fifo)], capsys)
 
 
-def test_changing_the_model_shape_on_resume_is_one_clear_line(corpus, tmp_path, capsys):  # noqa: F811
+def test_changing_the_model_shape_on_resume_is_one_clear_line(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
     err = refused(args(corpus, out, "--max-steps", "4", "--d-model", "64", "--allow-config-change"), capsys)
@@ -211,7 +211,7 @@ def test_changing_the_model_shape_on_resume_is_one_clear_line(corpus, tmp_path, 
     assert "The model's shape cannot change on resume" in err and len(err.strip().splitlines()) == 1
 
 
-def test_surprising_settings_are_said_and_a_schedule_that_jumps_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+def test_surprising_settings_are_said_and_a_schedule_that_jumps_is_refused(corpus, tmp_path, capsys):
     import numpy as np
 
     from lmdata import write_shards
@@ -228,7 +228,7 @@ def test_surprising_settings_are_said_and_a_schedule_that_jumps_is_refused(corpu
     assert "lr_decay_steps=2 is not after warmup_steps=5" in err
 
 
-def test_a_project_directory_with_its_own_checkpoints_and_config_is_not_a_run_directory(corpus, tmp_path, capsys):  # noqa: F811, E501
+def test_a_project_directory_with_its_own_checkpoints_and_config_is_not_a_run_directory(corpus, tmp_path, capsys):  # noqa: E501
     project = tmp_path / "repo"
     (project / "checkpoints").mkdir(parents=True)
     (project / "checkpoints" / "model_best.pth").write_text("w")
@@ -239,7 +239,7 @@ def test_a_project_directory_with_its_own_checkpoints_and_config_is_not_a_run_di
     assert (project / "config.json").read_text() == '{"proj": 1}'
 
 
-def test_a_current_link_beside_runs_is_not_a_dataset(corpus, tmp_path):  # noqa: F811
+def test_a_current_link_beside_runs_is_not_a_dataset(corpus, tmp_path):
     runs = tmp_path / "runs"
     assert main(args(corpus, runs / "exp1", "--max-steps", "2", "--eval-interval", "0")) == 0
     (runs / "current").symlink_to("exp1")  # a common convention
@@ -247,7 +247,7 @@ def test_a_current_link_beside_runs_is_not_a_dataset(corpus, tmp_path):  # noqa:
 
 
 @pytest.mark.parametrize("case", ["dangling_link", "link_loop", "name_too_long", "huge_model"])
-def test_paths_and_sizes_that_broke_with_a_traceback(corpus, tmp_path, capsys, case):  # noqa: F811
+def test_paths_and_sizes_that_broke_with_a_traceback(corpus, tmp_path, capsys, case):
     extra = []
     if case == "dangling_link":
         out = tmp_path / "latest"
@@ -269,7 +269,7 @@ def test_paths_and_sizes_that_broke_with_a_traceback(corpus, tmp_path, capsys, c
     assert message in refused(args(corpus, out, *extra), capsys)
 
 
-def test_the_prepare_root_as_data_says_which_directory_to_pass(corpus, tmp_path, capsys):  # noqa: F811
+def test_the_prepare_root_as_data_says_which_directory_to_pass(corpus, tmp_path, capsys):
     err = refused([*args(corpus, tmp_path / "run")[:1], str(corpus), *args(corpus, tmp_path / "run")[2:]], capsys)
     assert f"it holds prepared splits: pass {corpus / 'train'}" in err
 
@@ -279,6 +279,6 @@ def test_a_value_of_the_wrong_type_is_one_problem(tmp_path):
     assert [p for p in problems if "train_data" in p] == ["[data] train_data: expected str, got 3 (int)"]
 
 
-def test_an_out_dir_below_a_dangling_link_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+def test_an_out_dir_below_a_dangling_link_is_refused(corpus, tmp_path, capsys):
     (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
     assert "is a link to nothing" in refused(args(corpus, tmp_path / "dang" / "x"), capsys)

@@ -9,19 +9,20 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lmtrain.main import main
 from lmtrain.sample import load_run
-from tests.lmtrain.test_main import args, corpus, records, run_cli, wait_for_step  # noqa: F401
+from tests.lmtrain.test_main import args, records, run_cli, wait_for_step
 
 
 def steps_on_disk(out: Path) -> list[int]:
     return sorted(int(p.name[5:13]) for p in (out / "checkpoints").glob("step_*.pt"))
 
 
-def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_holder(corpus, tmp_path):  # noqa: F811
+def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_holder(corpus, tmp_path):
     out = tmp_path / "run"
     first = run_cli(args(corpus, out, "--max-steps", "100000", "--checkpoint-interval", "100000"))
     try:
@@ -40,7 +41,7 @@ def test_a_second_trainer_on_the_same_run_dir_is_refused_naming_the_holder(corpu
     assert main(args(corpus, out, "--max-steps", "1", "--eval-interval", "0", "--resume", "replace")) == 0
 
 
-def test_sampling_during_training_never_disturbs_the_trainer(corpus, tmp_path):  # noqa: F811
+def test_sampling_during_training_never_disturbs_the_trainer(corpus, tmp_path):
     """A checkpoint every step, while another process loads the newest one as fast as it can."""
     out = tmp_path / "run"
     trainer = run_cli(args(corpus, out, "--max-steps", "60", "--checkpoint-interval", "1", "--keep-checkpoints", "2"))
@@ -56,7 +57,7 @@ def test_sampling_during_training_never_disturbs_the_trainer(corpus, tmp_path): 
     assert loads > 5 and steps_on_disk(out) == [59, 60]
 
 
-def test_a_reader_leaves_a_writers_temporary_file_alone(corpus, tmp_path):  # noqa: F811
+def test_a_reader_leaves_a_writers_temporary_file_alone(corpus, tmp_path):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
     in_flight = out / "checkpoints" / ".tmp-step_00000003.pt.abc123"
@@ -66,7 +67,7 @@ def test_a_reader_leaves_a_writers_temporary_file_alone(corpus, tmp_path):  # no
     assert in_flight.exists() and sorted(p.name for p in out.rglob("*")) == before
 
 
-def test_resume_never_refuses_a_dir_with_checkpoints_and_replace_starts_a_new_run(corpus, tmp_path, capsys):  # noqa: F811
+def test_resume_never_refuses_a_dir_with_checkpoints_and_replace_starts_a_new_run(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "20", "--checkpoint-interval", "10", "--eval-interval", "0")) == 0
     assert main(args(corpus, out, "--max-steps", "9", "--resume", "never")) == 2
@@ -83,7 +84,7 @@ def test_resume_never_refuses_a_dir_with_checkpoints_and_replace_starts_a_new_ru
     assert steps_on_disk(out) == [3, 6, 9]
 
 
-def test_a_checkpoint_beyond_max_steps_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+def test_a_checkpoint_beyond_max_steps_is_refused(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "6", "--eval-interval", "0")) == 0
     before = (out / "metrics.jsonl").read_bytes()
@@ -92,7 +93,7 @@ def test_a_checkpoint_beyond_max_steps_is_refused(corpus, tmp_path, capsys):  # 
     assert (out / "metrics.jsonl").read_bytes() == before
 
 
-def test_resume_from_a_path_that_would_fork_the_run_is_refused(corpus, tmp_path, capsys):  # noqa: F811
+def test_resume_from_a_path_that_would_fork_the_run_is_refused(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "6", "--checkpoint-interval", "3", "--eval-interval", "0")) == 0
     early = out / "checkpoints" / "step_00000003.pt"
@@ -103,7 +104,7 @@ def test_resume_from_a_path_that_would_fork_the_run_is_refused(corpus, tmp_path,
     assert records(other, "train")[0]["step"] == 4
 
 
-def test_when_every_checkpoint_is_damaged_resume_refuses_instead_of_starting_over(corpus, tmp_path, capsys):  # noqa: F811
+def test_when_every_checkpoint_is_damaged_resume_refuses_instead_of_starting_over(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--eval-interval", "0")) == 0
     for p in (out / "checkpoints").glob("step_*.pt"):
@@ -117,7 +118,7 @@ def test_when_every_checkpoint_is_damaged_resume_refuses_instead_of_starting_ove
     assert (out / "metrics.jsonl").read_bytes() == metrics
 
 
-def test_a_resumed_run_logs_each_step_once(corpus, tmp_path):  # noqa: F811
+def test_a_resumed_run_logs_each_step_once(corpus, tmp_path):
     out = tmp_path / "run"
     common = ["--max-steps", "30", "--checkpoint-interval", "10", "--eval-interval", "10"]
     proc = run_cli(args(corpus, out, *common))
@@ -152,7 +153,7 @@ def fill(path: Path) -> None:
 
 
 @pytest.mark.parametrize("interval", [5, 100000])
-def test_a_disk_that_fills_during_the_run_stops_it_with_exit_2_and_the_checkpoint_intact(corpus, tmp_path, interval):  # noqa: F811
+def test_a_disk_that_fills_during_the_run_stops_it_with_exit_2_and_the_checkpoint_intact(corpus, tmp_path, interval):
     """interval 5: a checkpoint save meets the full disk (or its check does); 100000: a metrics write does."""
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "72m"):
@@ -191,7 +192,7 @@ def test_a_disk_that_fills_during_the_run_stops_it_with_exit_2_and_the_checkpoin
         ("rng", {"torch": 3}, "RNG state is malformed"),
     ],
 )
-def test_a_hostile_checkpoint_in_the_run_dir_is_refused_without_a_traceback(corpus, tmp_path, capsys, part, value, message):  # noqa: F811, E501
+def test_a_hostile_checkpoint_in_the_run_dir_is_refused_without_a_traceback(corpus, tmp_path, capsys, part, value, message):  # noqa: E501
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
     path = out / "checkpoints" / "step_00000002.pt"
@@ -203,7 +204,7 @@ def test_a_hostile_checkpoint_in_the_run_dir_is_refused_without_a_traceback(corp
     assert message in err and "Traceback" not in err
 
 
-def test_replace_interrupted_after_setting_the_old_checkpoints_aside_never_resumes_them(corpus, tmp_path, monkeypatch):  # noqa: F811, E501
+def test_replace_interrupted_after_setting_the_old_checkpoints_aside_never_resumes_them(corpus, tmp_path, monkeypatch):  # noqa: E501
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "4", "--checkpoint-interval", "2", "--eval-interval", "0")) == 0
 
@@ -220,7 +221,7 @@ def test_replace_interrupted_after_setting_the_old_checkpoints_aside_never_resum
     assert steps_on_disk(out) == [2] and not list(out.glob(".checkpoints-replaced-*"))
 
 
-def test_run_dir_entries_of_the_wrong_kind_are_refused_at_start(corpus, tmp_path, capsys):  # noqa: F811
+def test_run_dir_entries_of_the_wrong_kind_are_refused_at_start(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("not a directory")
@@ -230,23 +231,31 @@ def test_run_dir_entries_of_the_wrong_kind_are_refused_at_start(corpus, tmp_path
     assert f"{out / 'checkpoints'} should be a directory" in err and f"{out / 'metrics.jsonl'} should be a file" in err
 
 
-def test_resume_on_replaced_data_without_a_manifest_is_refused(corpus, tmp_path, capsys):  # noqa: F811
-    """nanoGPT/.npy data has no checksums: a shard replaced by other tokens of the same name and size is still
-    told apart (a sampled digest), so the run does not silently continue on other data."""
-    import numpy as np
-
+def npy_run(corpus: Path, tmp_path: Path):
+    """A consecutive .npy training shard without a manifest, and run(max_steps) -> exit code of main on it."""
     train = tmp_path / "train.npy"
     np.save(train, np.random.default_rng(1).integers(0, 64, 5000).astype(np.int32))
     common = ["--train-data", str(train), "--val-data", str(corpus / "val"), "--vocab-size", "64"]
     out = tmp_path / "run"
     tiny = args(corpus, out)[6:]
-    assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "2", "--eval-interval", "0"]) == 0
+
+    def run(max_steps: int) -> int:
+        return main([*common, "--out-dir", str(out), *tiny, "--max-steps", str(max_steps), "--eval-interval", "0"])
+
+    return train, run
+
+
+def test_resume_on_replaced_data_without_a_manifest_is_refused(corpus, tmp_path, capsys):
+    """nanoGPT/.npy data has no checksums: a shard replaced by other tokens of the same name and size is still
+    told apart (a sampled digest), so the run does not silently continue on other data."""
+    train, run = npy_run(corpus, tmp_path)
+    assert run(2) == 0
     np.save(train, np.random.default_rng(2).integers(0, 64, 5000).astype(np.int32))
-    assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "4", "--eval-interval", "0"]) == 2
+    assert run(4) == 2
     assert "the data differs from the data this run was trained on" in capsys.readouterr().err
 
 
-def test_a_second_sigterm_stops_at_once_without_a_traceback(corpus, tmp_path):  # noqa: F811
+def test_a_second_sigterm_stops_at_once_without_a_traceback(corpus, tmp_path):
     out = tmp_path / "run"
     # long steps (200 micro-batches), so both signals land inside one step
     proc = run_cli(args(corpus, out, "--max-steps", "1000", "--grad-accum-steps", "200", "--checkpoint-interval", "1"))
@@ -260,7 +269,7 @@ def test_a_second_sigterm_stops_at_once_without_a_traceback(corpus, tmp_path):  
     assert torch.load(out / "checkpoints" / latest, weights_only=True)["iteration"] >= 1
 
 
-def test_replace_keeps_a_users_file_in_checkpoints(corpus, tmp_path):  # noqa: F811
+def test_replace_keeps_a_users_file_in_checkpoints(corpus, tmp_path):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
     (out / "checkpoints" / "notes.txt").write_text("mine")
@@ -274,7 +283,7 @@ def test_replace_keeps_a_users_file_in_checkpoints(corpus, tmp_path):  # noqa: F
     assert len(list(out.glob(".checkpoints-replaced-*"))) == 2
 
 
-def test_replace_refuses_a_linked_checkpoint_directory(corpus, tmp_path, capsys):  # noqa: F811
+def test_replace_refuses_a_linked_checkpoint_directory(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
     (out / "checkpoints").rename(tmp_path / "bigdisk")
@@ -284,17 +293,11 @@ def test_replace_refuses_a_linked_checkpoint_directory(corpus, tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "bigdisk").iterdir()) == ["latest", "step_00000002.pt"]
 
 
-def test_a_checkpoint_from_before_sampled_digests_still_resumes(corpus, tmp_path):  # noqa: F811
-    import numpy as np
-
-    train = tmp_path / "train.npy"
-    np.save(train, np.random.default_rng(1).integers(0, 64, 5000).astype(np.int32))
-    common = ["--train-data", str(train), "--val-data", str(corpus / "val"), "--vocab-size", "64"]
-    out = tmp_path / "run"
-    tiny = args(corpus, out)[6:]
-    assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "2", "--eval-interval", "0"]) == 0
-    path = out / "checkpoints" / "step_00000002.pt"
+def test_a_checkpoint_from_before_sampled_digests_still_resumes(corpus, tmp_path):
+    _, run = npy_run(corpus, tmp_path)
+    assert run(2) == 0
+    path = tmp_path / "run" / "checkpoints" / "step_00000002.pt"
     obj = torch.load(path, weights_only=True)
     obj["data"]["train"]["sha256"] = []  # how the previous version recorded data without a manifest
     torch.save(obj, path)
-    assert main([*common, "--out-dir", str(out), *tiny, "--max-steps", "4", "--eval-interval", "0"]) == 0
+    assert run(4) == 0
