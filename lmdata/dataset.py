@@ -204,7 +204,7 @@ def sampled_sha256(tokens: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _check_one_tokenizer(listings: list[Listing | None]) -> None:
+def check_one_tokenizer(listings: list[Listing | None]) -> None:
     """ManifestError if the shards (of a glob or list across dataset directories) were made by different
     tokenizers: their ids mean different things, so training on them together is wrong whatever the vocab."""
     made_by = {(x.tokenizer, x.vocab_size): x.manifest_path for x in listings if x is not None}
@@ -231,7 +231,7 @@ class TokenDataset:
         self.manifest: Manifest | None = manifests[0].manifest if manifests else None
         self.shards: list[Shard] = [open_shard(p) for r in resolved for p in r.paths]
         self._listings = [r.listing(i) for r in resolved for i in range(len(r.paths))]
-        _check_one_tokenizer(self._listings)
+        check_one_tokenizer(self._listings)
         for shard, listing in zip(self.shards, self._listings, strict=True):
             if listing is not None:
                 check_against_listing(shard, listing)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from lmdata.dataset import Listing, check_against_listing, resolve_source
-from lmdata.errors import DatasetNotFoundError, LmDataError
+from lmdata.dataset import Listing, check_against_listing, check_one_tokenizer, resolve_source
+from lmdata.errors import DatasetNotFoundError, LmDataError, ManifestError
 from lmdata.format import HEADER_BYTES, Shard, open_shard
 from lmdata.manifest import tokens_sha256
 
@@ -109,6 +109,10 @@ def validate_shards(
         except LmDataError as e:  # a bad manifest, an unfinished write: what training would refuse
             result.dataset_problems.append(_problem_of(Path(os.fspath(source)), e))
             continue
+        try:  # shards that training would refuse to mix
+            check_one_tokenizer([resolved.listing(i) for i in range(len(resolved.paths))])
+        except ManifestError as e:
+            result.dataset_problems.append(ShardReport(Path(os.fspath(source)), [str(e)]))
         for path in resolved.unlisted:
             result.dataset_problems.append(
                 ShardReport(path, ["not listed in the manifest: a stale shard of an earlier write? delete it"])

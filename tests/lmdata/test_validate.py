@@ -261,3 +261,13 @@ def test_a_glob_inside_a_manifest_directory_is_bounded_by_its_vocab_size(good_di
     write_manifest(good_dir, body)
     result = validate_shards([f"{good_dir}/shard_00000[01].bin"])
     assert [r.problems[0].split(";")[0] for r in result.reports] == ["200 tokens outside [0, 200) (min 0, max 249)"] * 2
+
+
+def test_a_glob_mixing_tokenizers_is_reported_bad_as_training_refuses_it(tmp_path):
+    from lmdata import write_shards
+
+    write_shards([np.arange(100) % 50], tmp_path / "a" / "train", tokenizer="byte", vocab_size=257)
+    write_shards([np.arange(100) % 50], tmp_path / "b" / "train", tokenizer="bpe:300", vocab_size=300)
+    result = validate_shards([str(tmp_path / "*" / "train" / "*.bin")])
+    assert not result.ok
+    assert any("made by different tokenizers" in p for r in result.dataset_problems for p in r.problems)
