@@ -43,6 +43,7 @@ from lmtrain.errors import CheckpointError, ConfigError, InsufficientDiskError
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 LATEST = "latest"
+CHECKPOINTS_NAME = "checkpoints"  # OUT_DIR/checkpoints/
 _SIZE_MARGIN = 1.05  # zip headers and pickled structure on top of the tensor bytes
 _FREE_RESERVE = 64 * 2**20  # never fill the disk to the last byte
 CHECKPOINT_BYTES_PER_PARAM = 12  # float32 weights + AdamW's two float32 moments
@@ -125,7 +126,7 @@ class CheckpointManager:
     ):
         if keep < 1:
             raise ConfigError(f"keep must be at least 1, got {keep}")
-        self.dir = Path(out_dir) / "checkpoints"
+        self.dir = Path(out_dir) / CHECKPOINTS_NAME
         self.keep, self.milestone_every, self.async_save = keep, milestone_every, async_save
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

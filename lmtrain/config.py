@@ -25,6 +25,7 @@ from lmdata.atomic import write_bytes_atomic
 from lmtrain.errors import ConfigError
 from lmtrain.model import shape_problems
 
+CONFIG_NAME = "config.json"  # OUT_DIR/config.json, the resolved config
 MAX_SEED = 2**63 - 1  # seeds are hashed as non-negative int64s by the samplers
 
 
@@ -363,4 +364,4 @@ def config_diff(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
 
 def write_config(out_dir: Path, config: TrainConfig) -> None:
     """Save the resolved config as ``out_dir/config.json`` (atomically: a reader never sees half a file)."""
-    write_bytes_atomic(out_dir / "config.json", (json.dumps(config.to_dict(), indent=1) + "\n").encode())
+    write_bytes_atomic(out_dir / CONFIG_NAME, (json.dumps(config.to_dict(), indent=1) + "\n").encode())

@@ -50,7 +50,7 @@ def prepare_demo_data() -> Path:
     """Tokenized standard library under the cache dir, prepared on first use; returns its directory."""
     spec = demo_tokenizer()
     out = cache_dir() / f"stdlib-{spec.replace(':', '')}"
-    if _is_prepared(out):
+    if _demo_data_ready(out):
         print(f"demo data: {out} (cached)", flush=True)
         return out
     files = stdlib_sources()
@@ -67,7 +67,7 @@ def prepare_demo_data() -> Path:
     return out
 
 
-def _is_prepared(out: Path) -> bool:
+def _demo_data_ready(out: Path) -> bool:
     """Both splits open as finished datasets (prepare commits them together, so a killed one left neither)."""
     try:
         TokenDataset(out / "train"), TokenDataset(out / "val")

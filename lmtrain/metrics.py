@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+METRICS_NAME = "metrics.jsonl"  # OUT_DIR/metrics.jsonl
+
 # Dense (no 2:4 sparsity) bf16 tensor-core peak FLOP/s, from the vendors' datasheets (NVIDIA quotes "with
 # sparsity" figures, twice these), keyed by the exact name torch.cuda.get_device_name returns: a substring match
 # would read an L40S as an L4 and an H100 PCIe as an SXM. A GPU not listed gets no MFU rather than a guess.
@@ -62,7 +64,7 @@ class MetricsLog:
         wandb_project: str | None,
         tensorboard: bool,
     ):
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS_NAME
         self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close(); line-buffered
         self.total_steps = total_steps
         self.start_time, self.start_step = time.perf_counter(), start_step

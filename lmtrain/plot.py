@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from lmtrain.errors import LmTrainError
+from lmtrain.metrics import METRICS_NAME
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_NAME
     if not path.exists():
         raise LmTrainError(f"{path}: no metrics file; is {run_dir} a run directory of lmtrain.main?")
     try:

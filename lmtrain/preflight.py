@@ -21,13 +21,14 @@ import torch
 from lmdata import LmDataError, TokenDataset
 from lmdata.commit import inside_prepared
 from lmdata.manifest import MANIFEST_NAME
-from lmtrain.checkpoint_manager import checkpoint_tensor_bytes, free_bytes_needed
-from lmtrain.config import RESUME_MODES, SECTIONS, TrainConfig
+from lmtrain.checkpoint_manager import CHECKPOINTS_NAME, checkpoint_tensor_bytes, free_bytes_needed
+from lmtrain.config import CONFIG_NAME, RESUME_MODES, SECTIONS, TrainConfig
+from lmtrain.metrics import METRICS_NAME
 from lmtrain.model import TransformerLM
 
 TRAINING_BYTES_PER_PARAM = 16  # float32 weights, gradients and AdamW's two moments
 PROGRESS_AFTER_S = 3.0  # a token scan that runs longer than this prints its progress
-RUN_DIR_ENTRIES = {"config.json": False, "metrics.jsonl": False, "checkpoints": True}  # name: is a directory
+RUN_DIR_ENTRIES = {CONFIG_NAME: False, METRICS_NAME: False, CHECKPOINTS_NAME: True}  # name: is a directory
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,10 @@ def _foreign_out_dir(out: Path) -> str | None:
         return f"lies inside the prepared dataset {dataset}, which a re-prepare replaces"
     if not out.is_dir():
         return None
-    if (out / "config.json").exists():
-        ours = _is_run_config(out / "config.json")
+    if (out / CONFIG_NAME).exists():
+        ours = _is_run_config(out / CONFIG_NAME)
         return None if ours else "its config.json is not an lmtrain run's (a run would overwrite it)"
-    if found := [name for name in ("metrics.jsonl", "checkpoints") if (out / name).exists()]:
+    if found := [name for name in (METRICS_NAME, CHECKPOINTS_NAME) if (out / name).exists()]:
         return f"holds {found[0]} but no lmtrain config.json, so it is not a run directory"
     children = list(out.iterdir())
     if any(c.is_dir() or c.suffix in (".bin", ".npy") or c.name == MANIFEST_NAME for c in children):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from lmdata.atomic import write_bytes_atomic
 from lmtrain.errors import RunDirBusyError
+from lmtrain.metrics import METRICS_NAME
 
 LOCK_NAME = ".lmtrain.lock"  # not prepare's .lock: a run dir and a dataset are never the same directory
-METRICS_NAME = "metrics.jsonl"
 
 
 class RunDirLock:
