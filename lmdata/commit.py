@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from pathlib import Path
 from lmdata.atomic import DIR_MODE, TMP_PREFIX, fsync_dir
 from lmdata.errors import LmDataError, OutputBusyError, OutputError
 from lmdata.manifest import MANIFEST_NAME, Manifest
-from lmdata.writer import MARKER_NAME
+from lmdata.writer import MARKER_NAME, shard_name_pattern
 
 GEN_PREFIX = ".gen-"
 OLD_PREFIX = ".old-"
@@ -127,7 +126,7 @@ def foreign_files(split: Path) -> list[Path]:
     with contextlib.suppress(LmDataError):
         if (split / MANIFEST_NAME).is_file():
             listed = {entry.file for entry in Manifest.load(split).shards}
-    unfinished = re.compile(rf"^{re.escape(split.name)}_\d{{6}}\.bin$") if (split / MARKER_NAME).is_file() else None
+    unfinished = shard_name_pattern(split.name) if (split / MARKER_NAME).is_file() else None
 
     def ours(child: Path) -> bool:
         if not (child.is_file() or child.is_symlink()):
@@ -137,7 +136,7 @@ def foreign_files(split: Path) -> list[Path]:
             name in listed
             or name in (MANIFEST_NAME, MARKER_NAME)
             or name.startswith(TMP_PREFIX)
-            or bool(unfinished and unfinished.match(name))
+            or bool(unfinished and unfinished.fullmatch(name))
         )
 
     return [child for child in sorted(split.iterdir()) if not ours(child)]

@@ -94,6 +94,11 @@ class Shard:
         return int(self.tokens.shape[0])
 
 
+def is_int(v) -> bool:
+    """An integer count or id (numpy's too); a bool is not one, though Python says it is (JSON ``true``)."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
 def make_header(num_tokens: int) -> bytes:
     """The 1024-byte llm.c header for a shard of ``num_tokens`` uint16 tokens."""
     header = np.zeros(HEADER_INTS, dtype="<i4")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lmdata.atomic import write_bytes_atomic
 from lmdata.errors import ManifestError
-from lmdata.format import DTYPE_LIMITS, SHARD_SUFFIXES
+from lmdata.format import DTYPE_LIMITS, SHARD_SUFFIXES, is_int
 
 MANIFEST_NAME = "manifest.json"
 _FORMAT = "lmdata.manifest"
@@ -105,10 +105,6 @@ def _read_json(path: Path) -> dict:
     return body
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a count
-
-
 def _plain_name(v) -> bool:
     # A shard must be a file of the dataset directory itself (no "..", no absolute path, no subdirectory) and
     # a shard by name, so that no other file is ever read as tokens.
@@ -121,19 +117,19 @@ def _plain_name(v) -> bool:
 _Rule = tuple[bool, Callable[[object], bool], str]
 _TOP_FIELDS: dict[str, _Rule] = {
     "format": (True, lambda v: v == _FORMAT, f"must be {_FORMAT!r}"),
-    "version": (True, lambda v: _is_int(v) and v == _VERSION, f"must be {_VERSION}"),
+    "version": (True, lambda v: is_int(v) and v == _VERSION, f"must be {_VERSION}"),
     "shards": (True, lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "must be a list"),
     "tokenizer": (False, lambda v: isinstance(v, str), "must be a string"),
-    "vocab_size": (False, lambda v: v is None or (_is_int(v) and v > 0), "must be a positive int or null"),
-    "eot_id": (False, lambda v: v is None or _is_int(v), "must be an int or null"),
+    "vocab_size": (False, lambda v: v is None or (is_int(v) and v > 0), "must be a positive int or null"),
+    "eot_id": (False, lambda v: v is None or is_int(v), "must be an int or null"),
     "dtype": (False, lambda v: isinstance(v, str) and v in DTYPE_LIMITS, f"must be one of {', '.join(DTYPE_LIMITS)}"),
 }
 _ENTRY_FIELDS: dict[str, _Rule] = {
     "file": (True, _plain_name, "must be a plain file name ending in .bin or .npy (inside the dataset directory)"),
-    "num_tokens": (True, lambda v: _is_int(v) and v > 0, "must be a positive int"),
+    "num_tokens": (True, lambda v: is_int(v) and v > 0, "must be a positive int"),
     "sha256": (True, lambda v: isinstance(v, str), "must be a string"),
-    "min_token": (False, lambda v: v is None or (_is_int(v) and v >= 0), "must be a token id (an int >= 0)"),
-    "max_token": (False, lambda v: v is None or (_is_int(v) and v >= 0), "must be a token id (an int >= 0)"),
+    "min_token": (False, lambda v: v is None or (is_int(v) and v >= 0), "must be a token id (an int >= 0)"),
+    "max_token": (False, lambda v: v is None or (is_int(v) and v >= 0), "must be a token id (an int >= 0)"),
 }
 
 

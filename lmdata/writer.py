@@ -30,31 +30,32 @@ import numpy as np
 
 from lmdata.atomic import fsync_dir, mkstemp_public, remove_stale_temporaries, write_bytes_atomic
 from lmdata.errors import ShardFormatError, ShardWriterError
-from lmdata.format import DTYPE_LIMITS, TOKEN_DTYPE, make_header
+from lmdata.format import DTYPE_LIMITS, TOKEN_DTYPE, is_int, make_header
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
 
 MARKER_NAME = ".lmdata-writing"
 UINT16_LIMIT = DTYPE_LIMITS["uint16"]  # what the headered uint16 shards this writer makes can hold
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-
 def _check_arguments(shard_tokens, prefix, vocab_size, eot_id) -> None:
     """Raise ShardWriterError for arguments no shard could be written with (before anything is created)."""
-    if not _is_int(shard_tokens) or shard_tokens <= 0:
+    if not is_int(shard_tokens) or shard_tokens <= 0:
         raise ShardWriterError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
     if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix or prefix.startswith("."):
         raise ShardWriterError(f"prefix {prefix!r} must be a plain name (no '/', not hidden), e.g. 'train'")
     if vocab_size is not None:
-        if not _is_int(vocab_size) or vocab_size <= 0:
+        if not is_int(vocab_size) or vocab_size <= 0:
             raise ShardWriterError(f"vocab_size must be a positive int, got {vocab_size!r}")
         if vocab_size > UINT16_LIMIT:
             raise ShardWriterError(f"vocab_size {vocab_size} does not fit uint16 shards (at most {UINT16_LIMIT})")
     bound = UINT16_LIMIT if vocab_size is None else vocab_size
-    if eot_id is not None and (not _is_int(eot_id) or not 0 <= eot_id < bound):
+    if eot_id is not None and (not is_int(eot_id) or not 0 <= eot_id < bound):
         raise ShardWriterError(f"eot_id must be an int in [0, {bound}), got {eot_id!r}")
+
+
+def shard_name_pattern(prefix: str) -> re.Pattern:
+    """The names a ShardWriter with ``prefix`` gives its shards: ``{prefix}_{index:06d}.bin``."""
+    return re.compile(rf"{re.escape(prefix)}_\d{{6}}\.bin")
 
 
 class ShardWriter:
@@ -196,7 +197,7 @@ class ShardWriter:
 
     def _remove_unlisted_shards(self, manifest: Manifest) -> None:
         """Delete ``{prefix}_NNNNNN.bin`` files the manifest does not list: leftovers of an earlier, larger write."""
-        pattern = re.compile(rf"{re.escape(self.prefix)}_\d{{6}}\.bin")
+        pattern = shard_name_pattern(self.prefix)
         listed = {e.file for e in manifest.shards}
         for path in self.out_dir.iterdir():
             if pattern.fullmatch(path.name) and path.name not in listed and not path.is_dir():
