@@ -1,9 +1,10 @@
-"""Text inputs as a stream of documents, each in bounded pieces: what ``lmdata.prepare`` tokenizes.
+"""Documents in bounded pieces: what ``lmdata.prepare`` tokenizes (``lmdata.sources`` opens the files).
 
-A file is one document, and a line holding only ``<|endoftext|>`` (ASCII whitespace around it allowed) ends one
-too; a document without any text (a file ending in such a line, an empty file) is dropped. Files are read in
-chunks of READ_BYTES and a document is cut into pieces of at most ``limit`` bytes, so memory stays bounded even
-for a file that is one 20 MB line.
+In a text stream, the file is one document, and a line holding only ``<|endoftext|>`` (ASCII whitespace around
+it allowed) ends one too; a document without any text (a file ending in such a line, an empty file) is dropped.
+Streams are read in chunks of READ_BYTES and a document is cut into pieces of at most ``limit`` bytes, so
+memory stays bounded even for a file that is one 20 MB line. A record (JSON Lines, Parquet) is one document
+whatever it holds, cut by the same rule.
 
 Where a piece ends depends only on the document's bytes from the previous cut and on ``limit``, never on where
 the file's chunks fell or on which file held the document: the same documents give the same pieces however
@@ -14,12 +15,10 @@ its last space or tab, else after any line end, else between two UTF-8 character
 from __future__ import annotations
 
 import re
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
-from lmdata.errors import InputError
 from lmdata.tokenizer import EOT_TEXT
 
 READ_BYTES = 64 * 1024
@@ -36,34 +35,34 @@ class Piece:
     ends_document: bool
 
 
-def read_pieces(path: Path, limit: int) -> Iterator[Piece]:
-    """The documents of one file (``-``: standard input), each as pieces of at most ``limit`` bytes.
+def text_pieces(stream: BinaryIO, limit: int) -> Iterator[Piece]:
+    """The documents of a text stream (see the module docstring), each as pieces of at most ``limit`` bytes."""
+    doc = bytearray()
+    started = False  # whether a piece of the current document was yielded already
+    for part, may_be_marker in _line_parts(stream):
+        if may_be_marker and part.strip() == EOT_BYTES:
+            yield from _flush(doc, started, limit)
+            doc, started = bytearray(), False
+            continue
+        doc += part
+        while len(doc) > limit:  # more than a piece: the next cut is decided, whatever follows
+            cut = cut_position(doc, limit)
+            yield Piece(bytes(doc[:cut]), not started, False)
+            del doc[:cut]
+            started = True
+    yield from _flush(doc, started, limit)
 
-    An input that cannot be read (permissions, a disk error, a directory) is an InputError naming it."""
-    try:
-        stream = sys.stdin.buffer if str(path) == "-" else open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        doc = bytearray()
-        started = False  # whether a piece of the current document was yielded already
-        for part, may_be_marker in _line_parts(stream):
-            if may_be_marker and part.strip() == EOT_BYTES:
-                yield from _flush(doc, started, limit)
-                doc, started = bytearray(), False
-                continue
-            doc += part
-            while len(doc) > limit:  # more than a piece: the next cut is decided, whatever follows
-                cut = cut_position(doc, limit)
-                yield Piece(bytes(doc[:cut]), not started, False)
-                del doc[:cut]
-                started = True
-        yield from _flush(doc, started, limit)
-    except OSError as e:
-        raise InputError(f"{path}: reading failed ({e.strerror})") from None
-    finally:
-        if stream is not sys.stdin.buffer:
-            stream.close()
+
+def record_pieces(records: Iterable[bytes], limit: int) -> Iterator[Piece]:
+    """Each record (the UTF-8 text of one JSON Lines record or Parquet row) as one document, in pieces of at
+    most ``limit`` bytes cut by the same rule as text. A marker line inside a record is text, not a boundary."""
+    for record in records:
+        start = 0
+        while len(record) - start > limit:
+            cut = cut_position(record[start : start + limit + 1], limit)
+            yield Piece(record[start : start + cut], start == 0, False)
+            start += cut
+        yield Piece(record[start:], start == 0, True)
 
 
 def _flush(doc: bytearray, started: bool, limit: int) -> Iterator[Piece]:
@@ -103,7 +102,7 @@ def _lines(block: bytes, continuing: bool) -> Iterator[tuple[bytes, bool]]:
         start, continuing = end, False
 
 
-def cut_position(doc: bytearray, limit: int) -> int:
+def cut_position(doc: bytes | bytearray, limit: int) -> int:
     """Where to end the next piece of ``doc`` (longer than ``limit``): a position in (0, limit]."""
     newline = doc.rfind(b"\n", 0, limit)
     if newline >= limit // 2:

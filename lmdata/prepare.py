@@ -1,14 +1,27 @@
-"""``python -m lmdata.prepare``: text files in, train/val token shards with manifests out.
+"""``python -m lmdata.prepare``: text, JSON Lines or Parquet in, train/val token shards with manifests out.
 
-    python -m lmdata.prepare INPUT... --out DIR --tokenizer byte|bpe:N|tiktoken:NAME [--val-fraction F]
-                             [--shard-tokens N]
+    python -m lmdata.prepare INPUT... --out DIR [--tokenizer byte|bpe:N|hf:PATH|tiktoken:NAME] [--eot-token TEXT]
+                             [--val-fraction F] [--shard-tokens N] [--input-format auto|text|jsonl|parquet]
+                             [--text-field NAME] [--skip-bad-records] [--max-record-bytes N]
 
-INPUT is a text file, a directory (every file below it, recursively, in name order), a quoted glob, or ``-``
-for standard input. Each file is a document; a line holding only ``<|endoftext|>`` also ends one. Documents
-are written with the end-of-text id after each, as headered uint16 shards plus manifest.json, into DIR/train
-and DIR/val (``bpe`` also saves DIR/tokenizer.json). A walk skips what lmdata writes (.bin, .npy,
-manifest.json, tokenizer.json) and everything inside DIR, with a note; naming such a file is an error. Bytes
-that are not UTF-8 become U+FFFD, with a warning per file saying how many.
+INPUT is a file, a directory (every file below it, recursively, in name order), a quoted glob, or ``-`` for
+standard input. Files are read by name: ``.jsonl``/``.ndjson`` (plain, or ``.gz``, ``.zst``, ``.bz2``, ``.xz``)
+as JSON Lines, one document per record, the text in ``--text-field`` (default ``text``); ``.parquet`` one
+document per row, the text in that column, one row group at a time; anything else as text (compressed by the
+same suffixes or not), where each file is a document and a line holding only ``<|endoftext|>`` also ends one.
+Inside a record ``<|endoftext|>`` is ordinary text. A record without the field, or with a null or a non-string
+there, stops prepare (exit 2) naming the file, the line or row and the record's fields; ``--skip-bad-records``
+skips and counts them instead. Empty texts are skipped and counted; the counts are printed and kept in the
+manifests. A record longer than ``--max-record-bytes`` (256M) stops prepare.
+
+Tokenizers: ``byte`` (256 bytes and end-of-text), ``bpe:N`` (trains a byte-level BPE on the input),
+``hf:PATH`` (an existing ``tokenizer.json``, or a directory holding one: copied into DIR) and ``tiktoken:NAME``
+(any encoding tiktoken builds offline, plugins included). The end-of-text id goes after each document: for
+``hf:`` and ``tiktoken:`` it is ``--eot-token``, else the ``eos_token`` of a ``tokenizer_config.json`` beside
+the ``tokenizer.json``, else ``<|endoftext|>``. Shards are llm.c's: uint16 tokens (v1 header) when the
+vocabulary fits 65,536 ids, else uint32 (v7 header), plus manifest.json, in DIR/train and DIR/val. A walk skips
+what lmdata writes (.bin, .npy, manifest.json, tokenizer.json) and everything inside DIR, with a note; naming
+such a file is an error. Bytes that are not UTF-8 become U+FFFD, with a warning per file saying how many.
 
 The dataset is committed as a whole: everything is written into a hidden generation directory in DIR, then one
 symlink is switched, so prepare killed at any moment leaves the previous dataset in DIR untouched and readable,
@@ -23,8 +36,10 @@ share misses val_fraction by at most one unit (about an eighth of it) whatever t
 go whole to one split, and the same documents give the same shards however files hold them. A single document
 of at most 256 bytes is cut by tokens instead, its last val_fraction to val.
 
-Memory stays bounded: files are read in 64 KB chunks and tokenized in pieces of at most 64 KB, never a whole
-file or line; standard input is first copied to a temporary file (prepare reads its input more than once).
+Memory stays bounded: files are read in chunks and tokenized in pieces of at most 64 KB, never a whole file or
+line (a JSON Lines record, or a Parquet row group's text column, is held whole); standard input is first copied
+to a temporary file (prepare reads its input more than once). A thread reads and decompresses ahead while the
+tokenizer encodes on every core.
 """
 
 from __future__ import annotations
@@ -35,19 +50,30 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Full, Queue
+from typing import TypeVar
 
 import numpy as np
 
 from lmdata.atomic import TMP_PREFIX
 from lmdata.commit import GEN_PREFIX, LOCK_NAME, OLD_PREFIX, check_output, generation, locked, raise_if_busy
-from lmdata.documents import Piece, decode, read_pieces
+from lmdata.documents import Piece, decode
 from lmdata.errors import InputError, LmDataError, OptionError, OutputError, ShardWriterError
 from lmdata.format import SHARD_SUFFIXES
 from lmdata.manifest import MANIFEST_NAME
+from lmdata.sources import (
+    INPUT_FORMATS,
+    MAX_RECORD_BYTES,
+    RecordCounts,
+    SourceOptions,
+    check_readable,
+    read_pieces,
+)
 from lmdata.tokenizer import (
     TOKENIZER_FILE,
     ByteTokenizer,
@@ -63,6 +89,7 @@ SEGMENT_BYTES = 64 * 1024  # the largest piece tokenized at once
 MIN_UNIT_BYTES = 256
 UNIT_SHARE = 8  # a unit is at most 1/UNIT_SHARE of the val budget, which bounds the val share's error
 BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spreads the pieces over all cores
+T = TypeVar("T")
 LMDATA_NAMES = (MANIFEST_NAME, TOKENIZER_FILE, LOCK_NAME, MARKER_NAME)
 
 
@@ -80,7 +107,7 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
         if glob.has_magic(item):
             found, walked = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file()), True
         elif Path(item).is_dir():
-            found, walked = sorted(p for p in Path(item).rglob("*") if p.is_file()), True
+            found, walked = _walk(Path(item)), True
         elif Path(item).is_file():
             found, walked = [Path(item)], False
         elif Path(item).exists():  # a FIFO, <(process substitution), a device such as /dev/zero
@@ -94,6 +121,20 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
             raise InputError(f"{item}: names no file")
         files.extend(_text_files(item, found, walked, out, out_real))
     return files
+
+
+def _walk(directory: Path) -> list[Path]:
+    """The files below ``directory``, in name order, leaving out hidden ones and those in hidden directories
+    (``.git``, ``.cache``, a Hadoop ``.part.crc``: never text of the corpus), with a note, as a glob does."""
+    found, hidden = [], 0
+    for path in sorted(directory.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(directory).parts):
+            hidden += path.is_file()
+        elif path.is_file():
+            found.append(path)
+    if hidden:
+        print(f"prepare: note: {directory}: skipped {hidden} hidden files (names starting with '.')", file=sys.stderr)
+    return found
 
 
 def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, out_real: Path | None) -> list[Path]:
@@ -138,22 +179,39 @@ def _written_by_lmdata(path: Path) -> bool:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """The files to read, how to read them, and what messages call them (standard input is spooled to a file)."""
+
+    files: list[Path]
+    options: SourceOptions
+    labels: dict[Path, str]
+
+    def pieces(self, limit: int, counts: RecordCounts | None = None) -> Iterator[Piece]:
+        for path in self.files:
+            yield from read_pieces(path, limit, self.options, counts, self.labels.get(path))
+
+
+@dataclass(frozen=True)
 class Corpus:
     """What the first, read-only pass over the input finds: the split's unit size follows from it."""
 
     documents: int
     text_bytes: int
+    skipped: RecordCounts
 
 
-def scan(files: list[Path]) -> Corpus:
+def scan(inputs: Inputs) -> Corpus:
     """Count documents and their bytes (not the marker lines between them, so the count does not depend on how
-    files hold the documents)."""
+    files hold the documents). A bad record stops it (unless skipped): before the output is touched."""
     documents = text_bytes = 0
-    for path in files:
-        for piece in read_pieces(path, SEGMENT_BYTES):
-            documents += piece.starts_document
-            text_bytes += len(piece.data)
-    return Corpus(documents, text_bytes)
+    skipped = RecordCounts()
+    progress = Progress(None, "reading", unit="docs")
+    for piece in inputs.pieces(SEGMENT_BYTES, skipped):
+        documents += piece.starts_document
+        text_bytes += len(piece.data)
+        progress.update(len(piece.data), piece.starts_document)
+    progress.close()
+    return Corpus(documents, text_bytes, skipped)
 
 
 @dataclass(frozen=True)
@@ -204,57 +262,62 @@ class Splitter:
         return parts
 
 
-def decoded_pieces(
-    files: list[Path], limit: int, labels: dict[Path, str] | None = None, warn: bool = True
-) -> Iterator[tuple[str, Piece]]:
-    """Each file's pieces with their text; a warning per file whose bytes were not all UTF-8 (the file named by
-    ``labels`` if there, e.g. standard input)."""
-    for path in files:
+def decoded_pieces(inputs: Inputs, limit: int, warn: bool = True) -> Iterator[tuple[str, Piece]]:
+    """Each file's pieces with their text; a warning per file whose bytes were not all UTF-8."""
+    for path in inputs.files:
         invalid = 0
-        for piece in read_pieces(path, limit):
+        for piece in read_pieces(path, limit, inputs.options, None, inputs.labels.get(path)):
             text, bad = decode(piece.data)
             invalid += bad
             yield text, piece
         if invalid and warn:
-            name = (labels or {}).get(path, path)
+            name = inputs.labels.get(path, path)
             message = f"{name}: {invalid} bytes are not valid UTF-8 (each run became U+FFFD)"
             print(f"prepare: warning: {message}", file=sys.stderr)
 
 
-def make_tokenizer(spec: str, files: list[Path]) -> Tokenizer:
+def make_tokenizer(spec: str, inputs: Inputs) -> Tokenizer:
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("tiktoken:"):
         return TiktokenTokenizer(spec.partition(":")[2])
-    texts = (text for text, _ in decoded_pieces(files, SEGMENT_BYTES, warn=False))
+    texts = (text for text, _ in decoded_pieces(inputs, SEGMENT_BYTES, warn=False))
     return HFTokenizer.train(texts, bpe_vocab_size(spec))
 
 
 class Progress:
-    """A byte progress bar with tokens/s on a terminal; a line every few seconds otherwise."""
+    """A byte progress bar with a rate of ``unit`` (tokens, documents) on a terminal; a line every few seconds
+    otherwise."""
 
-    def __init__(self, total_bytes: int | None):
+    def __init__(self, total_bytes: int | None, doing: str = "tokenizing", unit: str = "tok"):
         self.start = self.last_print = time.perf_counter()
-        self.bytes = self.tokens = 0
+        self.bytes = self.count = 0
+        self.doing, self.unit = doing, unit
         self.bar = None
         if sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing")
+                self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=doing)
             except ImportError:
                 pass
 
-    def update(self, nbytes: int, ntokens: int) -> None:
+    def update(self, nbytes: int, count: int) -> None:
         self.bytes += nbytes
-        self.tokens += ntokens
-        rate = self.tokens / max(1e-9, time.perf_counter() - self.start)
+        self.count += count
+        now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(nbytes)
-            self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-        elif time.perf_counter() - self.last_print > 5:
-            self.last_print = time.perf_counter()
-            print(f"tokenizing: {self.bytes / 1e6:,.1f} MB, {self.tokens:,} tokens, {rate:,.0f} tok/s", file=sys.stderr)
+            if now - self.last_print > 0.5:  # set_postfix_str costs more than the rest: not per piece
+                self.last_print = now
+                self.bar.set_postfix_str(f"{self.count / max(1e-9, now - self.start):,.0f} {self.unit}/s")
+        elif now - self.last_print > 5:
+            self.last_print = now
+            rate = self.count / max(1e-9, now - self.start)
+            print(
+                f"{self.doing}: {self.bytes / 1e6:,.1f} MB, {self.count:,} {self.unit}, {rate:,.0f} {self.unit}/s",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -267,38 +330,45 @@ def prepare(
     tokenizer_spec: str = "byte",
     val_fraction: float = 0.01,
     shard_tokens: int = 100_000_000,
+    sources: SourceOptions | None = None,
+    eot_token: str | None = None,
 ) -> dict[str, int]:
     """Tokenize ``inputs`` into ``out``/train and ``out``/val, committed as a whole; returns tokens per split.
 
-    Every check that can fail on the inputs or options runs before ``out`` is touched.
+    Every check that can fail on the inputs or options runs before ``out`` is touched: a bad record, too.
     """
     out = Path(out)
+    sources = sources or SourceOptions()
     if not 0 < val_fraction < 1:  # also refuses nan
         raise OptionError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if shard_tokens <= 0:
         raise OptionError(f"--shard-tokens must be positive, got {shard_tokens}")
+    sources.check()
     check_spec(tokenizer_spec)
     try:
         files = expand_inputs(inputs, out)
     except OSError as e:  # a name too long, a loop of links: the input path's fault
         raise InputError(f"{e.filename or inputs}: cannot read it ({e.strerror})") from None
+    check_readable(files, sources)
     try:
         check_output(out)
         raise_if_busy(out)
     except OSError as e:  # a name too long, a file where a directory should be...: the path's fault
         raise OutputError(f"{e.filename or out}: cannot use this path ({e.strerror}); choose another --out") from None
     with tempfile.TemporaryDirectory() as spool:
-        files, labels = _spool_stdin(files, Path(spool))
-        corpus = scan(files)
+        read = _spool_stdin(files, sources, Path(spool))
+        corpus = scan(read)
+        if note := corpus.skipped.note():
+            print(f"prepare: note: {note}", file=sys.stderr)
         if corpus.documents == 0:
             raise InputError("the input holds too little text to make both a train and a val split")
         try:
             with locked(out):
-                tokenizer = make_tokenizer(tokenizer_spec, files)
+                tokenizer = make_tokenizer(tokenizer_spec, read)
                 with generation(out) as gen:
                     tokenizer.save(gen)
                     plan = SplitPlan.for_corpus(corpus, val_fraction)
-                    return _write(files, labels, gen, tokenizer, plan, shard_tokens)
+                    return _write(read, gen, tokenizer, plan, shard_tokens, corpus)
         except (OSError, ShardWriterError) as e:  # reading errors are InputErrors already: this is the output
             what = e.strerror if isinstance(e, OSError) else str(e)
             raise OutputError(
@@ -307,29 +377,29 @@ def prepare(
             ) from None
 
 
-def _spool_stdin(files: list[Path], spool: Path) -> tuple[list[Path], dict[Path, str]]:
-    """Standard input copied to a file (prepare reads its input once to size the split, then to tokenize), and
-    the name to give that file in messages."""
+def _spool_stdin(files: list[Path], options: SourceOptions, spool: Path) -> Inputs:
+    """The inputs, with standard input copied to a file (prepare reads its input once to size the split, then to
+    tokenize) that messages call "standard input"."""
     if Path("-") not in files:
-        return files, {}
+        return Inputs(files, options, {})
     spooled = spool / "standard-input"
     try:
         with open(spooled, "wb") as f:
             shutil.copyfileobj(sys.stdin.buffer, f)
     except OSError as e:
         raise InputError(f"standard input: cannot keep a copy in {spool} ({e.strerror}); set TMPDIR") from None
-    return [spooled if p == Path("-") else p for p in files], {spooled: "standard input"}
+    files = [spooled if p == Path("-") else p for p in files]
+    return Inputs(files, options, {spooled: "standard input"})
 
 
-def _write(
-    files: list[Path], labels: dict[Path, str], gen: Path, tok: Tokenizer, plan: SplitPlan, shard_tokens: int
-) -> dict[str, int]:
+def _write(inputs: Inputs, gen: Path, tok: Tokenizer, plan: SplitPlan, shard_tokens: int, corpus: Corpus):
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "shard_tokens": shard_tokens}
     writers = {split: ShardWriter(gen / split, prefix=split, **meta) for split in ("train", "val")}
     splitter = Splitter(plan)
-    progress = Progress(sum(p.stat().st_size for p in files))
+    progress = Progress(corpus.text_bytes)
+    batches = in_background(_batches(decoded_pieces(inputs, plan.piece_bytes)))
     try:
-        for batch in _batches(decoded_pieces(files, plan.piece_bytes, labels)):
+        for batch in batches:
             pieces = [piece for _, piece in batch]
             for piece, ids in zip(pieces, tok.encode_batch([text for text, _ in batch]), strict=True):
                 if piece.ends_document:
@@ -340,14 +410,57 @@ def _write(
         if not all(splitter.counts.values()):
             raise InputError("the input holds too little text to make both a train and a val split")
         for writer in writers.values():
-            writer.close()
+            writer.close(counts=corpus.skipped.for_manifest())
     except BaseException:
         for writer in writers.values():
             writer.abort()
         raise
     finally:
+        batches.close()
         progress.close()
     return splitter.counts
+
+
+def in_background(items: Iterator[T], depth: int = 1) -> Generator[T, None, None]:
+    """``items``, produced by a thread up to ``depth`` ahead: reading, decompressing and decoding overlap with
+    tokenizing (both tokenizer libraries release the GIL while they encode). An exception in the thread is
+    raised here; closing the generator stops the thread."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        """Hand ``entry`` over, unless the consumer stopped (it then never takes one again)."""
+        while not stop.is_set():
+            try:
+                queue.put(entry, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # handed to the consumer, which raises it with its traceback
+            put((done, e))
+
+    thread = threading.Thread(target=produce, name="prepare-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = queue.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _batches(items: Iterator[tuple[str, Piece]]) -> Iterator[list[tuple[str, Piece]]]:
@@ -363,7 +476,11 @@ def _batches(items: Iterator[tuple[str, Piece]]) -> Iterator[list[tuple[str, Pie
 
 
 def _append(ids: np.ndarray, value: int) -> np.ndarray:
-    return np.append(ids.astype(np.uint16, copy=False), np.uint16(value))
+    """``ids`` then ``value``, in the smallest dtype that holds both (the writer narrows to the shards' dtype)."""
+    out = np.empty(ids.size + 1, dtype=np.promote_types(ids.dtype, np.min_scalar_type(value)))
+    out[:-1] = ids
+    out[-1] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,15 +490,56 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2],
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="text file, directory, quoted glob, or -")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="text, .jsonl[.gz|.zst|.bz2|.xz] or .parquet file, directory, quoted glob, or -",
+    )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    parser.add_argument("--tokenizer", default="byte", help="byte (default), bpe:N (trains one), tiktoken:NAME")
-    parser.add_argument("--val-fraction", type=float, default=0.01, help="share of text for validation (0.01)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (100M)")
+    parser.add_argument(
+        "--tokenizer",
+        default="byte",
+        metavar="SPEC",
+        help="byte (default), bpe:N (trains one with N ids), hf:PATH (a tokenizer.json, or a directory holding one), "
+        "tiktoken:NAME (an encoding tiktoken builds offline)",
+    )
+    parser.add_argument(
+        "--eot-token",
+        metavar="TEXT",
+        default=None,
+        help="the token placed after each document, for hf: and tiktoken: (default: the eos_token of a "
+        "tokenizer_config.json beside tokenizer.json, else <|endoftext|>)",
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.01, metavar="F", help="share of text for validation (0.01)"
+    )
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N", help="tokens per shard (100M)")
+    parser.add_argument(
+        "--input-format", choices=INPUT_FORMATS, default="auto", help="how to read every input (auto: by file name)"
+    )
+    parser.add_argument(
+        "--text-field", default="text", metavar="NAME", help="the JSON field or Parquet column holding the text (text)"
+    )
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip and count records without a string in the text field, instead of stopping at the first",
+    )
+    parser.add_argument(
+        "--max-record-bytes",
+        type=byte_count,
+        default=MAX_RECORD_BYTES,
+        metavar="N",
+        help="stop at a record longer than this (256M); takes K, M, G suffixes",
+    )
     args = parser.parse_args(argv)
+    sources = SourceOptions(args.input_format, args.text_field, args.skip_bad_records, args.max_record_bytes)
     try:
         start = time.perf_counter()
-        counts = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.shard_tokens)
+        counts = prepare(
+            args.inputs, args.out, args.tokenizer, args.val_fraction, args.shard_tokens, sources, args.eot_token
+        )
     except LmDataError as e:  # a user's mistake or environment; anything else is a bug and keeps its traceback
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
@@ -390,6 +548,15 @@ def main(argv: list[str] | None = None) -> int:
         f"in {time.perf_counter() - start:.1f} s"
     )
     return 0
+
+
+def byte_count(text: str) -> int:
+    """``256M``, ``1G``, ``4096``: a number of bytes (K, M, G are powers of 1024), for argparse."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = (text[:-1], units[text[-1].upper()]) if text[-1:].upper() in units else (text, 1)
+    if not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of bytes, e.g. 256M")
+    return int(number) * unit
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from lmdata import documents
-from lmdata.documents import cut_position, decode, read_pieces
+from lmdata.documents import cut_position, decode
+from lmdata.sources import read_pieces
 
 TEXT = (
     "short line\n  <|endoftext|>  \n"

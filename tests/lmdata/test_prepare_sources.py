@@ -1,0 +1,163 @@
+"""prepare on JSON Lines and Parquet: the same records in any container give the same shards and exactly the
+tokens of their text plus one end-of-text each; bad records stop it with exit 2 before the output is touched,
+or are skipped, counted, printed and kept in the manifest."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zstandard
+
+from lmdata import TokenDataset
+from lmdata.prepare import in_background, main
+from tests.lmdata.test_sources import jsonl_bytes, write_parquet
+
+RECORDS = [
+    f"Record {i}: {'lorem ipsum dolor ' * (i % 9)}sit amet, ünïcödé ✓ {'<|endoftext|> ' * (i % 3 == 0)}\n"
+    for i in range(60)
+] + ["z" * 70_000]  # longer than a piece
+
+
+def tokens_of(out):
+    splits = {}
+    for split in ("train", "val"):
+        ds = TokenDataset(out / split)
+        splits[split] = (np.concatenate([np.asarray(s.tokens) for s in ds.shards]), ds.manifest)
+    return splits
+
+
+def write_inputs(root):
+    root.mkdir()
+    data = jsonl_bytes(RECORDS)
+    (root / "a.jsonl").write_bytes(data)
+    (root / "a.jsonl.gz").write_bytes(gzip.compress(data))
+    (root / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    write_parquet(root / "a.parquet", RECORDS, row_group_size=7)
+    return root
+
+
+def test_the_same_records_in_any_container_give_identical_shards(tmp_path):
+    inputs = write_inputs(tmp_path / "in")
+    results = {}
+    for name in ("a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"):
+        out = tmp_path / f"out-{name}"
+        assert main([str(inputs / name), "--out", str(out), "--val-fraction", "0.1"]) == 0
+        results[name] = tokens_of(out)
+    first = results["a.jsonl"]
+    for name, got in results.items():
+        for split in ("train", "val"):
+            assert np.array_equal(got[split][0], first[split][0]), (name, split)
+    total = sum(len(first[s][0]) for s in ("train", "val"))
+    assert total == sum(len(r.encode()) for r in RECORDS) + len(RECORDS)  # bytes, plus one end-of-text each
+    everything = np.concatenate([first["train"][0], first["val"][0]])
+    assert np.count_nonzero(everything == 256) == len(RECORDS)  # the literal <|endoftext|> stays text
+    assert first["train"][1].counts == {"bad_records_skipped": 0, "empty_records_skipped": 0}
+
+
+def run_prepare(*argv):
+    return subprocess.run(
+        [sys.executable, "-m", "lmdata.prepare", *map(str, argv)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_bad_record_exits_2_before_the_output_exists(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(jsonl_bytes(["fine", "also fine"]) + b'{"content": "x", "url": "u"}\n')
+    out = tmp_path / "out"
+    result = run_prepare(path, "--out", out)
+    assert result.returncode == 2
+    assert f"{path} line 3: no field 'text' (its fields: 'content', 'url')" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_a_parquet_file_without_the_column_exits_2_naming_the_columns(tmp_path):
+    path = tmp_path / "a.parquet"
+    write_parquet(path, ["x", "y"], field="body")
+    result = run_prepare(path, "--out", tmp_path / "out", "--text-field", "content")
+    assert result.returncode == 2
+    assert "a.parquet: no column 'content' (its columns: 'id', 'body'); pass --text-field NAME" in result.stderr
+
+
+def test_skipped_records_are_counted_printed_and_kept(tmp_path):
+    path = tmp_path / "a.jsonl"
+    lines = [json.dumps({"text": r}) for r in RECORDS[:20]]
+    lines[3] = '{"text": null}'
+    lines[7] = '{"text": ""}'
+    lines[9] = "not json"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = run_prepare(path, "--out", out, "--skip-bad-records", "--val-fraction", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert f"skipped 2 bad records (--skip-bad-records; the first: {path} line 4) and 1 records" in result.stderr
+    splits = tokens_of(out)
+    for split in ("train", "val"):
+        assert splits[split][1].counts == {"bad_records_skipped": 2, "empty_records_skipped": 1}
+    kept = [r for i, r in enumerate(RECORDS[:20]) if i not in (3, 7, 9)]
+    assert sum(len(splits[s][0]) for s in splits) == sum(len(r.encode()) + 1 for r in kept)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--input-format", "csv"], "invalid choice: 'csv'"),
+        (["--max-record-bytes", "lots"], "'lots' is not a positive number of bytes"),
+        (["--max-record-bytes", "0"], "not a positive number of bytes"),
+    ],
+)
+def test_bad_source_options_exit_2(tmp_path, argv, message):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(jsonl_bytes(["x"]))
+    result = run_prepare(path, "--out", tmp_path / "out", *argv)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_max_record_bytes_takes_suffixes(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(jsonl_bytes(["y" * 3000, "short one", "short two"]))
+    result = run_prepare(path, "--out", tmp_path / "out", "--max-record-bytes", "2K")
+    assert result.returncode == 2
+    assert "line 1: the record is longer than --max-record-bytes (2,048 bytes)" in result.stderr
+    assert run_prepare(path, "--out", tmp_path / "out", "--max-record-bytes", "4k").returncode == 0
+
+
+def test_the_reading_thread_hands_over_items_and_errors_in_order():
+    def items():
+        yield from range(5)
+        raise ValueError("disk gone")
+
+    got = []
+    with pytest.raises(ValueError, match="disk gone"):
+        for item in in_background(items()):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_the_reading_thread_stops_when_the_consumer_does():
+    produced = []
+
+    def items():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    stream = in_background(items(), depth=1)
+    assert next(stream) == 0
+    stream.close()  # joins the thread: it must not stay blocked on the full queue
+    assert len(produced) <= 3
+
+
+def test_a_directory_walk_skips_hidden_files_and_directories(tmp_path):
+    root = tmp_path / "in"
+    (root / ".git" / "objects").mkdir(parents=True)
+    (root / ".git" / "objects" / "ab").write_bytes(b"\x78\x9c binary")
+    (root / ".a.parquet.crc").write_bytes(b"crc")
+    (root / "a.jsonl").write_bytes(jsonl_bytes(["one", "two", "three"]))
+    result = run_prepare(root, "--out", tmp_path / "out", "--val-fraction", "0.3")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 hidden files" in result.stderr
+    assert sum(len(t) for t, _ in tokens_of(tmp_path / "out").values()) == len("onetwothree") + 3
