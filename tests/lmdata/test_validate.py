@@ -76,7 +76,7 @@ def test_negative_tokens_in_npy(tmp_path):
     [
         ("empty.bin", b"", "empty file (0 bytes)"),
         ("odd.bin", b"\x00" * 7, "odd byte count 7"),
-        ("short.bin", make_header(100) + b"\x00" * 10, "header says 100 tokens (1224 bytes with the header, 2 per uint16 token)"),
+        ("short.bin", make_header(100) + b"\x00" * 10, "header says 100 tokens (1224 bytes with the header, 2 per"),
     ],
     ids=["empty", "odd", "truncated"],
 )
@@ -240,7 +240,9 @@ def test_the_tool_fails_on_everything_training_refuses(good_dir, case):
     assert re.match(r"\d+ shards, [1-9]\d* bad, ", proc.stdout.splitlines()[-1]), out
 
 
-@pytest.mark.parametrize("case", ["empty-manifest", "unfinished-write", "vocab-string", "manifest-null", "v7-truncated"])
+@pytest.mark.parametrize(
+    "case", ["empty-manifest", "unfinished-write", "vocab-string", "manifest-null", "v7-truncated"]
+)
 def test_training_refuses_the_same(good_dir, case):
     from lmdata import LmDataError, TokenDataset
 
