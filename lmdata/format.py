@@ -105,7 +105,7 @@ class Shard:
 
     path: Path
     tokens: np.ndarray
-    format: str  # "llmc" (headered), "nanogpt" (headerless .bin) or "npy"
+    format: str  # "llmc" (headered, v1 or v7: the dtype says which), "nanogpt" (headerless .bin) or "npy"
 
     @property
     def num_tokens(self) -> int:

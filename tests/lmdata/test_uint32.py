@@ -31,7 +31,7 @@ from lmdata.format import HEADER_BYTES
 from lmdata.gather import BatchFiller, gather_windows, row_indices
 from lmdata.sampler import make_sampler
 from lmtrain.main import main
-from tests.conftest import TINY, write_llmc
+from tests.conftest import TINY, cuda, write_llmc
 from tests.lmdata.test_validate import run_tool
 from tests.lmtrain.test_main import args, final_weights, records, run_cli
 
@@ -324,6 +324,20 @@ def test_the_loader_gives_exact_batches_of_v7_shards(tmp_path, sampler, dtype):
             want_x, want_y = expected(ds, loader, step)
             np.testing.assert_array_equal(x.numpy(), want_x)
             np.testing.assert_array_equal(y.numpy(), want_y)
+
+
+@cuda
+@pytest.mark.cuda
+def test_the_loader_gives_exact_cuda_batches_of_v7_shards(tmp_path):
+    write_shards([high_stream(900)], tmp_path, shard_tokens=300, vocab_size=VOCAB)
+    ds = TokenDataset(tmp_path)
+    with BatchLoader(ds, B, T, device="cuda", prefetch=2) as loader:
+        for step in range(8):
+            x, y = next(loader)
+            assert x.is_cuda and x.dtype == torch.int64
+            want_x, want_y = expected(ds, loader, step)
+            np.testing.assert_array_equal(x.cpu().numpy(), want_x)
+            np.testing.assert_array_equal(y.cpu().numpy(), want_y)
 
 
 def test_a_dataset_may_mix_v1_and_v7_shards(tmp_path):
