@@ -14,8 +14,8 @@ counted about its input.
 ``sha256`` is of the token bytes, i.e. the file after its 1024-byte header (v1 and v7 alike), so that the writer
 can hash them as it streams them out. ``min_token`` and ``max_token`` are the smallest and largest id in the
 shard, so that the token range of a dataset is known without reading it; manifests written before they existed
-lack them (the range is then unknown and found by a scan). Opening a dataset checks the listed files and token counts
-(cheap); only ``tools/validate_shards.py`` reads the bytes to check the checksums and ranges.
+lack them (the range is then unknown and found by a scan). Opening a dataset checks the listed files, token
+counts and dtypes (cheap); only ``tools/validate_shards.py`` reads the bytes to check the checksums and ranges.
 
 ``Manifest.load`` checks every field against ``_TOP_FIELDS`` and ``_ENTRY_FIELDS`` (one rule per field), then
 the rules between fields (``eot_id`` below ``vocab_size``, ``vocab_size`` within the dtype and above every
