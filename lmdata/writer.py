@@ -110,7 +110,7 @@ class ShardWriter:
         tokenizer: str = "unknown",
         vocab_size: int | None = None,
         eot_id: int | None = None,
-        dtype: str | None = None,
+        dtype: str | np.dtype | None = None,
     ):
         self.dtype = _check_arguments(shard_tokens, prefix, vocab_size, eot_id, dtype)
         self.out_dir = Path(out_dir)
