@@ -20,7 +20,16 @@ from lmdata.errors import (
     TokenizerError,
     UnfinishedWriteError,
 )
-from lmdata.format import DTYPE_LIMITS, LLMC_MAGICS, Shard, dtype_limit, make_header, open_shard
+from lmdata.format import (
+    DTYPE_LIMITS,
+    HEADERED_FORMATS,
+    LLMC_MAGICS,
+    Shard,
+    dtype_limit,
+    make_header,
+    open_shard,
+    token_dtype_for,
+)
 from lmdata.gather import gather_batch, gather_windows
 from lmdata.loader import BatchLoader, LoaderStats
 from lmdata.manifest import Manifest, ShardEntry
@@ -31,6 +40,7 @@ from lmdata.writer import MARKER_NAME, ShardWriter, write_shards
 __all__ = [
     "ArgumentError",
     "DTYPE_LIMITS",
+    "HEADERED_FORMATS",
     "LLMC_MAGICS",
     "MARKER_NAME",
     "BatchLoader",
@@ -64,6 +74,7 @@ __all__ = [
     "make_sampler",
     "open_shard",
     "resolve_source",
+    "token_dtype_for",
     "validate_shards",
     "write_shards",
 ]

@@ -6,8 +6,9 @@ Why these choices (measured on a 2-core CPU, see README "Benchmarks"):
   times *slower* than a plain numpy gather whenever the other core was busy (the model's thread), and one
   batch is small enough (B*T*(2+8+8) bytes, ~0.6 MB at 32x1024) that one core streams it from memory.
 * ``nogil=True``: the loader's background thread gathers while the main thread runs the model.
-* ``cache=True`` on *top-level* functions only: each distinct dtype signature gets its own cache entry. (Caching
-  closures made by one factory shares one cache file and silently loads the wrong variant.)
+* ``cache=True`` on *top-level* functions only: each distinct dtype signature (uint16 v1 shards, uint32 v7 ones,
+  any .npy dtype; int64 or int32 batches) gets its own compiled variant and cache entry. (Caching closures made
+  by one factory shares one cache file and silently loads the wrong variant.)
 * No bounds checks: callers pass starts with ``start + T + 1 <= len(tokens)``, which the samplers guarantee
   and their tests check.
 """
@@ -42,8 +43,9 @@ def _touch_windows(tokens, starts, T):
 def gather_windows(tokens, starts, rows, inputs, targets):
     """For each j: ``inputs[rows[j]] = tokens[s : s+T]`` and ``targets[rows[j]] = tokens[s+1 : s+T+1]``.
 
-    tokens: 1-D integer array (uint16 memmap usually); starts, rows: 1-D int64 of equal length;
-    inputs, targets: (B, T) int64 or int32, C-contiguous. Values are converted (zero-extended for uint16).
+    tokens: 1-D integer array (a uint16 or uint32 memmap usually); starts, rows: 1-D int64 of equal length;
+    inputs, targets: (B, T) int64 or int32, C-contiguous. Values are converted (zero-extended for unsigned ids;
+    int32 outputs hold uint32 ids only below 2**31, which BatchLoader checks before it hands out int32 batches).
     Returns :func:`_touch_windows`' checksum, which callers ignore.
     """
     T = inputs.shape[1]
@@ -97,7 +99,8 @@ class BatchFiller:
 
     When every shard has the same dtype (the usual case) any number of batches, from step numbers to tokens, is
     one Numba call: the thread then holds the GIL for microseconds per burst of batches, so it barely delays
-    the model's Python thread. Mixed dtypes (an int32 .npy beside uint16 .bin files, say) take the per-shard path.
+    the model's Python thread. Mixed dtypes (a uint32 v7 shard or an int32 .npy beside uint16 .bin files, say) take
+    the per-shard path: a typed List holds arrays of one type only.
     """
 
     def __init__(self, sampler: _Sampler, shards: Sequence[np.ndarray]):

@@ -42,6 +42,7 @@ from numba.typed import List
 
 from lmdata.dataset import TokenDataset
 from lmdata.errors import ArgumentError
+from lmdata.format import DTYPE_LIMITS
 from lmdata.gather import BatchFiller
 from lmdata.sampler import make_sampler
 
@@ -241,6 +242,23 @@ def _default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, 
     return rank, world_size
 
 
+def _check_ids_fit_int32(dataset: TokenDataset) -> None:
+    """ArgumentError unless every id of ``dataset`` fits int32 batches: the gather kernels convert without a
+    check, so a uint32 id of 2**31 or more would wrap to a negative one. Free for uint16 shards and for uint32
+    ones with a vocab size in the manifest; other uint32 (or wider) shards are scanned once for their range."""
+    int32_limit = DTYPE_LIMITS["int32"]
+    if dataset.dtype_limit <= int32_limit:
+        return
+    vocab_size = dataset.vocab_size
+    bound = vocab_size if vocab_size is not None else dataset.token_range()[1] + 1
+    if bound > int32_limit:
+        what = f"vocab_size {vocab_size}" if vocab_size is not None else f"largest token {bound - 1}"
+        raise ArgumentError(
+            f"dtype torch.int32 cannot hold the ids of {dataset.shards[0].path.parent} ({what}, at most "
+            f"{int32_limit - 1} fits); use dtype=torch.int64"
+        )
+
+
 class BatchLoader:
     """Endless iterator of (inputs, targets), each (B, T) ``dtype`` on ``device``, prefetched in the background.
 
@@ -272,6 +290,8 @@ class BatchLoader:
             raise ArgumentError(f"prefetch must be at least 1, got {prefetch}")
         if dtype not in (torch.int64, torch.int32):
             raise ArgumentError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
+        if dtype == torch.int32:
+            _check_ids_fit_int32(dataset)
         rank, world_size = _default_rank_world(rank, world_size)
         self.device = torch.device(device)
         if self.device.type == "cuda":

@@ -3,15 +3,19 @@
 Example::
 
     {"format": "lmdata.manifest", "version": 1, "tokenizer": "byte", "vocab_size": 257, "eot_id": 256,
-     "dtype": "uint16",
+     "dtype": "uint16", "counts": {"bad_records_skipped": 3, "empty_records_skipped": 2},
      "shards": [{"file": "shard_000000.bin", "num_tokens": 100000000, "sha256": "9f2c...",
                  "min_token": 0, "max_token": 256}, ...]}
 
-``sha256`` is of the token bytes, i.e. the file after its 1024-byte header, so that the writer can hash them
-as it streams them out. ``min_token`` and ``max_token`` are the smallest and largest id in the shard, so that
-the token range of a dataset is known without reading it; manifests written before they existed lack them
-(the range is then unknown and found by a scan). Opening a dataset checks the listed files and token counts
-(cheap); only ``tools/validate_shards.py`` reads the bytes to check the checksums and ranges.
+``dtype`` is the shards' token dtype: ``uint16`` (llm.c v1 shards) or ``uint32`` (v7, for vocabularies above
+65,536); opening a listed shard checks that the file holds it. ``counts`` (optional) is what the preparation
+counted about its input.
+
+``sha256`` is of the token bytes, i.e. the file after its 1024-byte header (v1 and v7 alike), so that the writer
+can hash them as it streams them out. ``min_token`` and ``max_token`` are the smallest and largest id in the
+shard, so that the token range of a dataset is known without reading it; manifests written before they existed
+lack them (the range is then unknown and found by a scan). Opening a dataset checks the listed files, token
+counts and dtypes (cheap); only ``tools/validate_shards.py`` reads the bytes to check the checksums and ranges.
 
 ``Manifest.load`` checks every field against ``_TOP_FIELDS`` and ``_ENTRY_FIELDS`` (one rule per field), then
 the rules between fields (``eot_id`` below ``vocab_size``, ``vocab_size`` within the dtype and above every
@@ -59,7 +63,10 @@ class Manifest:
     eot_id: int | None = None
     """The end-of-text id placed between documents; None when unknown."""
     dtype: str = "uint16"
-    """The shards' token dtype, a key of ``lmdata.format.DTYPE_LIMITS``."""
+    """The shards' token dtype, a key of ``lmdata.format.DTYPE_LIMITS`` (the writer makes uint16 or uint32)."""
+    counts: dict[str, int] | None = None
+    """Counts the preparation kept about its input (e.g. ``{"bad_records_skipped": 3}``); None when it kept none.
+    Manifests written before the field existed lack it."""
 
     @property
     def num_tokens(self) -> int:
@@ -105,6 +112,11 @@ def _read_json(path: Path) -> dict:
     return body
 
 
+def is_counts(v) -> bool:
+    """``v`` is None or a dict of names (str) to ints >= 0: what ``Manifest.counts`` may be."""
+    return v is None or (isinstance(v, dict) and all(isinstance(k, str) and is_int(n) and n >= 0 for k, n in v.items()))
+
+
 def _plain_name(v) -> bool:
     # A shard must be a file of the dataset directory itself (no "..", no absolute path, no subdirectory) and
     # a shard by name, so that no other file is ever read as tokens.
@@ -123,6 +135,7 @@ _TOP_FIELDS: dict[str, _Rule] = {
     "vocab_size": (False, lambda v: v is None or (is_int(v) and v > 0), "must be a positive int or null"),
     "eot_id": (False, lambda v: v is None or is_int(v), "must be an int or null"),
     "dtype": (False, lambda v: isinstance(v, str) and v in DTYPE_LIMITS, f"must be one of {', '.join(DTYPE_LIMITS)}"),
+    "counts": (False, is_counts, "must be an object of names to counts (ints >= 0), or null"),
 }
 _ENTRY_FIELDS: dict[str, _Rule] = {
     "file": (True, _plain_name, "must be a plain file name ending in .bin or .npy (inside the dataset directory)"),

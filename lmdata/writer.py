@@ -1,5 +1,8 @@
 """Streaming shard writer: tokens in, llm.c-format shards and a manifest out, each file written atomically.
 
+The shards are v1 (uint16 tokens) when the vocabulary fits 65,536 ids (or is unknown), else v7 (uint32); see
+:mod:`lmdata.format`. The manifest's ``dtype`` records which.
+
 Memory stays at one write buffer whatever the corpus size: tokens are appended to the open shard's temporary
 file as they come, the header's token count is patched in when the shard is full, then the file is fsynced
 and renamed onto its final name.
@@ -30,27 +33,57 @@ import numpy as np
 
 from lmdata.atomic import fsync_dir, mkstemp_public, remove_stale_temporaries, write_bytes_atomic
 from lmdata.errors import ShardFormatError, ShardWriterError
-from lmdata.format import DTYPE_LIMITS, TOKEN_DTYPE, is_int, make_header
-from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from lmdata.format import DTYPE_LIMITS, SHARD_DTYPES, dtype_limit, is_int, make_header, token_dtype_for
+from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry, is_counts
 
 MARKER_NAME = ".lmdata-writing"
-UINT16_LIMIT = DTYPE_LIMITS["uint16"]  # what the headered uint16 shards this writer makes can hold
+_SHARD_MAX_TOKENS = DTYPE_LIMITS["int32"] - 1  # the header's int32 count: llm.c's limit on one shard
 
 
-def _check_arguments(shard_tokens, prefix, vocab_size, eot_id) -> None:
-    """Raise ShardWriterError for arguments no shard could be written with (before anything is created)."""
+def _check_arguments(shard_tokens, prefix, vocab_size, eot_id, dtype) -> np.dtype:
+    """The shards' token dtype; raises ShardWriterError for arguments no shard could be written with (before
+    anything is created)."""
     if not is_int(shard_tokens) or shard_tokens <= 0:
         raise ShardWriterError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
+    if shard_tokens > _SHARD_MAX_TOKENS:
+        raise ShardWriterError(
+            f"shard_tokens {shard_tokens} is more than a shard's int32 header can count ({_SHARD_MAX_TOKENS})"
+        )
     if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix or prefix.startswith("."):
         raise ShardWriterError(f"prefix {prefix!r} must be a plain name (no '/', not hidden), e.g. 'train'")
-    if vocab_size is not None:
-        if not is_int(vocab_size) or vocab_size <= 0:
-            raise ShardWriterError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if vocab_size > UINT16_LIMIT:
-            raise ShardWriterError(f"vocab_size {vocab_size} does not fit uint16 shards (at most {UINT16_LIMIT})")
-    bound = UINT16_LIMIT if vocab_size is None else vocab_size
+    if vocab_size is not None and (not is_int(vocab_size) or vocab_size <= 0):
+        raise ShardWriterError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    token_dtype = _token_dtype(vocab_size, dtype)
+    bound = dtype_limit(token_dtype) if vocab_size is None else vocab_size
     if eot_id is not None and (not is_int(eot_id) or not 0 <= eot_id < bound):
         raise ShardWriterError(f"eot_id must be an int in [0, {bound}), got {eot_id!r}")
+    return token_dtype
+
+
+def _token_dtype(vocab_size: int | None, dtype) -> np.dtype:
+    """``dtype`` ("uint16" or "uint32"), checked to hold ``vocab_size``; None: the narrowest that holds it."""
+    if dtype is None:
+        try:
+            return token_dtype_for(vocab_size)
+        except ShardFormatError as e:
+            raise ShardWriterError(str(e)) from None
+    name = _dtype_name(dtype)
+    if name not in SHARD_DTYPES:
+        raise ShardWriterError(f"dtype must be one of {', '.join(map(repr, SHARD_DTYPES))} or None, got {dtype!r}")
+    if vocab_size is not None and vocab_size > dtype_limit(name):
+        raise ShardWriterError(
+            f"vocab_size {vocab_size} does not fit {name} shards (at most {dtype_limit(name)} ids); pass "
+            f"dtype={token_dtype_for(vocab_size).name!r}, or dtype=None to pick it from the vocabulary"
+        )
+    return np.dtype(name)
+
+
+def _dtype_name(dtype) -> str | None:
+    """numpy's name for ``dtype`` ("uint16" for "uint16", "<u2" or np.uint16), or None if it is not a dtype."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return None
 
 
 def shard_name_pattern(prefix: str) -> re.Pattern:
@@ -63,6 +96,9 @@ class ShardWriter:
 
     Shards are named ``{prefix}_{index:06d}.bin`` and hold ``shard_tokens`` tokens each, the last fewer. The
     directory holds the marker ``MARKER_NAME`` from construction until :meth:`close` has finished.
+
+    ``dtype`` is the tokens' dtype on disk, "uint16" (v1 shards) or "uint32" (v7); None picks the narrower that
+    holds ``vocab_size`` (``lmdata.format.token_dtype_for``), so a vocabulary above 65,536 gets uint32 shards.
     """
 
     def __init__(
@@ -74,13 +110,15 @@ class ShardWriter:
         tokenizer: str = "unknown",
         vocab_size: int | None = None,
         eot_id: int | None = None,
+        dtype: str | np.dtype | None = None,
     ):
-        _check_arguments(shard_tokens, prefix, vocab_size, eot_id)
+        self.dtype = _check_arguments(shard_tokens, prefix, vocab_size, eot_id, dtype)
         self.out_dir = Path(out_dir)
         self.shard_tokens = int(shard_tokens)
         self.prefix = prefix
-        self._limit = UINT16_LIMIT if vocab_size is None else int(vocab_size)
-        self._meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "eot_id": eot_id}
+        self._vocab_size = vocab_size
+        self._limit = dtype_limit(self.dtype) if vocab_size is None else int(vocab_size)
+        self._meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "eot_id": eot_id, "dtype": self.dtype.name}
         self._entries: list[ShardEntry] = []
         self._file = None  # the open temporary file of the current shard
         self._count = 0  # tokens in the current shard
@@ -102,7 +140,8 @@ class ShardWriter:
             raise ShardWriterError(f"{self.out_dir}: cannot write shards here ({e.strerror})") from None
 
     def write(self, tokens: np.ndarray | Iterable[int]) -> None:
-        """Append tokens (any integer array-like); values must be in [0, vocab_size)."""
+        """Append tokens (any integer array-like, e.g. a tokenizer's uint32 or int64 ids); values must be in
+        [0, vocab_size), or within the shards' dtype when the vocabulary is not given."""
         if self._manifest is not None:
             raise ShardWriterError(f"{self.out_dir}: the writer is closed; start a new ShardWriter")
         arr = np.asarray(tokens)
@@ -113,15 +152,17 @@ class ShardWriter:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= self._limit:
             bad = lo if lo < 0 else hi
+            what = "vocab_size" if self._vocab_size is not None else f"what {self.dtype.name} shards hold"
             raise ShardFormatError(
-                f"token id {bad} is outside [0, {self._limit}) (the vocab size, or the uint16 range)"
+                f"{self.out_dir}: token id {bad} is outside [0, {self._limit}) ({what}); check the tokenizer, or "
+                "pass its vocab_size"
             )
-        arr = arr.reshape(-1).astype(TOKEN_DTYPE, copy=False)
+        arr = arr.reshape(-1).astype(self.dtype, copy=False)  # checked above: the ids fit, nothing wraps
         with self._disk_errors("write a shard"):
             self._append(arr, lo, hi)
 
     def _append(self, arr: np.ndarray, lo: int, hi: int) -> None:
-        """Write ``arr`` (uint16 ids, all in [lo, hi]) into shards, finishing each one that fills up."""
+        """Write ``arr`` (ids of the shards' dtype, all in [lo, hi]) into shards, finishing each one that fills up."""
         whole = arr.size
         while arr.size:
             if self._file is None:
@@ -143,7 +184,7 @@ class ShardWriter:
         fd, name = mkstemp_public(self._shard_name(), self.out_dir)
         self._tmp_path = Path(name)
         self._file = os.fdopen(fd, "w+b")
-        self._file.write(make_header(0))  # placeholder: the count is patched in when the shard is finished
+        self._file.write(make_header(0, self.dtype))  # placeholder: the count is patched in when the shard is finished
         self._hash = hashlib.sha256()
         self._count = 0
 
@@ -151,7 +192,7 @@ class ShardWriter:
         return f"{self.prefix}_{len(self._entries):06d}.bin"
 
     def _finish_shard(self) -> None:
-        header = make_header(self._count)
+        header = make_header(self._count, self.dtype)
         self._file.seek(0)
         self._file.write(header)
         self._file.flush()
@@ -163,10 +204,18 @@ class ShardWriter:
         fsync_dir(self.out_dir)
         self._entries.append(ShardEntry(name, self._count, self._hash.hexdigest(), self._lo, self._hi))
 
-    def close(self) -> Manifest:
-        """Finish the last shard, write ``manifest.json``, drop stale shards, unmark; returns the manifest."""
+    def close(self, counts: dict[str, int] | None = None) -> Manifest:
+        """Finish the last shard, write ``manifest.json``, drop stale shards, unmark; returns the manifest.
+
+        ``counts`` goes into the manifest as it is: what the preparation counted about its input (e.g.
+        ``{"bad_records_skipped": 3}``), names to ints >= 0. A second close returns the first one's manifest.
+        """
         if self._manifest is not None:
             return self._manifest
+        if not is_counts(counts):
+            raise ShardWriterError(
+                f"{self.out_dir}: counts must be a dict of names (str) to ints >= 0, or None; got {counts!r}"
+            )
         if self._file is not None and self._count:
             with self._disk_errors("write a shard"):
                 self._finish_shard()
@@ -175,7 +224,7 @@ class ShardWriter:
                 f"{self.out_dir}: no tokens were written, so there is no dataset to finish "
                 "(the directory stays marked unfinished)"
             )
-        manifest = Manifest(shards=list(self._entries), **self._meta)
+        manifest = Manifest(shards=list(self._entries), **self._meta, counts=None if counts is None else dict(counts))
         with self._disk_errors("finish the dataset"):
             manifest.save(self.out_dir)
             self._remove_unlisted_shards(manifest)
@@ -225,7 +274,7 @@ def write_shards(
 ) -> Manifest:
     """Stream an iterable of token arrays into ``out_dir`` as shards plus a manifest; returns the manifest.
 
-    ``meta`` is passed to :class:`ShardWriter` (``prefix``, ``tokenizer``, ``vocab_size``, ``eot_id``).
+    ``meta`` is passed to :class:`ShardWriter` (``prefix``, ``tokenizer``, ``vocab_size``, ``eot_id``, ``dtype``).
     """
     writer = ShardWriter(out_dir, shard_tokens=shard_tokens, **meta)
     try:

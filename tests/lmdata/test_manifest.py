@@ -83,6 +83,19 @@ BAD_MANIFESTS = {
     "eot-str": (manifest_body(eot_id="256"), "eot_id '256': must be an int"),
     "dtype-unknown": (manifest_body(dtype="float32"), "dtype 'float32': must be one of"),
     "dtype-list": (manifest_body(dtype=["uint16"]), "dtype ['uint16']: must be one of"),
+    "vocab-over-uint32": (
+        manifest_body(dtype="uint32", vocab_size=2**32 + 1),
+        "vocab_size 4294967297 is more than dtype uint32 can hold (4294967296)",
+    ),
+    "counts-negative": (
+        manifest_body(counts={"bad_records_skipped": -1}),
+        "counts {'bad_records_skipped': -1}: must be an object of names to counts (ints >= 0), or null",
+    ),
+    "counts-float": (manifest_body(counts={"skipped": 1.5}), "counts {'skipped': 1.5}: must be an object of names"),
+    "counts-bool": (manifest_body(counts={"skipped": True}), "counts {'skipped': True}: must be an object of names"),
+    "counts-str": (manifest_body(counts={"skipped": "3"}), "counts {'skipped': '3'}: must be an object of names"),
+    "counts-list": (manifest_body(counts=[3]), "counts [3]: must be an object of names to counts"),
+    "counts-number": (manifest_body(counts=3), "counts 3: must be an object of names to counts"),
     "too-deep": (b"[" * 100_000, "nested too deeply"),
     "tokenizer-number": (manifest_body(tokenizer=3), "tokenizer 3: must be a string"),
     "unknown-field": (manifest_body(vocab=3), "vocab: unknown field"),
@@ -126,7 +139,29 @@ def test_an_older_manifest_without_token_range_loads_as_unknown(tmp_path):
     loaded = Manifest.load(tmp_path)
     assert loaded.shards == [ShardEntry("shard_000000.bin", 10, "ab" * 32)]
     assert (loaded.shards[0].min_token, loaded.shards[0].max_token) == (None, None)
-    assert (loaded.vocab_size, loaded.eot_id, loaded.dtype) == (257, 256, "uint16")
+    assert (loaded.vocab_size, loaded.eot_id, loaded.dtype, loaded.counts) == (257, 256, "uint16", None)
+
+
+@pytest.mark.parametrize("counts", [{"bad_records_skipped": 3, "empty_records_skipped": 0}, {}, None])
+def test_counts_round_trip(tmp_path, counts):
+    manifest = Manifest(shards=[ShardEntry("a.bin", 10, "ff")], vocab_size=257, counts=counts)
+    manifest.save(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["counts"] == counts
+    assert Manifest.load(tmp_path) == manifest
+
+
+def test_a_vocab_above_uint16_is_valid_in_uint32_shards(tmp_path):
+    body = manifest_body(
+        dtype="uint32", vocab_size=70_000, eot_id=69_999, shards=[entry(min_token=0, max_token=69_999)]
+    )
+    (tmp_path / "manifest.json").write_text(json.dumps(body))
+    loaded = Manifest.load(tmp_path)
+    assert (loaded.dtype, loaded.vocab_size, loaded.eot_id, loaded.shards[0].max_token) == (
+        "uint32",
+        70_000,
+        69_999,
+        69_999,
+    )
 
 
 def test_the_writer_records_each_shards_min_and_max(tmp_path):
@@ -145,7 +180,8 @@ def test_dtype_limits_are_what_each_dtype_holds():
     assert DTYPE_LIMITS["uint8"] == 256
 
 
-FUZZ_VALUES = [None, True, 0, -1, 1, 1.5, 2**70, "", ".", "../a.bin", "a.bin", [], [1], {}, {"a": 1}, "uint16", 256]
+FUZZ_VALUES = [None, True, 0, -1, 1, 1.5, 2**70, "", ".", "../a.bin", "a.bin", [], [1], {}, {"a": 1}, {"a": -1}]
+FUZZ_VALUES += ["uint16", "uint32", 256, 70_000]
 
 
 def test_random_damage_to_a_manifest_raises_only_manifest_error(tmp_path):

@@ -76,7 +76,7 @@ def test_negative_tokens_in_npy(tmp_path):
     [
         ("empty.bin", b"", "empty file (0 bytes)"),
         ("odd.bin", b"\x00" * 7, "odd byte count 7"),
-        ("short.bin", make_header(100) + b"\x00" * 10, "header says 100 tokens (1224 bytes with the header)"),
+        ("short.bin", make_header(100) + b"\x00" * 10, "header says 100 tokens (1224 bytes with the header, 2 per"),
     ],
     ids=["empty", "odd", "truncated"],
 )
@@ -170,9 +170,9 @@ def _manifest_null(d: Path) -> Path:
     return d
 
 
-def _v7_magic(d: Path) -> Path:
+def _v7_truncated(d: Path) -> Path:
     header = np.zeros(256, "<i4")
-    header[:3] = 20240801, 7, 3
+    header[:3] = 20240801, 7, 4  # says 4 uint32 tokens, holds 3
     (d.parent / "llama.bin").write_bytes(header.tobytes() + np.arange(3, dtype="<u4").tobytes())
     return d.parent / "llama.bin"
 
@@ -210,7 +210,10 @@ BAD_DATA = {
         "vocab_size 100 is not above the largest token the shards record (249, shards[0])",
     ),
     "manifest-null": (_manifest_null, "manifest.json: the manifest must be a JSON object, got null"),
-    "v7-magic": (_v7_magic, "llama.bin: llm.c v7 uint32 shard (magic 20240801): not supported yet"),
+    "v7-truncated": (
+        _v7_truncated,
+        "llama.bin: header says 4 tokens (1040 bytes with the header, 4 per uint32 token) but the file has 1036",
+    ),
     "negative-npy": (_negative_npy, "neg.npy: 1 tokens outside"),
     "range-disagrees": (
         _range_disagrees,
@@ -237,7 +240,9 @@ def test_the_tool_fails_on_everything_training_refuses(good_dir, case):
     assert re.match(r"\d+ shards, [1-9]\d* bad, ", proc.stdout.splitlines()[-1]), out
 
 
-@pytest.mark.parametrize("case", ["empty-manifest", "unfinished-write", "vocab-string", "manifest-null", "v7-magic"])
+@pytest.mark.parametrize(
+    "case", ["empty-manifest", "unfinished-write", "vocab-string", "manifest-null", "v7-truncated"]
+)
 def test_training_refuses_the_same(good_dir, case):
     from lmdata import LmDataError, TokenDataset
 

@@ -71,9 +71,14 @@ def test_out_of_range_tokens_are_refused(tmp_path, tokens, vocab, message):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 
-def test_vocab_too_large_for_uint16_is_refused(tmp_path):
-    with pytest.raises(ShardWriterError, match="vocab_size 70000 does not fit uint16 shards"):
-        ShardWriter(tmp_path, vocab_size=70000)
+def test_vocab_too_large_for_uint16_shards_is_refused(tmp_path):
+    with pytest.raises(ShardWriterError) as err:
+        ShardWriter(tmp_path, vocab_size=70000, dtype="uint16")
+    assert str(err.value) == (
+        "vocab_size 70000 does not fit uint16 shards (at most 65536 ids); pass dtype='uint32', or dtype=None to "
+        "pick it from the vocabulary"
+    )
+    assert not tmp_path.joinpath(MARKER_NAME).exists()
 
 
 @pytest.mark.parametrize(
@@ -84,6 +89,13 @@ def test_vocab_too_large_for_uint16_is_refused(tmp_path):
         ({"vocab_size": 0}, "vocab_size must be a positive int, got 0"),
         ({"vocab_size": True}, "vocab_size must be a positive int, got True"),
         ({"vocab_size": 100, "eot_id": 100}, "eot_id must be an int in [0, 100), got 100"),
+        ({"eot_id": 65536}, "eot_id must be an int in [0, 65536), got 65536"),
+        ({"dtype": "uint32", "eot_id": 2**32}, "eot_id must be an int in [0, 4294967296), got 4294967296"),
+        ({"shard_tokens": 2**31}, "shard_tokens 2147483648 is more than a shard's int32 header can count (2147483647)"),
+        ({"dtype": "int32"}, "dtype must be one of 'uint16', 'uint32' or None, got 'int32'"),
+        ({"dtype": "nonsense"}, "dtype must be one of 'uint16', 'uint32' or None, got 'nonsense'"),
+        ({"dtype": 3}, "dtype must be one of 'uint16', 'uint32' or None, got 3"),
+        ({"vocab_size": 2**32 + 1}, "vocab_size 4294967297 is more than any shard dtype holds (uint32: 4294967296"),
         ({"prefix": "a/b"}, "prefix 'a/b' must be a plain name"),
     ],
 )
