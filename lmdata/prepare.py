@@ -107,7 +107,7 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
         if glob.has_magic(item):
             found, walked = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file()), True
         elif Path(item).is_dir():
-            found, walked = _walk(Path(item)), True
+            found, walked = sorted(p for p in Path(item).rglob("*") if p.is_file()), True
         elif Path(item).is_file():
             found, walked = [Path(item)], False
         elif Path(item).exists():  # a FIFO, <(process substitution), a device such as /dev/zero
@@ -123,25 +123,13 @@ def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
     return files
 
 
-def _walk(directory: Path) -> list[Path]:
-    """The files below ``directory``, in name order, leaving out hidden ones and those in hidden directories
-    (``.git``, ``.cache``, a Hadoop ``.part.crc``: never text of the corpus), with a note, as a glob does."""
-    found, hidden = [], 0
-    for path in sorted(directory.rglob("*")):
-        if any(part.startswith(".") for part in path.relative_to(directory).parts):
-            hidden += path.is_file()
-        elif path.is_file():
-            found.append(path)
-    if hidden:
-        print(f"prepare: note: {directory}: skipped {hidden} hidden files (names starting with '.')", file=sys.stderr)
-    return found
-
-
 def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, out_real: Path | None) -> list[Path]:
     """The files of one input that are text to read. A walk (directory, glob) skips the output directory and
     lmdata's files with a note, since a tree holding its own dataset is the common case (``--out indir/out``
-    run twice); a file named on its own is a mistake worth stopping for."""
-    kept, inside, ours = [], 0, 0
+    run twice); a file named on its own is a mistake worth stopping for. A directory walk also skips hidden
+    files and directories (``.git``, ``.cache``, a Hadoop ``.part.crc``: never the corpus's text), as a glob
+    does."""
+    kept, inside, ours, hidden = [], 0, 0, 0
     for path in found:
         if out_real is not None and out_real in (real := Path(os.path.realpath(path)), *real.parents):
             if not walked:
@@ -151,6 +139,8 @@ def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, ou
             if not walked:
                 raise InputError(f"{path}: is token shards or lmdata metadata, not text; leave it out of the inputs")
             ours += 1
+        elif walked and Path(item).is_dir() and any(p.startswith(".") for p in path.relative_to(item).parts):
+            hidden += 1
         elif not os.access(path, os.R_OK):
             raise InputError(f"{path}: not readable (permission denied)")
         else:
@@ -163,8 +153,10 @@ def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, ou
             "tokenizer.json)",
             file=sys.stderr,
         )
+    if hidden:
+        print(f"prepare: note: {item}: skipped {hidden} hidden files (names starting with '.')", file=sys.stderr)
     if not kept:
-        raise InputError(f"{item}: names no file prepare reads as text (all {len(found)} skipped)")
+        raise InputError(f"{item}: names no file prepare reads (all {len(found)} skipped)")
     return kept
 
 
