@@ -89,12 +89,13 @@ class HFTokenizer:
     @classmethod
     def load(cls, path: Path, name: str, eot_token: str | None = None, eot_id: int | None = None) -> HFTokenizer:
         """The tokenizer in the file ``path``; end-of-text ``eot_id`` if known (a manifest's), else resolved."""
-        tok = _read_hf_file(path)
+        tok = _read_hf_file(path, name)
         if eot_id is None:
             eot_id = _hf_eot_id(tok, path, eot_token)
-        vocab = tok.get_vocab_size()
-        if not 0 <= eot_id or tok.id_to_token(eot_id) is None:
-            raise TokenizerError(f"{path}: end-of-text id {eot_id} is not in this tokenizer ({vocab} ids)")
+        if eot_id < 0 or tok.id_to_token(eot_id) is None:
+            raise TokenizerError(
+                f"{path}: end-of-text id {eot_id} is not in this tokenizer ({tok.get_vocab_size()} ids)"
+            )
         return cls(tok, name, eot_id, path)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -111,9 +112,9 @@ class HFTokenizer:
             shutil.copyfile(self.source, target)  # the user's file byte for byte, not tokenizers' rewrite of it
 
 
-def _read_hf_file(path: Path):
+def _read_hf_file(path: Path, name: str):
     """A ``tokenizers.Tokenizer`` from ``path``; TokenizerError naming the path if it is not one."""
-    tokenizers = _import_tokenizers("hf:PATH")
+    tokenizers = _import_tokenizers(name)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -122,7 +123,7 @@ def _read_hf_file(path: Path):
     try:
         json.loads(text)
     except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: not JSON ({e}); hf:PATH needs a tokenizer.json as HF tokenizers saves") from None
+        raise TokenizerError(f"{path}: not JSON ({e}); hf:PATH takes a tokenizer.json saved by HF tokenizers") from None
     try:
         return tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception for JSON that is no tokenizer
@@ -177,13 +178,16 @@ def hf_file(spec: str) -> Path:
     if not given:
         raise TokenizerError(f"--tokenizer {spec}: expected hf:PATH, PATH a {TOKENIZER_FILE} or a directory with one")
     path = Path(given).expanduser()
-    if path.is_dir():
-        if not (path / TOKENIZER_FILE).is_file():
-            raise TokenizerError(f"--tokenizer {spec}: the directory {path} has no {TOKENIZER_FILE}")
-        path = path / TOKENIZER_FILE
-    elif not path.exists():
-        raise TokenizerError(f"--tokenizer {spec}: {path} does not exist; give a {TOKENIZER_FILE} or its directory")
-    return path.resolve()
+    try:
+        if path.is_dir():
+            if not (path / TOKENIZER_FILE).is_file():
+                raise TokenizerError(f"--tokenizer {spec}: the directory {path} has no {TOKENIZER_FILE}")
+            path = path / TOKENIZER_FILE
+        elif not path.exists():
+            raise TokenizerError(f"--tokenizer {spec}: {path} does not exist; give a {TOKENIZER_FILE} or its directory")
+        return path.resolve()
+    except OSError as e:  # a name too long, a loop of links
+        raise TokenizerError(f"--tokenizer {spec}: cannot use this path ({e.strerror})") from None
 
 
 class TiktokenTokenizer:
@@ -215,7 +219,7 @@ class TiktokenTokenizer:
         return [self._encode(t) for t in texts]
 
     def _encode(self, text: str) -> np.ndarray:
-        # encode_to_numpy (tiktoken >= 0.8) hands back the ids as a buffer: no list of Python ints built under
+        # encode_to_numpy (tiktoken >= 0.9) hands back the ids as a buffer: no list of Python ints built under
         # the GIL, which is what keeps encode_ordinary_batch's threads from using every core. No special token
         # is allowed, none disallowed: special-token text is ordinary text, as in encode_ordinary
         if hasattr(self.enc, "encode_to_numpy"):
@@ -276,8 +280,7 @@ def _tiktoken_eot_id(enc, eot_token: str | None) -> int:
     if eot_token is not None:
         if eot_token not in specials:
             raise TokenizerError(
-                f"--eot-token {eot_token!r}: not a special token of tiktoken:{enc.name} "
-                f"(it has {', '.join(sorted(specials)) or 'none'})"
+                f"--eot-token {eot_token!r}: not a special token of tiktoken:{enc.name} (it has {_some(specials)})"
             )
         return enc.encode_single_token(eot_token)
     try:
@@ -288,8 +291,15 @@ def _tiktoken_eot_id(enc, eot_token: str | None) -> int:
         return enc.encode_single_token(EOT_TEXT)
     raise TokenizerError(
         f"tiktoken:{enc.name}: no end-of-text token (no eot_token, no {EOT_TEXT}); pass --eot-token TEXT with the "
-        f"special token to place between documents (it has {', '.join(sorted(specials)) or 'none'})"
+        f"special token to place between documents (it has {_some(specials)})"
     )
+
+
+def _some(names: set[str], shown: int = 10) -> str:
+    """A few of ``names`` for a message: an encoding may reserve hundreds of special tokens."""
+    listed = sorted(names)
+    more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+    return (", ".join(listed[:shown]) or "none") + more
 
 
 Tokenizer = ByteTokenizer | HFTokenizer | TiktokenTokenizer

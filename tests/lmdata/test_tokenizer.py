@@ -139,6 +139,7 @@ def test_bad_hf_specs_name_the_path(tmp_path):
         f"hf:{tmp_path}/not.json": f"{tmp_path}/not.json: not JSON (Expecting property name",
         f"hf:{tmp_path}/other.json": f"{tmp_path}/other.json: JSON, but not a tokenizer HF tokenizers can load",
         "hf:": "expected hf:PATH",
+        f"hf:{tmp_path}/{'x' * 300}": "cannot use this path (File name too long)",
     }
     for spec, message in cases.items():
         with pytest.raises(TokenizerError) as e:
@@ -188,6 +189,22 @@ def test_tiktoken_batches_on_threads_give_the_ids_of_one_text_at_a_time():
     assert [ids.tolist() for ids in tok.encode_batch(texts)] == [tok.enc.encode_ordinary(t) for t in texts]
 
 
+def test_tiktoken_without_encode_to_numpy_gives_the_same_ids():
+    class Before09:  # tiktoken < 0.9 has no encode_to_numpy
+        def __init__(self, enc):
+            self.enc = enc
+
+        def __getattr__(self, name):
+            if name == "encode_to_numpy":
+                raise AttributeError(name)
+            return getattr(self.enc, name)
+
+    enc = tiktoken_ranks_encoding()
+    tok = TiktokenTokenizer(Before09(enc))
+    [ids, eot] = tok.encode_batch(["hi a", EOT_TEXT])
+    assert ids.tolist() == [18_537, 65_633] and eot.tolist() == enc.encode_ordinary(EOT_TEXT)
+
+
 @pytest.mark.parametrize(
     ("specials", "eot_token", "expected"),
     [
@@ -221,6 +238,9 @@ def test_tiktoken_without_an_end_of_text_asks_for_eot_token():
     )
     with pytest.raises(TokenizerError, match=r"^--eot-token 'hi': not a special token of tiktoken:kit \(it has"):
         TiktokenTokenizer(enc, "hi")
+    many = tiktoken_ranks_encoding(special_tokens=tuple(f"<|r{i:02d}|>" for i in range(12)))
+    with pytest.raises(TokenizerError, match=r"\(it has <\|r00\|>, .*, <\|r09\|> and 2 more\)$"):
+        TiktokenTokenizer(many)
 
 
 def test_tiktoken_load_by_name_uses_the_manifests_eot_id(monkeypatch, tmp_path):
@@ -278,14 +298,14 @@ def test_tiktoken_offline_and_unknown_encodings(monkeypatch):
     [
         ("tiktoken", "tiktoken:gpt2", "tiktoken:gpt2 needs tiktoken: pip install 'lmstack[tiktoken]'"),
         ("tokenizers", "bpe:300", "bpe:300 needs HF tokenizers: pip install 'lmstack[bpe]'"),
-        ("tokenizers", "hf:HERE", "hf:PATH needs HF tokenizers: pip install 'lmstack[bpe]'"),
+        ("tokenizers", "hf:HERE", "hf:HERE needs HF tokenizers: pip install 'lmstack[bpe]'"),
     ],
 )
 def test_a_missing_package_names_the_extra(monkeypatch, big_hf, module, spec, message):
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
     with pytest.raises(TokenizerError) as e:
         check_spec(spec.replace("HERE", str(big_hf)))
-    assert str(e.value) == message
+    assert str(e.value) == message.replace("HERE", str(big_hf))
 
 
 @pytest.mark.parametrize(
