@@ -1,12 +1,29 @@
-"""Tokenizers for data preparation and sampling: ``byte`` (built in), ``bpe:N`` (HF tokenizers), ``tiktoken:NAME``.
+"""Tokenizers for data preparation and sampling, named by a spec (``--tokenizer``) that the manifest records.
 
-Each maps text to uint16-compatible ids, has an end-of-text id placed between documents, and can be saved
-beside the shards and loaded back by name (``manifest.json`` records the name).
+    byte            UTF-8 bytes as ids 0..255, end-of-text 256; built in
+    bpe:N           a byte-level BPE of N ids (300 <= N <= 2**32) trained on the input by HF ``tokenizers``
+    hf:PATH         an existing HF ``tokenizer.json`` (the file, or a directory holding one)
+    tiktoken:NAME   an encoding tiktoken constructs: its own (downloaded once, then cached) or a plugin's
+
+Every tokenizer encodes a batch of texts to unsigned ids of the narrowest dtype that holds its whole vocab
+(``ids_dtype``: uint16 up to 65,536 ids, else uint32), end-of-text included. Text that spells a special token
+(a literal ``<|endoftext|>`` in a document) is encoded as ordinary text: only prepare places the end-of-text
+id, between documents, so an id in the shards never lies about where a document ends. ``bpe`` and ``hf`` save
+a ``tokenizer.json`` beside the shards, so sampling needs nothing but the dataset directory, the manifest's
+tokenizer name and its end-of-text id.
+
+The end-of-text id of ``hf`` and ``tiktoken`` is, in this order: the ``--eot-token`` text, the tokenizer's own
+(``eos_token`` of a ``tokenizer_config.json`` beside the tokenizer.json; the encoding's ``eot_token``),
+``<|endoftext|>`` if it has one; else a TokenizerError asks for ``--eot-token``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +32,16 @@ from lmdata.errors import TokenizerError
 from lmdata.format import DTYPE_LIMITS
 
 EOT_TEXT = "<|endoftext|>"
-MAX_VOCAB = DTYPE_LIMITS["uint16"]  # ids must fit the uint16 shards: 0 .. 65535
+MAX_VOCAB = DTYPE_LIMITS["uint32"]  # ids 0 .. 2**32 - 1 fit the widest shards
+MIN_BPE_VOCAB = 300  # the 256 bytes come first
 TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"  # transformers' file beside a model's tokenizer.json; names its eos_token
+SPECS = "byte, bpe:N or tiktoken:NAME, or hf:PATH (an existing tokenizer.json)"
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """What encode_batch returns for a vocab: half the memory of uint32 in prepare's batches when uint16 holds it."""
+    return np.dtype(np.uint16) if vocab_size <= DTYPE_LIMITS["uint16"] else np.dtype(np.uint32)
 
 
 class ByteTokenizer:
@@ -25,7 +50,7 @@ class ByteTokenizer:
     name, vocab_size, eot_id = "byte", 257, 256
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -35,18 +60,20 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A byte-level BPE from HF ``tokenizers`` (Rust; encodes batches on all cores)."""
+    """An HF ``tokenizers`` tokenizer (Rust; ``encode_batch`` spreads a batch over all cores): one ``bpe:N``
+    trained here, or a ``tokenizer.json`` read from ``source`` (``hf:PATH``, or either one saved beside shards)."""
 
-    def __init__(self, tokenizer, name: str):
-        self.tok, self.name = tokenizer, name
-        self.vocab_size = tokenizer.get_vocab_size()
-        self.eot_id = tokenizer.token_to_id(EOT_TEXT)
-        if self.eot_id is None:
-            raise TokenizerError(f"{name}: the tokenizer has no {EOT_TEXT} token")
+    def __init__(self, tokenizer, name: str, eot_id: int, source: Path | None = None):
+        # not saved in tokenizer.json, so set on every load: special-token text in a document stays text
+        tokenizer.encode_special_tokens = True
+        self.tok, self.name, self.eot_id, self.source = tokenizer, name, eot_id, source
+        # ids of a model's file need not be contiguous: the vocab must cover the largest
+        self.vocab_size = max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab().values(), default=-1) + 1)
+        self.dtype = ids_dtype(self.vocab_size)
 
     @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int) -> HFTokenizer:
-        tokenizers = _import_tokenizers()
+        tokenizers = _import_tokenizers("bpe:N")
         tok = tokenizers.Tokenizer(tokenizers.models.BPE())
         tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = tokenizers.decoders.ByteLevel()
@@ -57,99 +84,307 @@ class HFTokenizer:
             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
         )
         tok.train_from_iterator(texts, trainer=trainer)
-        return cls(tok, f"bpe:{vocab_size}")
+        return cls(tok, f"bpe:{vocab_size}", tok.token_to_id(EOT_TEXT))
 
     @classmethod
-    def load(cls, path: Path, name: str) -> HFTokenizer:
-        return cls(_import_tokenizers().Tokenizer.from_file(str(path)), name)
+    def load(cls, path: Path, name: str, eot_token: str | None = None, eot_id: int | None = None) -> HFTokenizer:
+        """The tokenizer in the file ``path``; end-of-text ``eot_id`` if known (a manifest's), else resolved."""
+        tok = _read_hf_file(path, name)
+        if eot_id is None:
+            eot_id = _hf_eot_id(tok, path, eot_token)
+        if eot_id < 0 or tok.id_to_token(eot_id) is None:
+            raise TokenizerError(
+                f"{path}: end-of-text id {eot_id} is not in this tokenizer ({tok.get_vocab_size()} ids)"
+            )
+        return cls(tok, name, eot_id, path)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.uint16) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [np.asarray(e.ids, dtype=self.dtype) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode([int(i) for i in ids if i != self.eot_id])
+        return self.tok.decode([int(i) for i in ids if i != self.eot_id and i < self.vocab_size])
 
     def save(self, directory: Path) -> None:
-        self.tok.save(str(directory / TOKENIZER_FILE))
+        target = directory / TOKENIZER_FILE
+        if self.source is None:
+            self.tok.save(str(target))
+        elif not (target.exists() and target.samefile(self.source)):
+            shutil.copyfile(self.source, target)  # the user's file byte for byte, not tokenizers' rewrite of it
+
+
+def _read_hf_file(path: Path, name: str):
+    """A ``tokenizers.Tokenizer`` from ``path``; TokenizerError naming the path if it is not one."""
+    tokenizers = _import_tokenizers(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise TokenizerError(f"{path}: cannot read the tokenizer ({why})") from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: not JSON ({e}); hf:PATH takes a tokenizer.json saved by HF tokenizers") from None
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for JSON that is no tokenizer
+        raise TokenizerError(f"{path}: JSON, but not a tokenizer HF tokenizers can load ({e})") from None
+
+
+def _hf_eot_id(tok, path: Path, eot_token: str | None) -> int:
+    """--eot-token, else the eos_token of tokenizer_config.json beside ``path``, else <|endoftext|>."""
+    if eot_token is not None:
+        found = tok.token_to_id(eot_token)
+        if found is None:
+            raise TokenizerError(f"--eot-token {eot_token!r}: not in the vocabulary of {path}; give one it has")
+        return found
+    config = path.parent / CONFIG_FILE
+    eos = _config_eos(config)
+    if eos is not None:
+        found = tok.token_to_id(eos)
+        if found is None:
+            raise TokenizerError(
+                f"{config}: its eos_token {eos!r} is not in the vocabulary of {path}; pass --eot-token TEXT"
+            )
+        return found
+    found = tok.token_to_id(EOT_TEXT)
+    if found is None:
+        raise TokenizerError(
+            f"{path}: no end-of-text token (no eos_token in a {CONFIG_FILE} beside it, no {EOT_TEXT}); pass "
+            "--eot-token TEXT with the token to place between documents"
+        )
+    return found
+
+
+def _config_eos(config: Path) -> str | None:
+    """The ``eos_token`` of a transformers tokenizer_config.json: a string or ``{"content": ...}``; None if the
+    file or the key is absent."""
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{config}: cannot read it as JSON ({e}); fix or remove it, or pass --eot-token") from None
+    eos = data.get("eos_token") if isinstance(data, dict) else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if eos is not None and not isinstance(eos, str):
+        raise TokenizerError(f"{config}: eos_token is {eos!r}, not a string or {{'content': ...}}; pass --eot-token")
+    return eos
+
+
+def hf_file(spec: str) -> Path:
+    """The tokenizer.json that ``hf:PATH`` names: PATH itself or PATH/tokenizer.json, resolved."""
+    given = spec.partition(":")[2]
+    if not given:
+        raise TokenizerError(f"--tokenizer {spec}: expected hf:PATH, PATH a {TOKENIZER_FILE} or a directory with one")
+    path = Path(given).expanduser()
+    try:
+        if path.is_dir():
+            if not (path / TOKENIZER_FILE).is_file():
+                raise TokenizerError(f"--tokenizer {spec}: the directory {path} has no {TOKENIZER_FILE}")
+            path = path / TOKENIZER_FILE
+        elif not path.exists():
+            raise TokenizerError(f"--tokenizer {spec}: {path} does not exist; give a {TOKENIZER_FILE} or its directory")
+        return path.resolve()
+    except OSError as e:  # a name too long, a loop of links
+        raise TokenizerError(f"--tokenizer {spec}: cannot use this path ({e.strerror})") from None
 
 
 class TiktokenTokenizer:
-    def __init__(self, encoding_name: str):
-        try:
-            import tiktoken
-        except ImportError:
-            raise TokenizerError(
-                "tiktoken is not installed: pip install tiktoken, or use --tokenizer byte or bpe:N"
-            ) from None
-        try:
-            self.enc = tiktoken.get_encoding(encoding_name)
-        except Exception as e:  # offline, tiktoken fails to download its files with a network error
-            raise TokenizerError(
-                f"tiktoken:{encoding_name}: cannot load the encoding ({type(e).__name__}: {e}). tiktoken downloads "
-                "its files on first use, which fails offline; use --tokenizer byte or bpe:N instead"
-            ) from None
-        self.name, self.vocab_size, self.eot_id = f"tiktoken:{encoding_name}", self.enc.n_vocab, self.enc.eot_token
-        if self.vocab_size > MAX_VOCAB:
-            raise TokenizerError(f"{self.name}: vocab {self.vocab_size} does not fit uint16 shards (<= {MAX_VOCAB})")
+    """A tiktoken encoding (Rust BPE; a batch is encoded on one thread per core: tiktoken lets go of the GIL
+    while it encodes)."""
+
+    def __init__(self, encoding, eot_token: str | None = None, eot_id: int | None = None):
+        """``encoding``: a name for tiktoken.get_encoding, or a tiktoken.Encoding built by the caller.
+        ``eot_id`` (a manifest's) wins over ``eot_token``, which wins over the encoding's own."""
+        self.enc = _get_encoding(encoding) if isinstance(encoding, str) else encoding
+        self.name, self.vocab_size = f"tiktoken:{self.enc.name}", self.enc.n_vocab
+        self.dtype = ids_dtype(self.vocab_size)
+        self.eot_id = _tiktoken_eot_id(self.enc, eot_token) if eot_id is None else eot_id
+        if not 0 <= self.eot_id < self.vocab_size:
+            raise TokenizerError(f"{self.name}: end-of-text id {self.eot_id} is not in [0, {self.vocab_size})")
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.uint16) for ids in self.enc.encode_ordinary_batch(texts)]
+        workers = min(len(texts), os.cpu_count() or 1)
+        if workers < 2:
+            return self._encode_all(texts)
+        # a few chunks per thread, not a task per text: a task costs tens of microseconds to hand over, and
+        # chunks of texts of different lengths still even out
+        step = -(-len(texts) // (workers * 4))
+        with ThreadPoolExecutor(workers) as pool:
+            chunks = pool.map(self._encode_all, [texts[i : i + step] for i in range(0, len(texts), step)])
+            return [ids for chunk in chunks for ids in chunk]
+
+    def _encode_all(self, texts: list[str]) -> list[np.ndarray]:
+        return [self._encode(t) for t in texts]
+
+    def _encode(self, text: str) -> np.ndarray:
+        # encode_to_numpy (tiktoken >= 0.9) hands back the ids as a buffer: no list of Python ints built under
+        # the GIL, which is what keeps encode_ordinary_batch's threads from using every core. No special token
+        # is allowed, none disallowed: special-token text is ordinary text, as in encode_ordinary
+        if hasattr(self.enc, "encode_to_numpy"):
+            ids = self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        else:
+            ids = self.enc.encode_ordinary(text)
+        return np.array(ids, dtype=self.dtype)  # a copy: numpy's view of tiktoken's buffer is read-only
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.enc.decode([int(i) for i in ids if i != self.eot_id])
+        ids = [int(i) for i in ids if i != self.eot_id and i < self.vocab_size]
+        try:
+            return self.enc.decode(ids)
+        except KeyError:  # an id in a gap of the vocab (a model may sample one): leave it out
+            return self.enc.decode([i for i in ids if _has_token(self.enc, i)])
 
     def save(self, directory: Path) -> None:
+        pass  # the encoding comes from tiktoken (its cache, or a plugin) by name
+
+
+def _has_token(enc, i: int) -> bool:
+    try:
+        enc.decode_single_token_bytes(i)
+    except KeyError:
+        return False
+    return True
+
+
+def _get_encoding(name: str):
+    try:
+        import tiktoken
+    except ImportError:
+        raise TokenizerError(f"tiktoken:{name} needs tiktoken: pip install 'lmstack[tiktoken]'") from None
+    if not name:
+        raise TokenizerError("--tokenizer tiktoken:: expected tiktoken:NAME, e.g. tiktoken:cl100k_base")
+    try:
+        return tiktoken.get_encoding(name)
+    except OSError as e:  # offline: tiktoken downloads an encoding's files on first use (requests' errors are OSErrors)
+        raise TokenizerError(
+            f"tiktoken:{name}: cannot download the encoding's files ({type(e).__name__}: {e}). Download them once "
+            "where there is a network (tiktoken caches them in TIKTOKEN_CACHE_DIR), or install a plugin that "
+            "constructs the encoding offline"
+        ) from None
+    except ValueError as e:
+        if not str(e).startswith("Unknown encoding"):
+            raise TokenizerError(f"tiktoken:{name}: cannot construct the encoding ({e})") from None
+        known = ", ".join(tiktoken.list_encoding_names())
+        raise TokenizerError(
+            f"tiktoken:{name}: no such encoding; tiktoken and its plugins know {known}. A plugin package "
+            "(tiktoken_ext.<module> with ENCODING_CONSTRUCTORS) adds others"
+        ) from None
+    except Exception as e:  # a plugin's constructor may raise anything
+        raise TokenizerError(f"tiktoken:{name}: cannot construct the encoding ({type(e).__name__}: {e})") from None
+
+
+def _tiktoken_eot_id(enc, eot_token: str | None) -> int:
+    """--eot-token (a special token), else the encoding's eot_token, else <|endoftext|> among its specials."""
+    specials = enc.special_tokens_set
+    if eot_token is not None:
+        if eot_token not in specials:
+            raise TokenizerError(
+                f"--eot-token {eot_token!r}: not a special token of tiktoken:{enc.name} (it has {_some(specials)})"
+            )
+        return enc.encode_single_token(eot_token)
+    try:
+        return enc.eot_token
+    except (LookupError, ValueError):  # tiktoken's property raises KeyError when there is no <|endoftext|>
         pass
+    if EOT_TEXT in specials:
+        return enc.encode_single_token(EOT_TEXT)
+    raise TokenizerError(
+        f"tiktoken:{enc.name}: no end-of-text token (no eot_token, no {EOT_TEXT}); pass --eot-token TEXT with the "
+        f"special token to place between documents (it has {_some(specials)})"
+    )
+
+
+def _some(names: set[str], shown: int = 10) -> str:
+    """A few of ``names`` for a message: an encoding may reserve hundreds of special tokens."""
+    listed = sorted(names)
+    more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+    return (", ".join(listed[:shown]) or "none") + more
 
 
 Tokenizer = ByteTokenizer | HFTokenizer | TiktokenTokenizer
 
 
-def _import_tokenizers():
+def _import_tokenizers(spec: str):
     try:
         import tokenizers
     except ImportError:
-        raise TokenizerError("bpe needs the tokenizers package: pip install 'lmstack[bpe]' (or tokenizers)") from None
+        raise TokenizerError(f"{spec} needs HF tokenizers: pip install 'lmstack[bpe]'") from None
     return tokenizers
 
 
 def bpe_vocab_size(spec: str) -> int:
     """N from ``bpe:N``, checked."""
     text = spec.partition(":")[2]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise TokenizerError(f"--tokenizer {spec}: expected bpe:N with N a whole number, e.g. bpe:8192")
     n = int(text)
     if n > MAX_VOCAB:
-        raise TokenizerError(f"--tokenizer {spec}: vocab {n} does not fit uint16 shards (at most {MAX_VOCAB})")
-    if n < 300:
-        raise TokenizerError(f"--tokenizer {spec}: vocab {n} is too small (the 256 bytes come first); use >= 300")
+        raise TokenizerError(f"--tokenizer {spec}: vocab {n} is more than the 2**32 ids uint32 shards hold")
+    if n < MIN_BPE_VOCAB:
+        raise TokenizerError(
+            f"--tokenizer {spec}: vocab {n} is too small (the 256 bytes come first); use >= {MIN_BPE_VOCAB}"
+        )
     return n
 
 
-def check_spec(spec: str) -> None:
-    """Raise TokenizerError for a malformed --tokenizer value, before any input is read."""
-    kind = spec.partition(":")[0]
+def _check_eot_option(spec: str, eot_token: str | None) -> None:
+    # refused, not ignored: byte and bpe:N always end documents with their own id (256; <|endoftext|>)
+    if eot_token is not None and spec.partition(":")[0] in ("byte", "bpe"):
+        raise TokenizerError(
+            f"--eot-token {eot_token!r}: only for hf:PATH and tiktoken:NAME; --tokenizer {spec} has its own "
+            "end-of-text token"
+        )
+
+
+def open_tokenizer(spec: str, eot_token: str | None = None) -> Tokenizer:
+    """The tokenizer of a spec that needs no training: byte, hf:PATH, tiktoken:NAME."""
+    kind, _, rest = spec.partition(":")
+    _check_eot_option(spec, eot_token)
     if spec == "byte":
-        return
+        return ByteTokenizer()
+    if kind == "hf":
+        path = hf_file(spec)
+        return HFTokenizer.load(path, f"hf:{path}", eot_token)
+    if kind == "tiktoken":
+        return TiktokenTokenizer(rest, eot_token)
     if kind == "bpe":
+        raise TokenizerError(f"--tokenizer {spec}: a bpe tokenizer is trained (make_tokenizer) or loaded from shards")
+    raise TokenizerError(f"--tokenizer {spec}: unknown; use {SPECS}")
+
+
+def check_spec(spec: str, eot_token: str | None = None) -> None:
+    """Raise TokenizerError for a malformed or unloadable --tokenizer (and --eot-token), before any input is read;
+    hf and tiktoken are loaded to check them."""
+    if spec.partition(":")[0] == "bpe":
+        _check_eot_option(spec, eot_token)
         bpe_vocab_size(spec)
-        _import_tokenizers()
-    elif kind == "tiktoken":
-        TiktokenTokenizer(spec.partition(":")[2])
+        _import_tokenizers(spec)
     else:
-        raise TokenizerError(f"--tokenizer {spec}: unknown; use byte, bpe:N or tiktoken:NAME")
+        open_tokenizer(spec, eot_token)
 
 
-def load_tokenizer(name: str, directory: Path) -> Tokenizer:
-    """The tokenizer a manifest names; ``bpe`` ones read ``tokenizer.json`` from ``directory`` or its parent."""
-    kind = name.partition(":")[0]
+def make_tokenizer(spec: str, texts: Callable[[], Iterable[str]], eot_token: str | None = None) -> Tokenizer:
+    """The tokenizer for prepare: ``bpe:N`` is trained on ``texts()`` (called only then), the others opened."""
+    if spec.partition(":")[0] == "bpe":
+        _check_eot_option(spec, eot_token)
+        return HFTokenizer.train(iter(texts()), bpe_vocab_size(spec))
+    return open_tokenizer(spec, eot_token)
+
+
+def load_tokenizer(name: str, directory: Path, eot_id: int | None = None) -> Tokenizer:
+    """The tokenizer a manifest names, with its end-of-text id ``eot_id`` (needed when prepare had --eot-token).
+
+    ``bpe`` and ``hf`` read the ``tokenizer.json`` saved in ``directory`` (a split's shards) or its parent, never
+    the hf:PATH the name records (it may be gone, or another machine's)."""
+    kind, _, rest = name.partition(":")
     if name == "byte":
         return ByteTokenizer()
     if kind == "tiktoken":
-        return TiktokenTokenizer(name.partition(":")[2])
-    if kind == "bpe":
+        return TiktokenTokenizer(rest, eot_id=eot_id)
+    if kind in ("bpe", "hf"):
         for candidate in (directory / TOKENIZER_FILE, directory.parent / TOKENIZER_FILE):
             if candidate.exists():
-                return HFTokenizer.load(candidate, name)
+                return HFTokenizer.load(candidate, name, eot_id=eot_id)
         raise TokenizerError(f"{directory}: no {TOKENIZER_FILE} here or in its parent for tokenizer {name}")
-    raise TokenizerError(f"unknown tokenizer {name!r}: expected byte, bpe:N or tiktoken:NAME")
+    raise TokenizerError(f"unknown tokenizer {name!r}: expected {SPECS}")

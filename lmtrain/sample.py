@@ -4,8 +4,10 @@
                              [--top-p P] [--seed S] [--tokenizer SPEC]
 
 The model's settings come from the checkpoint (the run's resolved config); the tokenizer is the one named by
-the training data's manifest (``bpe`` ones read ``tokenizer.json`` saved beside the shards). Generation stops at
-the end-of-text token or after --max-new-tokens, and the same seed gives the same text.
+the training data's manifest, with the manifest's end-of-text id (``bpe`` and ``hf`` ones read the
+``tokenizer.json`` saved beside the shards; ``tiktoken`` ones are found by name). --tokenizer overrides it with
+any spec prepare takes (``hf:PATH`` reads PATH). Generation stops at the end-of-text token or after
+--max-new-tokens, and the same seed gives the same text.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lmdata import LmDataError, TokenDataset, TokenizerError
-from lmdata.tokenizer import load_tokenizer
+from lmdata.tokenizer import load_tokenizer, open_tokenizer
 from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED
@@ -63,8 +65,8 @@ def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None
     model was trained on (a re-prepare may have brought another tokenizer)."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     train = Path(str(data.get("train_data") or ""))
-    if spec is not None:
-        return load_tokenizer(spec, train)
+    if spec is not None:  # a bpe is only ever the one saved beside the data; the others name their source
+        return load_tokenizer(spec, train) if spec.partition(":")[0] == "bpe" else open_tokenizer(spec)
     dataset = TokenDataset(train)
     if dataset.manifest is None:
         raise TokenizerError(f"{train}: no manifest.json names the tokenizer; pass --tokenizer")
@@ -73,7 +75,8 @@ def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None
             f"{train}: the training data changed since this model was trained (prepared again?), so its "
             "tokenizer may not be the model's; pass --tokenizer with the one the model was trained with"
         )
-    return load_tokenizer(dataset.manifest.tokenizer, train)
+    # the manifest's end-of-text id: prepare may have chosen it with --eot-token, which sampling cannot know
+    return load_tokenizer(dataset.manifest.tokenizer, train, dataset.manifest.eot_id)
 
 
 @torch.no_grad()
