@@ -74,15 +74,7 @@ from lmdata.sources import (
     check_readable,
     read_pieces,
 )
-from lmdata.tokenizer import (
-    TOKENIZER_FILE,
-    ByteTokenizer,
-    HFTokenizer,
-    TiktokenTokenizer,
-    Tokenizer,
-    bpe_vocab_size,
-    check_spec,
-)
+from lmdata.tokenizer import TOKENIZER_FILE, Tokenizer, check_spec, make_tokenizer
 from lmdata.writer import MARKER_NAME, ShardWriter
 
 SEGMENT_BYTES = 64 * 1024  # the largest piece tokenized at once
@@ -268,15 +260,6 @@ def decoded_pieces(inputs: Inputs, limit: int, warn: bool = True) -> Iterator[tu
             print(f"prepare: warning: {message}", file=sys.stderr)
 
 
-def make_tokenizer(spec: str, inputs: Inputs) -> Tokenizer:
-    if spec == "byte":
-        return ByteTokenizer()
-    if spec.startswith("tiktoken:"):
-        return TiktokenTokenizer(spec.partition(":")[2])
-    texts = (text for text, _ in decoded_pieces(inputs, SEGMENT_BYTES, warn=False))
-    return HFTokenizer.train(texts, bpe_vocab_size(spec))
-
-
 class Progress:
     """A byte progress bar with a rate of ``unit`` (tokens, documents) on a terminal; a line every few seconds
     otherwise."""
@@ -336,7 +319,7 @@ def prepare(
     if shard_tokens <= 0:
         raise OptionError(f"--shard-tokens must be positive, got {shard_tokens}")
     sources.check()
-    check_spec(tokenizer_spec)
+    check_spec(tokenizer_spec, eot_token)
     try:
         files = expand_inputs(inputs, out)
     except OSError as e:  # a name too long, a loop of links: the input path's fault
@@ -356,7 +339,8 @@ def prepare(
             raise InputError("the input holds too little text to make both a train and a val split")
         try:
             with locked(out):
-                tokenizer = make_tokenizer(tokenizer_spec, read)
+                texts = lambda: (text for text, _ in decoded_pieces(read, SEGMENT_BYTES, warn=False))  # noqa: E731
+                tokenizer = make_tokenizer(tokenizer_spec, texts, eot_token)
                 with generation(out) as gen:
                     tokenizer.save(gen)
                     plan = SplitPlan.for_corpus(corpus, val_fraction)

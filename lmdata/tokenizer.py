@@ -6,11 +6,11 @@
     tiktoken:NAME   an encoding tiktoken constructs: its own (downloaded once, then cached) or a plugin's
 
 Every tokenizer encodes a batch of texts to unsigned ids of the narrowest dtype that holds its whole vocab
-(``ids_dtype``: uint16 up to 65,536 ids, else uint32), end-of-text included. Text that spells a special token
-(a literal ``<|endoftext|>`` in a document) is encoded as ordinary text: only prepare places the end-of-text
-id, between documents, so an id in the shards never lies about where a document ends. ``bpe`` and ``hf`` save
-a ``tokenizer.json`` beside the shards, so sampling needs nothing but the dataset directory, the manifest's
-tokenizer name and its end-of-text id.
+(``lmdata.format.token_dtype_for``: uint16 up to 65,536 ids, else uint32), end-of-text included. Text that spells a
+special token (a literal ``<|endoftext|>`` in a document) is encoded as ordinary text: only prepare places the
+end-of-text id, between documents, so an id in the shards never lies about where a document ends. ``bpe`` and
+``hf`` save a ``tokenizer.json`` beside the shards, so sampling needs nothing but the dataset directory, the
+manifest's tokenizer name and its end-of-text id.
 
 The end-of-text id of ``hf`` and ``tiktoken`` is, in this order: the ``--eot-token`` text, the tokenizer's own
 (``eos_token`` of a ``tokenizer_config.json`` beside the tokenizer.json; the encoding's ``eot_token``),
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lmdata.errors import TokenizerError
-from lmdata.format import DTYPE_LIMITS
+from lmdata.format import DTYPE_LIMITS, token_dtype_for
 
 EOT_TEXT = "<|endoftext|>"
 MAX_VOCAB = DTYPE_LIMITS["uint32"]  # ids 0 .. 2**32 - 1 fit the widest shards
@@ -37,11 +37,6 @@ MIN_BPE_VOCAB = 300  # the 256 bytes come first
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"  # transformers' file beside a model's tokenizer.json; names its eos_token
 SPECS = "byte, bpe:N or tiktoken:NAME, or hf:PATH (an existing tokenizer.json)"
-
-
-def ids_dtype(vocab_size: int) -> np.dtype:
-    """What encode_batch returns for a vocab: half the memory of uint32 in prepare's batches when uint16 holds it."""
-    return np.dtype(np.uint16) if vocab_size <= DTYPE_LIMITS["uint16"] else np.dtype(np.uint32)
 
 
 class ByteTokenizer:
@@ -69,7 +64,7 @@ class HFTokenizer:
         self.tok, self.name, self.eot_id, self.source = tokenizer, name, eot_id, source
         # ids of a model's file need not be contiguous: the vocab must cover the largest
         self.vocab_size = max(tokenizer.get_vocab_size(), max(tokenizer.get_vocab().values(), default=-1) + 1)
-        self.dtype = ids_dtype(self.vocab_size)
+        self.dtype = token_dtype_for(self.vocab_size)
 
     @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int) -> HFTokenizer:
@@ -199,7 +194,7 @@ class TiktokenTokenizer:
         ``eot_id`` (a manifest's) wins over ``eot_token``, which wins over the encoding's own."""
         self.enc = _get_encoding(encoding) if isinstance(encoding, str) else encoding
         self.name, self.vocab_size = f"tiktoken:{self.enc.name}", self.enc.n_vocab
-        self.dtype = ids_dtype(self.vocab_size)
+        self.dtype = token_dtype_for(self.vocab_size)
         self.eot_id = _tiktoken_eot_id(self.enc, eot_token) if eot_id is None else eot_id
         if not 0 <= self.eot_id < self.vocab_size:
             raise TokenizerError(f"{self.name}: end-of-text id {self.eot_id} is not in [0, {self.vocab_size})")

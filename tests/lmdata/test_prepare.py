@@ -117,7 +117,9 @@ def test_a_single_small_file_is_cut_into_train_and_val(tmp_path):
     [
         (["missing.txt"], "missing.txt: no such file or directory"),
         (["emptydir"], "emptydir: names no file"),
-        (["text", "--tokenizer", "bpe:70000"], "vocab 70000 does not fit uint16 shards (at most 65536)"),
+        (["text", "--tokenizer", "bpe:4294967297"], "vocab 4294967297 is more than the 2**32 ids uint32 shards hold"),
+        (["text", "--tokenizer", "byte", "--eot-token", "x"], "--eot-token 'x': only for hf:PATH and tiktoken:NAME"),
+        (["text", "--tokenizer", "hf:missing.json"], "missing.json"),
         (["text", "--tokenizer", "bpe:big"], "expected bpe:N with N a whole number"),
         (["text", "--tokenizer", "sentencepiece"], "unknown; use byte, bpe:N or tiktoken:NAME"),
         (["text", "--tokenizer", "tiktoken:gpt2"], "tiktoken"),
