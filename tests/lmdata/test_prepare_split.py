@@ -130,4 +130,4 @@ def test_a_huge_line_is_read_in_bounded_pieces(tmp_path, monkeypatch):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 4_000_000  # a few batches of pieces, not the line
+    assert peak < 5_000_000  # a few batches of pieces, not the 8 MB line
