@@ -29,12 +29,15 @@ and the next prepare removes what the killed one left (see lmdata/commit.py; a D
 version is moved aside just before the switch: killed right then, DIR reads as missing, never as a mix). A
 second prepare into a DIR in use exits 2.
 
-The split goes by units: a document is one unit if it is at most val_fraction * (input bytes) / 8 long (a unit is at
-least 256 bytes), else it is cut into units of about that size at line ends or spaces, never inside a character.
-Each unit goes to val while val holds less than val_fraction of the tokens so far, else to train. So the val
-share misses val_fraction by at most one unit (about an eighth of it) whatever the input's shape, small documents
-go whole to one split, and the same documents give the same shards however files hold them. A single document
-of at most 256 bytes is cut by tokens instead, its last val_fraction to val.
+The split goes by units: a document is one unit if it is at most min(1 MB, val_fraction * (input bytes) / 8) long
+(a unit is at least 256 bytes), else it is cut into units of about that size at line ends or spaces, never inside a
+character. Each unit goes to val while val holds less than val_fraction of the tokens so far, else to train. So
+the val share misses val_fraction by at most one unit (about an eighth of it) whatever the input's shape, small
+documents go whole to one split, and the same documents give the same shards however files hold them (text
+files, JSON Lines or Parquet, compressed or not). A single document of at most 256 bytes is cut by tokens
+instead, its last val_fraction to val. The plan needs the input's size only up to 8 MB / val_fraction of text:
+prepare reads that much once before tokenizing (and stops there with exit 2 at a bad record, before the output
+is touched), then reads everything while tokenizing.
 
 Memory stays bounded: files are read in chunks and tokenized in pieces of at most 64 KB, never a whole file or
 line (a JSON Lines record, or a Parquet row group's text column, is held whole); standard input is first copied
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import shutil
 import sys
@@ -79,6 +83,7 @@ from lmdata.writer import MARKER_NAME, ShardWriter
 
 SEGMENT_BYTES = 64 * 1024  # the largest piece tokenized at once
 MIN_UNIT_BYTES = 256
+MAX_UNIT_BYTES = 1 << 20  # documents up to this long stay whole in one split however large the corpus
 UNIT_SHARE = 8  # a unit is at most 1/UNIT_SHARE of the val budget, which bounds the val share's error
 BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spreads the pieces over all cores
 T = TypeVar("T")
@@ -181,21 +186,27 @@ class Corpus:
 
     documents: int
     text_bytes: int
-    skipped: RecordCounts
+    complete: bool
+    """False when the pass stopped early, once the input was known to be large enough for the largest unit."""
 
 
-def scan(inputs: Inputs) -> Corpus:
+def scan(inputs: Inputs, enough_bytes: int) -> Corpus:
     """Count documents and their bytes (not the marker lines between them, so the count does not depend on how
-    files hold the documents). A bad record stops it (unless skipped): before the output is touched."""
+    files hold the documents), stopping once ``enough_bytes`` of text are found: beyond that the plan is the
+    same whatever the size, so a large corpus is not read twice. A bad record found stops prepare here, before
+    the output is touched; one further on stops the writing pass (the previous dataset then stays)."""
     documents = text_bytes = 0
-    skipped = RecordCounts()
     progress = Progress(None, "reading", unit="docs")
-    for piece in inputs.pieces(SEGMENT_BYTES, skipped):
-        documents += piece.starts_document
-        text_bytes += len(piece.data)
-        progress.update(len(piece.data), piece.starts_document)
-    progress.close()
-    return Corpus(documents, text_bytes, skipped)
+    try:
+        for piece in inputs.pieces(SEGMENT_BYTES, RecordCounts()):
+            documents += piece.starts_document
+            text_bytes += len(piece.data)
+            progress.update(len(piece.data), piece.starts_document)
+            if text_bytes >= enough_bytes:
+                return Corpus(documents, text_bytes, complete=False)
+    finally:
+        progress.close()
+    return Corpus(documents, text_bytes, complete=True)
 
 
 @dataclass(frozen=True)
@@ -210,10 +221,16 @@ class SplitPlan:
     def piece_bytes(self) -> int:
         return min(SEGMENT_BYTES, self.unit_bytes)
 
+    @staticmethod
+    def bytes_to_plan(fraction: float) -> int:
+        """How much text decides the plan: from this size on, every corpus has units of MAX_UNIT_BYTES."""
+        return math.ceil(MAX_UNIT_BYTES * UNIT_SHARE / fraction)
+
     @classmethod
     def for_corpus(cls, corpus: Corpus, fraction: float) -> SplitPlan:
-        unit = max(MIN_UNIT_BYTES, int(fraction * corpus.text_bytes / UNIT_SHARE))
-        return cls(fraction, unit, corpus.documents == 1 and corpus.text_bytes <= unit)
+        unit = min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, int(fraction * corpus.text_bytes / UNIT_SHARE)))
+        assert corpus.complete or unit == MAX_UNIT_BYTES  # what stopping the scan at bytes_to_plan relies on
+        return cls(fraction, unit, corpus.complete and corpus.documents == 1 and corpus.text_bytes <= unit)
 
 
 class Splitter:
@@ -246,11 +263,13 @@ class Splitter:
         return parts
 
 
-def decoded_pieces(inputs: Inputs, limit: int, warn: bool = True) -> Iterator[tuple[str, Piece]]:
+def decoded_pieces(
+    inputs: Inputs, limit: int, skipped: RecordCounts | None = None, warn: bool = True
+) -> Iterator[tuple[str, Piece]]:
     """Each file's pieces with their text; a warning per file whose bytes were not all UTF-8."""
     for path in inputs.files:
         invalid = 0
-        for piece in read_pieces(path, limit, inputs.options, None, inputs.labels.get(path)):
+        for piece in read_pieces(path, limit, inputs.options, skipped, inputs.labels.get(path)):
             text, bad = decode(piece.data)
             invalid += bad
             yield text, piece
@@ -332,9 +351,7 @@ def prepare(
         raise OutputError(f"{e.filename or out}: cannot use this path ({e.strerror}); choose another --out") from None
     with tempfile.TemporaryDirectory() as spool:
         read = _spool_stdin(files, sources, Path(spool))
-        corpus = scan(read)
-        if note := corpus.skipped.note():
-            print(f"prepare: note: {note}", file=sys.stderr)
+        corpus = scan(read, SplitPlan.bytes_to_plan(val_fraction))
         if corpus.documents == 0:
             raise InputError("the input holds too little text to make both a train and a val split")
         try:
@@ -372,8 +389,9 @@ def _write(inputs: Inputs, gen: Path, tok: Tokenizer, plan: SplitPlan, shard_tok
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "shard_tokens": shard_tokens}
     writers = {split: ShardWriter(gen / split, prefix=split, **meta) for split in ("train", "val")}
     splitter = Splitter(plan)
-    progress = Progress(corpus.text_bytes)
-    batches = in_background(_batches(decoded_pieces(inputs, plan.piece_bytes)))
+    skipped = RecordCounts()
+    progress = Progress(corpus.text_bytes if corpus.complete else None)  # no total: no ETA, the bar still moves
+    batches = in_background(_batches(decoded_pieces(inputs, plan.piece_bytes, skipped)))
     try:
         for batch in batches:
             pieces = [piece for _, piece in batch]
@@ -385,8 +403,10 @@ def _write(inputs: Inputs, gen: Path, tok: Tokenizer, plan: SplitPlan, shard_tok
                 progress.update(len(piece.data), ids.size)
         if not all(splitter.counts.values()):
             raise InputError("the input holds too little text to make both a train and a val split")
+        if note := skipped.note():
+            print(f"prepare: note: {note}", file=sys.stderr)
         for writer in writers.values():
-            writer.close(counts=corpus.skipped.for_manifest())
+            writer.close(counts=skipped.for_manifest())
     except BaseException:
         for writer in writers.values():
             writer.abort()

@@ -161,3 +161,44 @@ def test_a_directory_walk_skips_hidden_files_and_directories(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "skipped 2 hidden files" in result.stderr
     assert sum(len(t) for t, _ in tokens_of(tmp_path / "out").values()) == len("onetwothree") + 3
+
+
+def test_the_scan_stops_once_the_plan_is_decided_and_the_shards_do_not_change(tmp_path, monkeypatch):
+    import lmdata.prepare as prepare_module
+
+    records = [f"record {i} " + "w" * (i * 37 % 3000) for i in range(400)]  # ~600 KB, documents up to 3 KB
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(jsonl_bytes(records))
+    monkeypatch.setattr(prepare_module, "MAX_UNIT_BYTES", 2048)  # so 2048 * 8 / 0.1 = 160 KB decide the plan
+    seen = []
+    real_scan = prepare_module.scan
+    monkeypatch.setattr(prepare_module, "scan", lambda *a: seen.append(real_scan(*a)) or seen[-1])
+    assert main([str(path), "--out", str(tmp_path / "early"), "--val-fraction", "0.1"]) == 0
+    assert not seen[-1].complete and 160_000 <= seen[-1].text_bytes < 170_000
+    monkeypatch.setattr(prepare_module.SplitPlan, "bytes_to_plan", staticmethod(lambda fraction: 1 << 60))
+    assert main([str(path), "--out", str(tmp_path / "whole"), "--val-fraction", "0.1"]) == 0
+    assert seen[-1].complete
+    early, whole = tokens_of(tmp_path / "early"), tokens_of(tmp_path / "whole")
+    for split in ("train", "val"):
+        assert np.array_equal(early[split][0], whole[split][0])
+    assert 0.08 < len(early["val"][0]) / (len(early["val"][0]) + len(early["train"][0])) < 0.12
+
+
+def test_a_bad_record_beyond_the_scan_stops_the_writing_and_keeps_the_previous_dataset(tmp_path, monkeypatch, capsys):
+    import lmdata.prepare as prepare_module
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(jsonl_bytes([f"good {i} " * 50 for i in range(200)]))
+    out = tmp_path / "out"
+    assert main([str(path), "--out", str(out), "--val-fraction", "0.1"]) == 0
+    before = tokens_of(out)
+    path.write_bytes(path.read_bytes() + b'{"text": 5}\n' + jsonl_bytes(["skipped or not"]))
+    monkeypatch.setattr(prepare_module, "MAX_UNIT_BYTES", 1024)  # the scan stops after ~80 KB, before the record
+    capsys.readouterr()
+    assert main([str(path), "--out", str(out), "--val-fraction", "0.1"]) == 2
+    assert f"{path} line 201: field 'text' is a number, not a string" in capsys.readouterr().err
+    after = tokens_of(out)
+    assert all(np.array_equal(before[s][0], after[s][0]) for s in before)
+    assert len([p for p in out.iterdir() if p.name.startswith(".gen-")]) == 1  # only the committed one
+    assert main([str(path), "--out", str(out), "--val-fraction", "0.1", "--skip-bad-records"]) == 0
+    assert tokens_of(out)["train"][1].counts == {"bad_records_skipped": 1, "empty_records_skipped": 0}
