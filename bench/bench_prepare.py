@@ -35,7 +35,7 @@ CORPUS_BYTES = 8 << 20
 VOCAB = 32768
 PLUGIN_DIR = BENCH_DIR / "tiktoken-plugin"
 ENCODING = "lmbench_bpe32k"
-ROUNDS = 3
+ROUNDS = 5
 
 
 def documents() -> list[str]:

@@ -73,10 +73,14 @@ def run_interleaved(benchmark, feeders: dict, step, steps: int, rounds: int, bas
     for name, t in times.items():
         t = np.array(t[warmup:])
         ratios[name] = float(np.median(base / t))
+        spread = f"{float(np.min(base / t)):.3f}..{float(np.max(base / t)):.3f}"
         benchmark.extra_info[f"{name}_ms_per_step"] = round(float(np.median(t)) / steps * 1e3, 3)
         benchmark.extra_info[f"{name}_throughput_vs_{baseline}"] = round(ratios[name], 4)
+        benchmark.extra_info[f"{name}_throughput_range"] = spread
         print(
-            f"\n{name}: {np.median(t) / steps * 1e3:.3f} ms/step, throughput {ratios[name]:.4f} of {baseline}", end=""
+            f"\n{name}: {np.median(t) / steps * 1e3:.3f} ms/step, throughput {ratios[name]:.4f} of {baseline} "
+            f"(rounds {spread})",
+            end="",
         )
     print()
     return ratios
