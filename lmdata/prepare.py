@@ -48,274 +48,26 @@ tokenizer encodes on every core.
 from __future__ import annotations
 
 import argparse
-import glob
-import math
-import os
-import shutil
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from queue import Full, Queue
-from typing import TypeVar
 
 import numpy as np
 
-from lmdata.atomic import TMP_PREFIX
-from lmdata.commit import GEN_PREFIX, LOCK_NAME, OLD_PREFIX, check_output, generation, locked, raise_if_busy
-from lmdata.documents import Piece, decode
+from lmdata.background import in_background
+from lmdata.commit import check_output, generation, locked, raise_if_busy
+from lmdata.documents import Piece
 from lmdata.errors import InputError, LmDataError, OptionError, OutputError, ShardWriterError
-from lmdata.format import SHARD_SUFFIXES
-from lmdata.manifest import MANIFEST_NAME
-from lmdata.sources import (
-    INPUT_FORMATS,
-    MAX_RECORD_BYTES,
-    RecordCounts,
-    SourceOptions,
-    check_readable,
-    read_pieces,
-)
-from lmdata.tokenizer import TOKENIZER_FILE, Tokenizer, check_spec, make_tokenizer
-from lmdata.writer import MARKER_NAME, ShardWriter
+from lmdata.inputs import Inputs, expand_inputs, spool_stdin
+from lmdata.progress import Progress
+from lmdata.sources import INPUT_FORMATS, MAX_RECORD_BYTES, RecordCounts, SourceOptions, check_readable
+from lmdata.split import SEGMENT_BYTES, Corpus, SplitPlan, Splitter, scan
+from lmdata.tokenizer import Tokenizer, check_spec, make_tokenizer
+from lmdata.writer import MAX_SHARD_TOKENS, ShardWriter
 
-SEGMENT_BYTES = 64 * 1024  # the largest piece tokenized at once
-MIN_UNIT_BYTES = 256
-MAX_UNIT_BYTES = 1 << 20  # documents up to this long stay whole in one split however large the corpus
-UNIT_SHARE = 8  # a unit is at most 1/UNIT_SHARE of the val budget, which bounds the val share's error
 BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spreads the pieces over all cores
-T = TypeVar("T")
-LMDATA_NAMES = (MANIFEST_NAME, TOKENIZER_FILE, LOCK_NAME, MARKER_NAME)
-
-
-def expand_inputs(inputs: list[str], out: Path | None = None) -> list[Path]:
-    """Files named by the inputs; InputError naming the first one that names no readable text file.
-
-    A directory or glob skips, with a note, files inside ``out`` and files lmdata writes; naming one is an error.
-    """
-    out_real = None if out is None else Path(os.path.realpath(out))  # realpath: no error on a loop of links
-    files: list[Path] = []
-    for item in inputs:
-        if item == "-":
-            files.append(Path("-"))
-            continue
-        if glob.has_magic(item):
-            found, walked = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file()), True
-        elif Path(item).is_dir():
-            found, walked = sorted(p for p in Path(item).rglob("*") if p.is_file()), True
-        elif Path(item).is_file():
-            found, walked = [Path(item)], False
-        elif Path(item).exists():  # a FIFO, <(process substitution), a device such as /dev/zero
-            raise InputError(
-                f"{item}: not a regular file (a pipe or a device); prepare reads its input more than once, so "
-                "pipe such input to standard input instead: ... | python -m lmdata.prepare - --out DIR"
-            )
-        else:
-            raise InputError(f"{item}: no such file or directory")
-        if not found:
-            raise InputError(f"{item}: names no file")
-        files.extend(_text_files(item, found, walked, out, out_real))
-    return files
-
-
-def _text_files(item: str, found: list[Path], walked: bool, out: Path | None, out_real: Path | None) -> list[Path]:
-    """The files of one input that are text to read. A walk (directory, glob) skips the output directory and
-    lmdata's files with a note, since a tree holding its own dataset is the common case (``--out indir/out``
-    run twice); a file named on its own is a mistake worth stopping for. A directory walk also skips hidden
-    files and directories (``.git``, ``.cache``, a Hadoop ``.part.crc``: never the corpus's text), as a glob
-    does."""
-    kept, inside, ours, hidden = [], 0, 0, 0
-    for path in found:
-        if out_real is not None and out_real in (real := Path(os.path.realpath(path)), *real.parents):
-            if not walked:
-                raise InputError(f"{path}: is inside the output directory {out}; prepare does not read its output")
-            inside += 1
-        elif _written_by_lmdata(path):
-            if not walked:
-                raise InputError(f"{path}: is token shards or lmdata metadata, not text; leave it out of the inputs")
-            ours += 1
-        elif walked and Path(item).is_dir() and any(p.startswith(".") for p in path.relative_to(item).parts):
-            hidden += 1
-        elif not os.access(path, os.R_OK):
-            raise InputError(f"{path}: not readable (permission denied)")
-        else:
-            kept.append(path)
-    if inside:
-        print(f"prepare: note: {item}: skipped {inside} files inside the output directory {out}", file=sys.stderr)
-    if ours:
-        print(
-            f"prepare: note: {item}: skipped {ours} files that lmdata writes (.bin, .npy, manifest.json, "
-            "tokenizer.json)",
-            file=sys.stderr,
-        )
-    if hidden:
-        print(f"prepare: note: {item}: skipped {hidden} hidden files (names starting with '.')", file=sys.stderr)
-    if not kept:
-        raise InputError(f"{item}: names no file prepare reads (all {len(found)} skipped)")
-    return kept
-
-
-def _written_by_lmdata(path: Path) -> bool:
-    """Shards, manifests, tokenizers, locks and temporaries, and anything in another dataset's generation."""
-    return (
-        path.suffix in SHARD_SUFFIXES
-        or path.name in LMDATA_NAMES
-        or path.name.startswith(TMP_PREFIX)
-        or any(part.startswith((GEN_PREFIX, OLD_PREFIX)) for part in path.parent.parts)
-    )
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The files to read, how to read them, and what messages call them (standard input is spooled to a file)."""
-
-    files: list[Path]
-    options: SourceOptions
-    labels: dict[Path, str]
-
-    def pieces(self, limit: int, counts: RecordCounts | None = None) -> Iterator[Piece]:
-        for path in self.files:
-            yield from read_pieces(path, limit, self.options, counts, self.labels.get(path))
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """What the first, read-only pass over the input finds: the split's unit size follows from it."""
-
-    documents: int
-    text_bytes: int
-    complete: bool
-    """False when the pass stopped early, once the input was known to be large enough for the largest unit."""
-
-
-def scan(inputs: Inputs, enough_bytes: int) -> Corpus:
-    """Count documents and their bytes (not the marker lines between them, so the count does not depend on how
-    files hold the documents), stopping once ``enough_bytes`` of text are found: beyond that the plan is the
-    same whatever the size, so a large corpus is not read twice. A bad record found stops prepare here, before
-    the output is touched; one further on stops the writing pass (the previous dataset then stays)."""
-    documents = text_bytes = 0
-    progress = Progress(None, "reading", unit="docs")
-    try:
-        for piece in inputs.pieces(SEGMENT_BYTES, RecordCounts()):
-            documents += piece.starts_document
-            text_bytes += len(piece.data)
-            progress.update(len(piece.data), piece.starts_document)
-            if text_bytes >= enough_bytes:
-                return Corpus(documents, text_bytes, complete=False)
-    finally:
-        progress.close()
-    return Corpus(documents, text_bytes, complete=True)
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    fraction: float
-    unit_bytes: int
-    """A document up to this long is one unit (goes whole to one split); longer ones are cut into units."""
-    single: bool
-    """One tiny document: cut its tokens, the last ``fraction`` of them to val."""
-
-    @property
-    def piece_bytes(self) -> int:
-        return min(SEGMENT_BYTES, self.unit_bytes)
-
-    @staticmethod
-    def bytes_to_plan(fraction: float) -> int:
-        """How much text decides the plan: from this size on, every corpus has units of MAX_UNIT_BYTES."""
-        return math.ceil(MAX_UNIT_BYTES * UNIT_SHARE / fraction)
-
-    @classmethod
-    def for_corpus(cls, corpus: Corpus, fraction: float) -> SplitPlan:
-        unit = min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, int(fraction * corpus.text_bytes / UNIT_SHARE)))
-        assert corpus.complete or unit == MAX_UNIT_BYTES  # what stopping the scan at bytes_to_plan relies on
-        return cls(fraction, unit, corpus.complete and corpus.documents == 1 and corpus.text_bytes <= unit)
-
-
-class Splitter:
-    """The deficit rule: a unit goes to val when val holds less than ``fraction`` of the tokens so far.
-
-    The val share then misses ``fraction`` by at most one unit's tokens, whatever the input's shape, and the
-    choice depends only on the sequence of units (documents, and the pieces of long ones).
-    """
-
-    def __init__(self, plan: SplitPlan):
-        self.plan = plan
-        self.counts = {"train": 0, "val": 0}
-        self.split = "train"
-        self.unit_filled = 0  # bytes in the current unit
-
-    def assign(self, piece: Piece, ids: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """Where the tokens of ``piece`` (the next piece of the input) go."""
-        if self.plan.single:
-            cut = int(ids.size * (1 - self.plan.fraction))
-            parts = [("train", ids[:cut]), ("val", ids[cut:])]
-        else:
-            if piece.starts_document or self.unit_filled + len(piece.data) > self.plan.unit_bytes:
-                total = self.counts["train"] + self.counts["val"]
-                self.split = "val" if self.counts["val"] < self.plan.fraction * total else "train"
-                self.unit_filled = 0
-            self.unit_filled += len(piece.data)
-            parts = [(self.split, ids)]
-        for split, part in parts:
-            self.counts[split] += part.size
-        return parts
-
-
-def decoded_pieces(
-    inputs: Inputs, limit: int, skipped: RecordCounts | None = None, warn: bool = True
-) -> Iterator[tuple[str, Piece]]:
-    """Each file's pieces with their text; a warning per file whose bytes were not all UTF-8."""
-    for path in inputs.files:
-        invalid = 0
-        for piece in read_pieces(path, limit, inputs.options, skipped, inputs.labels.get(path)):
-            text, bad = decode(piece.data)
-            invalid += bad
-            yield text, piece
-        if invalid and warn:
-            name = inputs.labels.get(path, path)
-            message = f"{name}: {invalid} bytes are not valid UTF-8 (each run became U+FFFD)"
-            print(f"prepare: warning: {message}", file=sys.stderr)
-
-
-class Progress:
-    """A byte progress bar with a rate of ``unit`` (tokens, documents) on a terminal; a line every few seconds
-    otherwise."""
-
-    def __init__(self, total_bytes: int | None, doing: str = "tokenizing", unit: str = "tok"):
-        self.start = self.last_print = time.perf_counter()
-        self.bytes = self.count = 0
-        self.doing, self.unit = doing, unit
-        self.bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=doing)
-            except ImportError:
-                pass
-
-    def update(self, nbytes: int, count: int) -> None:
-        self.bytes += nbytes
-        self.count += count
-        now = time.perf_counter()
-        if self.bar is not None:
-            self.bar.update(nbytes)
-            if now - self.last_print > 0.5:  # set_postfix_str costs more than the rest: not per piece
-                self.last_print = now
-                self.bar.set_postfix_str(f"{self.count / max(1e-9, now - self.start):,.0f} {self.unit}/s")
-        elif now - self.last_print > 5:
-            self.last_print = now
-            rate = self.count / max(1e-9, now - self.start)
-            print(
-                f"{self.doing}: {self.bytes / 1e6:,.1f} MB, {self.count:,} {self.unit}, {rate:,.0f} {self.unit}/s",
-                file=sys.stderr,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def prepare(
@@ -324,7 +76,7 @@ def prepare(
     tokenizer_spec: str = "byte",
     val_fraction: float = 0.01,
     shard_tokens: int = 100_000_000,
-    sources: SourceOptions | None = None,
+    source_options: SourceOptions | None = None,
     eot_token: str | None = None,
 ) -> dict[str, int]:
     """Tokenize ``inputs`` into ``out``/train and ``out``/val, committed as a whole; returns tokens per split.
@@ -332,31 +84,33 @@ def prepare(
     Every check that can fail on the inputs or options runs before ``out`` is touched: a bad record, too.
     """
     out = Path(out)
-    sources = sources or SourceOptions()
+    source_options = source_options or SourceOptions()
     if not 0 < val_fraction < 1:  # also refuses nan
         raise OptionError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    if shard_tokens <= 0:
-        raise OptionError(f"--shard-tokens must be positive, got {shard_tokens}")
-    sources.check()
+    if not 0 < shard_tokens <= MAX_SHARD_TOKENS:
+        raise OptionError(
+            f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS:,}] (a shard header's int32 count), got {shard_tokens}"
+        )
+    source_options.check()
     check_spec(tokenizer_spec, eot_token)
     try:
-        files = expand_inputs(inputs, out)
+        files = expand_inputs(inputs, out, source_options)
     except OSError as e:  # a name too long, a loop of links: the input path's fault
         raise InputError(f"{e.filename or inputs}: cannot read it ({e.strerror})") from None
-    check_readable(files, sources)
+    check_readable(files, source_options)
     try:
         check_output(out)
         raise_if_busy(out)
     except OSError as e:  # a name too long, a file where a directory should be...: the path's fault
         raise OutputError(f"{e.filename or out}: cannot use this path ({e.strerror}); choose another --out") from None
     with tempfile.TemporaryDirectory() as spool:
-        read = _spool_stdin(files, sources, Path(spool))
+        read = spool_stdin(files, source_options, Path(spool))
         corpus = scan(read, SplitPlan.bytes_to_plan(val_fraction))
         if corpus.documents == 0:
             raise InputError("the input holds too little text to make both a train and a val split")
         try:
             with locked(out):
-                texts = lambda: (text for text, _ in decoded_pieces(read, SEGMENT_BYTES, warn=False))  # noqa: E731
+                texts = lambda: (text for text, _ in read.decoded(SEGMENT_BYTES, warn=False))  # noqa: E731
                 tokenizer = make_tokenizer(tokenizer_spec, texts, eot_token)
                 with generation(out) as gen:
                     tokenizer.save(gen)
@@ -370,28 +124,13 @@ def prepare(
             ) from None
 
 
-def _spool_stdin(files: list[Path], options: SourceOptions, spool: Path) -> Inputs:
-    """The inputs, with standard input copied to a file (prepare reads its input once to size the split, then to
-    tokenize) that messages call "standard input"."""
-    if Path("-") not in files:
-        return Inputs(files, options, {})
-    spooled = spool / "standard-input"
-    try:
-        with open(spooled, "wb") as f:
-            shutil.copyfileobj(sys.stdin.buffer, f)
-    except OSError as e:
-        raise InputError(f"standard input: cannot keep a copy in {spool} ({e.strerror}); set TMPDIR") from None
-    files = [spooled if p == Path("-") else p for p in files]
-    return Inputs(files, options, {spooled: "standard input"})
-
-
 def _write(inputs: Inputs, gen: Path, tok: Tokenizer, plan: SplitPlan, shard_tokens: int, corpus: Corpus):
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "shard_tokens": shard_tokens}
     writers = {split: ShardWriter(gen / split, prefix=split, **meta) for split in ("train", "val")}
     splitter = Splitter(plan)
     skipped = RecordCounts()
     progress = Progress(corpus.text_bytes if corpus.complete else None)  # no total: no ETA, the bar still moves
-    batches = in_background(_batches(decoded_pieces(inputs, plan.piece_bytes, skipped)))
+    batches = in_background(_batches(inputs.decoded(plan.piece_bytes, skipped)))
     try:
         for batch in batches:
             pieces = [piece for _, piece in batch]
@@ -415,48 +154,6 @@ def _write(inputs: Inputs, gen: Path, tok: Tokenizer, plan: SplitPlan, shard_tok
         batches.close()
         progress.close()
     return splitter.counts
-
-
-def in_background(items: Iterator[T], depth: int = 1) -> Generator[T, None, None]:
-    """``items``, produced by a thread up to ``depth`` ahead: reading, decompressing and decoding overlap with
-    tokenizing (both tokenizer libraries release the GIL while they encode). An exception in the thread is
-    raised here; closing the generator stops the thread."""
-    queue: Queue = Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(entry) -> bool:
-        """Hand ``entry`` over, unless the consumer stopped (it then never takes one again)."""
-        while not stop.is_set():
-            try:
-                queue.put(entry, timeout=0.1)
-                return True
-            except Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as e:  # handed to the consumer, which raises it with its traceback
-            put((done, e))
-
-    thread = threading.Thread(target=produce, name="prepare-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = queue.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _batches(items: Iterator[tuple[str, Piece]]) -> Iterator[list[tuple[str, Piece]]]:
@@ -530,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         help="stop at a record longer than this (256M); takes K, M, G suffixes",
     )
     args = parser.parse_args(argv)
-    sources = SourceOptions(args.input_format, args.text_field, args.skip_bad_records, args.max_record_bytes)
+    options = SourceOptions(args.input_format, args.text_field, args.skip_bad_records, args.max_record_bytes)
     try:
         start = time.perf_counter()
         counts = prepare(
-            args.inputs, args.out, args.tokenizer, args.val_fraction, args.shard_tokens, sources, args.eot_token
+            args.inputs, args.out, args.tokenizer, args.val_fraction, args.shard_tokens, options, args.eot_token
         )
     except LmDataError as e:  # a user's mistake or environment; anything else is a bug and keeps its traceback
         print(f"prepare: error: {e}", file=sys.stderr)

@@ -16,8 +16,12 @@ Inside a record, ``<|endoftext|>`` is ordinary text: records are the boundaries.
 A record that is not a JSON object, lacks the field, or holds a null or a non-string there is a *bad record*:
 an InputError naming the file, the line (JSONL) or row (Parquet) and the fields the record has, unless
 ``skip_bad_records``, which skips and counts them. Empty texts are skipped and counted always. Memory holds one
-record (JSONL, at most ``max_record_bytes``, or the error says which is longer) or one Parquet row group's text
-column, never a whole file.
+record or one Parquet row group's text column, never a whole file. A record over ``max_record_bytes`` is an
+InputError naming it: for JSON Lines the limit is on the line as stored (escapes and all, since it must be
+bounded before it is parsed), for Parquet on the text's UTF-8 bytes.
+
+Standard input (``-``, spooled to a file by prepare) is text unless ``--input-format`` says otherwise, and is
+never decompressed: pipe it through ``zcat`` or name the file.
 """
 
 from __future__ import annotations
@@ -178,9 +182,9 @@ def open_binary(path: Path, name: str) -> BinaryIO:
     compression = compression_of(path)
     try:
         if compression == "zstd":
-            zstandard = _require("zstandard", "zstd", name)
+            decompressor = _require("zstandard", "zstd", name).ZstdDecompressor()
             raw = open(path, "rb")  # noqa: SIM115 - closed with the reader
-            return io.BufferedReader(_ZstdFrames(raw, zstandard.ZstdDecompressor()), READ_BUFFER)
+            return io.BufferedReader(_ZstdFrames(raw, decompressor), READ_BUFFER)
         opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(compression)
         return opener(path, "rb") if opener else open(path, "rb", buffering=READ_BUFFER)
     except OSError as e:
@@ -232,7 +236,7 @@ def _jsonl_records(stream: BinaryIO, name: str, options: SourceOptions, counts: 
     number = 0
     while line := stream.readline(limit + 2):  # + room for "\r\n": a longer line is a record over the limit
         number += 1
-        if len(line) > limit and line.rstrip(b"\r\n") and len(line.rstrip(b"\r\n")) > limit:
+        if len(line) > limit and len(line.rstrip(b"\r\n")) > limit:  # the limit is on the line, escapes and all
             raise InputError(
                 f"{name} line {number}: the record is longer than --max-record-bytes ({limit:,} bytes); raise "
                 "the limit if the record is real, or check the file is JSON Lines (one record per line)"
@@ -301,11 +305,29 @@ def _parquet_records(path: Path, name: str, options: SourceOptions, counts: Reco
     import pyarrow as pa
 
     try:
-        pf = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{name}: not a readable Parquet file ({e})") from None
-    schema = pf.schema_arrow
-    column = options.text_field
+    with parquet:
+        binary = _text_column_is_binary(parquet.schema_arrow, options.text_field, name)
+        row = 0
+        for group in range(parquet.num_row_groups):
+            try:
+                texts = parquet.read_row_group(group, columns=[options.text_field]).column(0)
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(f"{name}: row group {group} cannot be read ({e})") from None
+            for chunk in texts.chunks:
+                for start in range(0, len(chunk), PARQUET_SLICE_ROWS):
+                    for value in chunk.slice(start, PARQUET_SLICE_ROWS).to_pylist():
+                        row += 1
+                        yield from _row_text(value, binary, f"{name} row {row} (row group {group})", options, counts)
+
+
+def _text_column_is_binary(schema, column: str, name: str) -> bool:
+    """Whether the text column holds bytes (UTF-8, decoded later) rather than strings; InputError naming the
+    file's columns if it is missing, or its type if it holds no text."""
+    import pyarrow as pa
+
     if column not in schema.names:
         columns = ", ".join(repr(c) for c in schema.names) or "none"
         raise InputError(f"{name}: no column {column!r} (its columns: {columns}); pass --text-field NAME")
@@ -315,17 +337,7 @@ def _parquet_records(path: Path, name: str, options: SourceOptions, counts: Reco
     text = any(getattr(pa.types, f"is_{t}", lambda _: False)(values) for t in ("string", "large_string", "string_view"))
     if not (binary or text):
         raise InputError(f"{name}: column {column!r} holds {kind}, not text; pass --text-field NAME")
-    row = 0
-    for group in range(pf.num_row_groups):
-        try:
-            texts = pf.read_row_group(group, columns=[column]).column(0)
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(f"{name}: row group {group} cannot be read ({e})") from None
-        for chunk in texts.chunks:
-            for start in range(0, len(chunk), PARQUET_SLICE_ROWS):
-                for value in chunk.slice(start, PARQUET_SLICE_ROWS).to_pylist():
-                    row += 1
-                    yield from _row_text(value, binary, f"{name} row {row} (row group {group})", options, counts)
+    return binary
 
 
 def _row_text(value, binary: bool, where: str, options: SourceOptions, counts: RecordCounts) -> Iterator[bytes]:

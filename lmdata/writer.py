@@ -37,7 +37,7 @@ from lmdata.format import DTYPE_LIMITS, SHARD_DTYPES, dtype_limit, is_int, make_
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry, is_counts
 
 MARKER_NAME = ".lmdata-writing"
-_SHARD_MAX_TOKENS = DTYPE_LIMITS["int32"] - 1  # the header's int32 count: llm.c's limit on one shard
+MAX_SHARD_TOKENS = DTYPE_LIMITS["int32"] - 1  # the header's int32 count: llm.c's limit on one shard
 
 
 def _check_arguments(shard_tokens, prefix, vocab_size, eot_id, dtype) -> np.dtype:
@@ -45,9 +45,9 @@ def _check_arguments(shard_tokens, prefix, vocab_size, eot_id, dtype) -> np.dtyp
     anything is created)."""
     if not is_int(shard_tokens) or shard_tokens <= 0:
         raise ShardWriterError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
-    if shard_tokens > _SHARD_MAX_TOKENS:
+    if shard_tokens > MAX_SHARD_TOKENS:
         raise ShardWriterError(
-            f"shard_tokens {shard_tokens} is more than a shard's int32 header can count ({_SHARD_MAX_TOKENS})"
+            f"shard_tokens {shard_tokens} is more than a shard's int32 header can count ({MAX_SHARD_TOKENS})"
         )
     if not isinstance(prefix, str) or not prefix or "/" in prefix or "\\" in prefix or prefix.startswith("."):
         raise ShardWriterError(f"prefix {prefix!r} must be a plain name (no '/', not hidden), e.g. 'train'")

@@ -210,7 +210,8 @@ def snapshot(root):
         (["text", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1), got 1.5"),
         (["text", "--val-fraction", "nan"], "--val-fraction must be in (0, 1), got nan"),
         (["text", "--val-fraction", "inf"], "--val-fraction must be in (0, 1), got inf"),
-        (["text", "--shard-tokens", "0"], "--shard-tokens must be positive, got 0"),
+        (["text", "--shard-tokens", "0"], "--shard-tokens must be in [1, 2,147,483,647] (a shard header's int32"),
+        (["text", "--shard-tokens", "2147483648"], "--shard-tokens must be in [1, 2,147,483,647]"),
         (["text", "--tokenizer", "bpe:12"], "vocab 12 is too small"),
     ],
 )

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import zstandard
 
+import lmdata.prepare
+import lmdata.split
 from lmdata import TokenDataset
-from lmdata.prepare import in_background, main
+from lmdata.background import in_background
+from lmdata.prepare import main
 from tests.lmdata.test_sources import jsonl_bytes, write_parquet
 
 RECORDS = [
@@ -164,18 +167,16 @@ def test_a_directory_walk_skips_hidden_files_and_directories(tmp_path):
 
 
 def test_the_scan_stops_once_the_plan_is_decided_and_the_shards_do_not_change(tmp_path, monkeypatch):
-    import lmdata.prepare as prepare_module
-
     records = [f"record {i} " + "w" * (i * 37 % 3000) for i in range(400)]  # ~600 KB, documents up to 3 KB
     path = tmp_path / "a.jsonl"
     path.write_bytes(jsonl_bytes(records))
-    monkeypatch.setattr(prepare_module, "MAX_UNIT_BYTES", 2048)  # so 2048 * 8 / 0.1 = 160 KB decide the plan
+    monkeypatch.setattr(lmdata.split, "MAX_UNIT_BYTES", 2048)  # so 2048 * 8 / 0.1 = 160 KB decide the plan
     seen = []
-    real_scan = prepare_module.scan
-    monkeypatch.setattr(prepare_module, "scan", lambda *a: seen.append(real_scan(*a)) or seen[-1])
+    real_scan = lmdata.prepare.scan
+    monkeypatch.setattr(lmdata.prepare, "scan", lambda *a: seen.append(real_scan(*a)) or seen[-1])
     assert main([str(path), "--out", str(tmp_path / "early"), "--val-fraction", "0.1"]) == 0
     assert not seen[-1].complete and 160_000 <= seen[-1].text_bytes < 170_000
-    monkeypatch.setattr(prepare_module.SplitPlan, "bytes_to_plan", staticmethod(lambda fraction: 1 << 60))
+    monkeypatch.setattr(lmdata.split.SplitPlan, "bytes_to_plan", staticmethod(lambda fraction: 1 << 60))
     assert main([str(path), "--out", str(tmp_path / "whole"), "--val-fraction", "0.1"]) == 0
     assert seen[-1].complete
     early, whole = tokens_of(tmp_path / "early"), tokens_of(tmp_path / "whole")
@@ -185,15 +186,13 @@ def test_the_scan_stops_once_the_plan_is_decided_and_the_shards_do_not_change(tm
 
 
 def test_a_bad_record_beyond_the_scan_stops_the_writing_and_keeps_the_previous_dataset(tmp_path, monkeypatch, capsys):
-    import lmdata.prepare as prepare_module
-
     path = tmp_path / "a.jsonl"
     path.write_bytes(jsonl_bytes([f"good {i} " * 50 for i in range(200)]))
     out = tmp_path / "out"
     assert main([str(path), "--out", str(out), "--val-fraction", "0.1"]) == 0
     before = tokens_of(out)
     path.write_bytes(path.read_bytes() + b'{"text": 5}\n' + jsonl_bytes(["skipped or not"]))
-    monkeypatch.setattr(prepare_module, "MAX_UNIT_BYTES", 1024)  # the scan stops after ~80 KB, before the record
+    monkeypatch.setattr(lmdata.split, "MAX_UNIT_BYTES", 1024)  # the scan stops after ~80 KB, before the record
     capsys.readouterr()
     assert main([str(path), "--out", str(out), "--val-fraction", "0.1"]) == 2
     assert f"{path} line 201: field 'text' is a number, not a string" in capsys.readouterr().err
