@@ -81,7 +81,9 @@ def prepare(
 ) -> dict[str, int]:
     """Tokenize ``inputs`` into ``out``/train and ``out``/val, committed as a whole; returns tokens per split.
 
-    Every check that can fail on the inputs or options runs before ``out`` is touched: a bad record, too.
+    Every check of the options, the paths and the tokenizer runs before ``out`` is touched, and so does reading
+    the part of the input that sizes the split (a bad record there stops it early); a bad record further on stops
+    the writing, and the previous dataset stays as it was.
     """
     out = Path(out)
     source_options = source_options or SourceOptions()

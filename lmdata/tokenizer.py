@@ -35,6 +35,7 @@ EOT_TEXT = "<|endoftext|>"
 MAX_VOCAB = DTYPE_LIMITS["uint32"]  # ids 0 .. 2**32 - 1 fit the widest shards
 MIN_BPE_VOCAB = 300  # the 256 bytes come first
 TOKENIZER_FILE = "tokenizer.json"
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # a container's
 CONFIG_FILE = "tokenizer_config.json"  # transformers' file beside a model's tokenizer.json; names its eos_token
 SPECS = "byte, bpe:N or tiktoken:NAME, or hf:PATH (an existing tokenizer.json)"
 
@@ -180,7 +181,7 @@ def hf_file(spec: str) -> Path:
             path = path / TOKENIZER_FILE
         elif not path.exists():
             raise TokenizerError(f"--tokenizer {spec}: {path} does not exist; give a {TOKENIZER_FILE} or its directory")
-        return path.resolve()
+        return Path(os.path.abspath(path))  # not resolve(): a link into a dataset's generation must stay a link
     except OSError as e:  # a name too long, a loop of links
         raise TokenizerError(f"--tokenizer {spec}: cannot use this path ({e.strerror})") from None
 
@@ -196,19 +197,20 @@ class TiktokenTokenizer:
         self.name, self.vocab_size = f"tiktoken:{self.enc.name}", self.enc.n_vocab
         self.dtype = token_dtype_for(self.vocab_size)
         self._pool: ThreadPoolExecutor | None = None
+        self._numpy_encode = _encodes_specials_as_text(self.enc)
         self.eot_id = _tiktoken_eot_id(self.enc, eot_token) if eot_id is None else eot_id
         if not 0 <= self.eot_id < self.vocab_size:
             raise TokenizerError(f"{self.name}: end-of-text id {self.eot_id} is not in [0, {self.vocab_size})")
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        workers = min(len(texts), os.cpu_count() or 1)
+        workers = min(len(texts), _CORES)
         if workers < 2:
             return self._encode_all(texts)
         # a few chunks per thread, not a task per text: a task costs tens of microseconds to hand over, and
         # chunks of texts of different lengths still even out
         step = -(-len(texts) // (workers * 4))
         if self._pool is None:  # kept for the next batch: starting threads per batch cost ~5% of prepare
-            self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="tiktoken")
+            self._pool = ThreadPoolExecutor(_CORES, thread_name_prefix="tiktoken")
         chunks = self._pool.map(self._encode_all, [texts[i : i + step] for i in range(0, len(texts), step)])
         return [ids for chunk in chunks for ids in chunk]
 
@@ -219,7 +221,7 @@ class TiktokenTokenizer:
         # encode_to_numpy (tiktoken >= 0.9) hands back the ids as a buffer: no list of Python ints built under
         # the GIL, which is what keeps encode_ordinary_batch's threads from using every core. No special token
         # is allowed, none disallowed: special-token text is ordinary text, as in encode_ordinary
-        if hasattr(self.enc, "encode_to_numpy"):
+        if self._numpy_encode:
             ids = self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         else:
             ids = self.enc.encode_ordinary(text)
@@ -234,6 +236,16 @@ class TiktokenTokenizer:
 
     def save(self, directory: Path) -> None:
         pass  # the encoding comes from tiktoken (its cache, or a plugin) by name
+
+
+def _encodes_specials_as_text(enc) -> bool:
+    """Whether ``encode_to_numpy`` exists and, like ``encode_ordinary``, encodes special-token text as text: some
+    tiktoken releases' ``encode_to_numpy`` passed every special token as allowed, whatever it was told."""
+    if not hasattr(enc, "encode_to_numpy"):
+        return False
+    probe = "a " + " ".join(sorted(enc.special_tokens_set)[:16])
+    fast = enc.encode_to_numpy(probe, allowed_special=set(), disallowed_special=())
+    return [int(i) for i in fast] == enc.encode_ordinary(probe)
 
 
 def _has_token(enc, i: int) -> bool:

@@ -8,6 +8,7 @@ import gzip
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -152,18 +153,54 @@ def test_the_reading_thread_stops_when_the_consumer_does():
     assert next(stream) == 0
     stream.close()  # joins the thread: it must not stay blocked on the full queue
     assert len(produced) <= 3
+    assert not any(t.name == "prepare-reader" for t in threading.enumerate())
 
 
-def test_a_directory_walk_skips_hidden_files_and_directories(tmp_path):
+def test_when_the_consumer_fails_the_thread_ends_and_closes_its_generator():
+    closed = []
+
+    def items():
+        try:
+            yield from range(1000)
+        finally:
+            closed.append(threading.current_thread().name)  # closed where it ran, so its files close there too
+
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        for i in in_background(items()):
+            if i == 3:
+                raise RuntimeError("encoder failed")
+    assert closed == ["prepare-reader"]
+    assert not any(t.name == "prepare-reader" for t in threading.enumerate())
+
+
+def test_a_directory_walk_skips_hidden_and_bookkeeping_files_and_notes_text_among_records(tmp_path):
     root = tmp_path / "in"
     (root / ".git" / "objects").mkdir(parents=True)
     (root / ".git" / "objects" / "ab").write_bytes(b"\x78\x9c binary")
     (root / ".a.parquet.crc").write_bytes(b"crc")
+    (root / "_SUCCESS").write_bytes(b"")
+    (root / "_metadata").write_bytes(b"PAR1 parquet footer bytes")
     (root / "a.jsonl").write_bytes(jsonl_bytes(["one", "two", "three"]))
+    (root / "README.md").write_text("readme")
     result = run_prepare(root, "--out", tmp_path / "out", "--val-fraction", "0.3")
     assert result.returncode == 0, result.stderr
-    assert "skipped 2 hidden files" in result.stderr
-    assert sum(len(t) for t, _ in tokens_of(tmp_path / "out").values()) == len("onetwothree") + 3
+    assert "skipped 2 hidden files" in result.stderr and "skipped 2 bookkeeping files" in result.stderr
+    assert "1 of its 2 files are read as text, not records (e.g. " in result.stderr
+    assert sum(len(t) for t, _ in tokens_of(tmp_path / "out").values()) == len("onetwothreereadme") + 4
+
+
+def test_a_file_cut_short_beyond_the_pre_pass_stops_the_writing_with_one_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "a.jsonl.gz"
+    whole = gzip.compress(jsonl_bytes([f"record {i} " + "v" * 2000 for i in range(300)]))  # 600 KB of text
+    path.write_bytes(whole[: len(whole) * 3 // 4])
+    monkeypatch.setattr(lmdata.split, "MAX_UNIT_BYTES", 1024)  # the pre-pass stops after 8 KB / 0.1 = 80 KB
+    for tokenizer in ("byte", "bpe:300"):  # bpe:N trains on the input: it meets the cut while training
+        out = tmp_path / f"out-{tokenizer}"
+        assert main([str(path), "--out", str(out), "--val-fraction", "0.1", "--tokenizer", tokenizer]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert f"{path}: the gzip stream is truncated or damaged" in err
+        assert not out.exists()
 
 
 def test_the_scan_stops_once_the_plan_is_decided_and_the_shards_do_not_change(tmp_path, monkeypatch):

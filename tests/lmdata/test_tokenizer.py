@@ -205,6 +205,25 @@ def test_tiktoken_without_encode_to_numpy_gives_the_same_ids():
     assert ids.tolist() == [18_537, 65_633] and eot.tolist() == enc.encode_ordinary(EOT_TEXT)
 
 
+def test_tiktoken_whose_encode_to_numpy_lets_specials_through_is_not_used():
+    class Leaky:  # as some tiktoken releases did: encode_to_numpy allowed every special token whatever it was told
+        def __init__(self, enc):
+            self.enc = enc
+
+        def encode_to_numpy(self, text, allowed_special=(), disallowed_special=()):
+            return np.array(self.enc.encode(text, allowed_special="all"), dtype=np.uint32)
+
+        def __getattr__(self, name):
+            return getattr(self.enc, name)
+
+    enc = tiktoken_ranks_encoding()
+    tok = TiktokenTokenizer(Leaky(enc))
+    assert not tok._numpy_encode
+    [ids] = tok.encode_batch([f"a {EOT_TEXT}"])
+    assert ids.tolist() == enc.encode_ordinary(f"a {EOT_TEXT}") and tok.eot_id not in ids.tolist()
+    assert TiktokenTokenizer(enc)._numpy_encode  # the installed tiktoken's is right, and used
+
+
 @pytest.mark.parametrize(
     ("specials", "eot_token", "expected"),
     [
