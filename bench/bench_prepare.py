@@ -30,6 +30,8 @@ import pytest
 from bench.conftest import BENCH_DIR, run_interleaved
 from lmdata.prepare import prepare
 from lmdata.sources import read_pieces
+from lmdata.tokenizer import EOT_TEXT, TOKENIZER_FILE, HFTokenizer, TiktokenTokenizer, open_tokenizer
+from tests.lmdata.tokenizers_kit import GPT2_PATTERN, byte_level_chars
 
 CORPUS_BYTES = 8 << 20
 VOCAB = 32768
@@ -68,68 +70,32 @@ def corpus() -> dict:
 def bpe_json(corpus) -> Path:
     path = BENCH_DIR / "bpe32k.json"
     if not path.exists():
-        import tokenizers
-
-        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = tokenizers.decoders.ByteLevel()
-        trainer = tokenizers.trainers.BpeTrainer(
-            vocab_size=VOCAB,
-            special_tokens=["<|endoftext|>"],
-            show_progress=False,
-            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        )
-        tok.train_from_iterator(corpus["docs"], trainer=trainer)
-        tok.save(str(path))
+        HFTokenizer.train(iter(corpus["docs"]), VOCAB).save(BENCH_DIR)  # as bpe:32768 would, named tokenizer.json
+        (BENCH_DIR / TOKENIZER_FILE).rename(path)
     return path
 
 
-def write_tiktoken_plugin(bpe_json: Path) -> None:
-    """A ``tiktoken_ext`` module constructing the BPE's vocabulary as a tiktoken encoding: byte-level BPE ids are
-    in merge order, so they are tiktoken's ranks once the tokens are turned back into bytes."""
-    module = PLUGIN_DIR / "tiktoken_ext" / "lmbench.py"
-    module.parent.mkdir(parents=True, exist_ok=True)
-    module.write_text(
-        f'''import json
-
-from tokenizers.pre_tokenizers import ByteLevel
-
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\\p{{L}}+| ?\\p{{N}}+| ?[^\\s\\p{{L}}\\p{{N}}]+|\\s+(?!\\S)|\\s+"""
+def tiktoken_args_from_bpe(bpe_json: str, name: str) -> dict:
+    """The byte-level BPE's vocabulary as tiktoken.Encoding arguments: its ids are in merge order, so they are
+    tiktoken's ranks once each token's characters are turned back into the bytes they stand for."""
+    byte_of = {c: b for b, c in enumerate(byte_level_chars())}
+    vocab = json.loads(Path(bpe_json).read_text())["model"]["vocab"]
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if token != EOT_TEXT}
+    specials = {EOT_TEXT: vocab[EOT_TEXT]}
+    return {"name": name, "pat_str": GPT2_PATTERN, "mergeable_ranks": ranks, "special_tokens": specials}
 
 
-def _bytes_of():
-    # ByteLevel's alphabet maps each byte to one printable character, in GPT-2's order
-    chars = [b for b in range(ord("!"), ord("~") + 1)] + [b for b in range(0xA1, 0xAC + 1)] + list(range(0xAE, 0x100))
-    table, n = {{}}, 0
-    for b in range(256):
-        if b in chars:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + n)] = b
-            n += 1
-    return table
+PLUGIN = """from bench.bench_prepare import tiktoken_args_from_bpe
 
-
-def _construct():
-    vocab = json.load(open({str(bpe_json)!r}))["model"]["vocab"]
-    table = _bytes_of()
-    ranks = {{bytes(table[c] for c in token): i for token, i in vocab.items() if token != "<|endoftext|>"}}
-    return {{
-        "name": {ENCODING!r},
-        "pat_str": GPT2_PATTERN,
-        "mergeable_ranks": ranks,
-        "special_tokens": {{"<|endoftext|>": vocab["<|endoftext|>"]}},
-    }}
-
-
-ENCODING_CONSTRUCTORS = {{{ENCODING!r}: _construct}}
-'''
-    )
+ENCODING_CONSTRUCTORS = {{{name!r}: lambda: tiktoken_args_from_bpe({path!r}, {name!r})}}
+"""
 
 
 @pytest.fixture(scope="module")
 def tiktoken_encoding(bpe_json):
-    write_tiktoken_plugin(bpe_json)
+    module = PLUGIN_DIR / "tiktoken_ext" / "lmbench.py"  # a plugin package, as a user's encoding would come
+    module.parent.mkdir(parents=True, exist_ok=True)
+    module.write_text(PLUGIN.format(name=ENCODING, path=str(bpe_json)))
     sys.path.insert(0, str(PLUGIN_DIR))  # before tiktoken first scans its plugins in this process
     import tiktoken
 
@@ -173,8 +139,10 @@ def test_prepare_hf_bpe32k(benchmark, corpus, bpe_json):
         for batch in batches(corpus["docs"]):
             [e.ids for e in tok.encode_batch(batch, add_special_tokens=False)]
 
+    ours = open_tokenizer(f"hf:{bpe_json}")
     feeders = {
         "raw_encode": lambda i: (raw,),
+        "lmdata_encode": lambda i: (lambda: [ours.encode_batch(b) for b in batches(corpus["docs"])],),
         "prepare_jsonl_gz": lambda i: (lambda: prepare_once(corpus["jsonl"], f"hf:{bpe_json}"),),
         "prepare_parquet": lambda i: (lambda: prepare_once(corpus["parquet"], f"hf:{bpe_json}"),),
     }
@@ -191,8 +159,10 @@ def test_prepare_tiktoken_bpe32k(benchmark, corpus, tiktoken_encoding):
             tiktoken_encoding.encode_ordinary_batch(batch, num_threads=threads)
 
     spec = f"tiktoken:{ENCODING}"
+    ours = TiktokenTokenizer(tiktoken_encoding)
     feeders = {
         "raw_encode": lambda i: (raw,),
+        "lmdata_encode": lambda i: (lambda: [ours.encode_batch(b) for b in batches(corpus["docs"])],),
         "prepare_jsonl_gz": lambda i: (lambda: prepare_once(corpus["jsonl"], spec),),
         "prepare_parquet": lambda i: (lambda: prepare_once(corpus["parquet"], spec),),
     }

@@ -29,7 +29,7 @@ TIKTOKEN_SPECIALS_START = 256 + 256 * 256
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def _byte_level_chars() -> list[str]:
+def byte_level_chars() -> list[str]:
     """The character HF's ByteLevel pre-tokenizer stands for each byte (GPT-2's bytes_to_unicode), by byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, shifted = {b: chr(b) for b in printable}, 0
@@ -52,7 +52,7 @@ def write_hf_tokenizer(directory: Path, n_extra: int = 70_000, special_tokens: t
     from tokenizers import Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
 
-    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(_byte_level_chars())}, merges=[]))
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(byte_level_chars())}, merges=[]))
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_tokens([hf_extra_token(k) for k in range(n_extra)])
