@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmdata import TokenDataset, write_shards
+from lmdata import BatchLoader, TokenDataset, write_shards
 from lmdata.tokenizer import TiktokenTokenizer, make_tokenizer, open_tokenizer, token_byte_lengths
 from lmtrain.evaluate import all_windows, evaluate, fixed_batches
 from lmtrain.evaluate import main as evaluate_main
+from lmtrain.loop import VAL_SEED_OFFSET
 from lmtrain.main import main as train_main
 from lmtrain.sample import load_run
 from tests.conftest import TINY, make_shards
@@ -180,3 +182,25 @@ def test_token_byte_lengths_sum_to_the_texts_bytes(kind, tmp_path):
     assert lengths.shape == (tok.vocab_size,) and lengths.dtype == np.int64
     assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
     assert lengths[tok.eot_id] == 0  # the end-of-text id stands for no text (its spelling in a text is text)
+
+
+def test_val_bpb_in_the_eval_records_is_the_loss_in_bits_per_byte(run):
+    records = [json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all("val_bpb" in r for r in evals)
+    # the trainer's fixed val batches, rebuilt: 2 batches of 8 from the random sampler at seed 0 + offset
+    val = TokenDataset(run / "val")
+    with BatchLoader(val, 8, 32, "cpu", "random", VAL_SEED_OFFSET, prefetch=1, rank=0, world_size=1) as loader:
+        batches = [next(loader) for _ in range(2)]
+    loss, tokens, nbytes = independent_sums(load_run(run / "run")[0], batches)  # the step-4 checkpoint
+    last = evals[-1]
+    assert last["val_loss"] == pytest.approx(loss, rel=1e-6)
+    assert last["val_bpb"] == pytest.approx(last["val_loss"] / math.log(2) * tokens / nbytes, rel=1e-6)
+
+
+def test_no_val_bpb_without_a_tokenizer(corpus, tmp_path):
+    argv = ["--train-data", str(corpus / "train"), "--val-data", str(corpus / "val"), "--out-dir", str(tmp_path)]
+    assert train_main([*argv, *TINY, "--max-steps", "1", "--eval-interval", "0"]) == 0
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r.get("event") == "eval"]
+    assert evals and all("val_loss" in r and "val_bpb" not in r for r in evals)
