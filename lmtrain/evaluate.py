@@ -175,11 +175,7 @@ def evaluate(
     batch_size = batch_size or config.get("run", {}).get("batch_size") or 8
     dev = resolve_device(device)
     dataset = TokenDataset(data)
-    largest = dataset.token_range()[1]
-    if largest >= vocab:
-        raise ConfigError(
-            f"{data}: token ids go up to {largest} but the model has vocab_size {vocab}; data of another tokenizer?"
-        )
+    _check_fits_model(dataset, data, config)
     token_bytes, no_bpb = token_bytes_on(dataset, vocab, dev)
     if batches is None:
         stream = _to_device(all_windows(dataset, T, batch_size), dev)
@@ -189,6 +185,31 @@ def evaluate(
     if score.tokens == 0:
         raise ConfigError(f"{data}: no shard has two tokens, so there is no target to score")
     return Evaluation(score, no_bpb, batch_size, T)
+
+
+def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict) -> None:
+    """ConfigError for data the model cannot score or whose ids mean other tokens than in training: its ids reach
+    past the model's vocab, or the manifests of the eval and training data name different tokenizers (checked when
+    the training data can still be opened; two bpe:N trained on different text share a name, so pass unnoticed)."""
+    if dataset.num_tokens == 0:
+        raise ConfigError(f"{data}: the data holds no token to score")
+    vocab, largest = config["model"]["vocab_size"], dataset.token_range()[1]
+    if largest >= vocab:
+        raise ConfigError(
+            f"{data}: token ids go up to {largest} but the model has vocab_size {vocab}; data of another tokenizer?"
+        )
+    train = (config.get("data") or {}).get("train_data")
+    try:
+        trained_on = TokenDataset(train).made_by if train else None
+    except LmDataError:  # moved or re-prepared since: nothing to compare with
+        trained_on = None
+    made_by = dataset.made_by
+    known = trained_on is not None and made_by is not None and "unknown" not in (trained_on[0], made_by[0])
+    if known and trained_on[0] != made_by[0]:
+        raise ConfigError(
+            f"{data}: made by tokenizer {made_by[0]}, but the model was trained on {train}, made by {trained_on[0]}; "
+            "evaluate on data prepared with the model's tokenizer"
+        )
 
 
 def report(ev: Evaluation) -> str:

@@ -142,12 +142,15 @@ def test_no_tokenizer_in_the_manifest_means_no_bpb_but_a_loss(run, capsys):
         (["/nonexistent/run", "--data", "VAL"], "no such run directory or checkpoint file"),
         (["RUN", "--data", "/nonexistent/data"], "/nonexistent/data: no such file or directory"),
         (["RUN", "--data", "WIDE"], "token ids go up to 299 but the model has vocab_size 257"),
+        (["RUN", "--data", "OTHER"], "made by tokenizer bpe:300, but the model was trained on"),
     ],
 )
 def test_errors_exit_2_with_one_line(run, argv, message):
     (run / "wide").mkdir(exist_ok=True)
     make_shards(run / "wide", [300])  # ids 0..299: past the byte model's vocab
-    names = {"RUN": str(run / "run"), "VAL": str(run / "val"), "WIDE": str(run / "wide")}
+    if not (run / "other").exists():  # ids the byte model has, but another tokenizer's
+        write_shards([byte_ids(TEXT)[:500]], run / "other", tokenizer="bpe:300", vocab_size=300, eot_id=299)
+    names = {"RUN": str(run / "run"), "VAL": str(run / "val"), "WIDE": str(run / "wide"), "OTHER": str(run / "other")}
     proc = subprocess.run(
         [sys.executable, "-m", "lmtrain.evaluate", *[names.get(a, a) for a in argv], "--device", "cpu"],
         capture_output=True,
