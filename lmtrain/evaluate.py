@@ -116,10 +116,11 @@ def fixed_batches(
     dataset: TokenDataset, batch_size: int, context_length: int, num_batches: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``num_batches`` batches (int64 (B, T) on ``device``) of the epoch sampler with seed EVAL_SEED: windows at
-    multiples of T in each shard, shuffled, none repeated until the split is used up (more repeat it)."""
+    multiples of T in each shard, shuffled. At most one epoch (``num_windows // B`` batches, at least 1): a window
+    is never scored twice, which would weigh it twice in the mean."""
     loader = BatchLoader(dataset, batch_size, context_length, device, "epoch", EVAL_SEED, 4, rank=0, world_size=1)
     with loader:
-        for _ in range(num_batches):
+        for _ in range(min(num_batches, max(1, loader.sampler.num_windows // batch_size))):
             yield next(loader)
 
 
@@ -159,6 +160,7 @@ class Evaluation:
     no_bpb: str  # why bits per byte is unavailable; "" when it is known
     batch_size: int
     context_length: int
+    asked: int | None  # the batches asked for; None for the whole split
 
 
 def evaluate(
@@ -184,7 +186,7 @@ def evaluate(
     score = score_batches(model.to(dev), stream, token_bytes)
     if score.tokens == 0:
         raise ConfigError(f"{data}: no shard has two tokens, so there is no target to score")
-    return Evaluation(score, no_bpb, batch_size, T)
+    return Evaluation(score, no_bpb, batch_size, T, batches)
 
 
 def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict) -> None:
@@ -220,6 +222,10 @@ def report(ev: Evaluation) -> str:
         f"loss       {s.loss:.6f} nats/token",
         f"perplexity {s.ppl:.4f}",
     ]
+    if ev.asked is not None and s.windows < ev.asked * ev.batch_size:
+        batches = s.windows // ev.batch_size
+        note = f"{batches} batches, not {ev.asked}: no more fit without repeating a window; --all scores every token"
+        lines.insert(1, f"note       {note}")
     if s.bpb is not None:
         lines.append(f"bpb        {s.bpb:.6f} bits/byte")
     else:

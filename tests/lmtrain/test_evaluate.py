@@ -116,6 +116,19 @@ def test_fixed_batches_are_the_same_every_time(run, capsys):
     assert outputs[0] == outputs[1] and "windows    40 (batch size 8," in outputs[0]
 
 
+def test_fixed_batches_stop_before_a_window_repeats(run, capsys, tmp_path):
+    make_shards(tmp_path, [300, 200, 150])  # windows of 33 at stride 32: 9 + 6 + 4 = 19
+    batches = list(fixed_batches(TokenDataset(tmp_path), 4, 32, 1000, "cpu"))
+    starts = [int(t) for x, y in batches for t in x[:, 0]]
+    assert len(batches) == 19 // 4 and len(set(starts)) == 16  # no window twice
+    assert all(t % 10_000 % 32 == 0 for t in starts)  # consecutive integers: a window's first token is its start
+    windows = sum((n - 33) // 32 + 1 for n in TokenDataset(run / "val").lengths)
+    assert evaluate_main([str(run / "run"), "--data", str(run / "val"), "--batches", "1000", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"windows    {windows // 8 * 8} (batch size 8," in out
+    assert f"note       {windows // 8} batches, not 1000: no more fit without repeating a window" in out
+
+
 def test_the_cli_prints_loss_perplexity_and_bpb(run):
     proc = subprocess.run(
         [sys.executable, "-m", "lmtrain.evaluate", str(run / "run"), "--data", str(run / "val"), "--batches", "2"],
