@@ -12,6 +12,9 @@ end-of-text id, between documents, so an id in the shards never lies about where
 ``hf`` save a ``tokenizer.json`` beside the shards, so sampling needs nothing but the dataset directory, the
 manifest's tokenizer name and its end-of-text id.
 
+:func:`token_byte_lengths` gives how many bytes of UTF-8 text each id stands for (0 for special tokens), which
+bits-per-byte evaluation needs to compare models whatever their tokenizer.
+
 The end-of-text id of ``hf`` and ``tiktoken`` is, in this order: the ``--eot-token`` text, the tokenizer's own
 (``eos_token`` of a ``tokenizer_config.json`` beside the tokenizer.json; the encoding's ``eot_token``),
 ``<|endoftext|>`` if it has one; else a TokenizerError asks for ``--eot-token``.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -397,3 +401,65 @@ def load_tokenizer(name: str, directory: Path, eot_id: int | None = None) -> Tok
                 return HFTokenizer.load(candidate, name, eot_id=eot_id)
         raise TokenizerError(f"{directory}: no {TOKENIZER_FILE} here or in its parent for tokenizer {name}")
     raise TokenizerError(f"unknown tokenizer {name!r}: expected {SPECS}")
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """(vocab_size,) int64: the number of UTF-8 bytes of text each id stands for; 0 for end-of-text, every other
+    special token and any id in a gap of the vocab (they stand for no text). Summed over a text's ids, it is the
+    text's length in bytes (exactly for byte, byte-level BPE and tiktoken; see :func:`_hf_byte_lengths`)."""
+    if isinstance(tok, ByteTokenizer):
+        lengths = np.ones(tok.vocab_size, dtype=np.int64)
+    elif isinstance(tok, HFTokenizer):
+        lengths = _hf_byte_lengths(tok)
+    else:
+        lengths = _tiktoken_byte_lengths(tok)
+    lengths[tok.eot_id] = 0
+    return lengths
+
+
+def _tiktoken_byte_lengths(tok: TiktokenTokenizer) -> np.ndarray:
+    enc, lengths = tok.enc, np.zeros(tok.vocab_size, dtype=np.int64)
+    specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    for i in range(tok.vocab_size):
+        if i not in specials and _has_token(enc, i):  # a special's bytes are its name, which is no text
+            lengths[i] = len(enc.decode_single_token_bytes(i))
+    return lengths
+
+
+def _hf_byte_lengths(tok: HFTokenizer) -> np.ndarray:
+    """Added tokens: their text (special ones 0). The model's tokens: for a byte-level tokenizer (a ByteLevel
+    decoder, as bpe:N and GPT-2/Llama-3 files have) each character of the token string is one byte (GPT-2's
+    bytes_to_unicode), which is exact even for a token that ends inside a multi-byte character (decoding it alone
+    would give a 3-byte U+FFFD). Otherwise (SentencePiece-style): ``<0xHH>`` byte-fallback tokens are 1 byte,
+    ``▁`` is a space; a normaliser's prepended space then counts one byte per text more than the text has."""
+    lengths = np.zeros(tok.vocab_size, dtype=np.int64)
+    added = tok.tok.get_added_tokens_decoder()  # {id: AddedToken}
+    byte_of = _byte_level_decoder() if _is_byte_level(tok.tok) else None
+    for text, i in tok.tok.get_vocab(with_added_tokens=True).items():
+        if i in added:
+            lengths[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+        elif byte_of is not None and all(c in byte_of for c in text):
+            lengths[i] = len(text)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            lengths[i] = 1
+        else:
+            lengths[i] = len(text.replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """Whether a tokenizers.Tokenizer's decoder is (or contains) ByteLevel: its token strings spell bytes."""
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the character HF's ByteLevel stands for each byte -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
+    printable += range(ord("\u00ae"), ord("\u00ff") + 1)
+    chars, shifted = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], shifted = chr(256 + shifted), shifted + 1
+    return {c: b for b, c in chars.items()}

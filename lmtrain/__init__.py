@@ -17,6 +17,19 @@ from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer, parameter_groups
 from lmtrain.rng import capture_rng_state, restore_rng_state
 
+# lmtrain.evaluate is a command too: imported here, `python -m lmtrain.evaluate` would find it already imported
+# (runpy warns), so its names load on first use. Its evaluate() stays there: lmtrain.evaluate is the module
+_EVALUATE_NAMES = ("Score", "score_batches")
+
+
+def __getattr__(name: str):
+    if name in _EVALUATE_NAMES:
+        from lmtrain import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module 'lmtrain' has no attribute {name!r}")
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
@@ -25,6 +38,7 @@ __all__ = [
     "LmTrainError",
     "NonFiniteLossError",
     "RunDirBusyError",
+    "Score",
     "TransformerLM",
     "capture_rng_state",
     "load_checkpoint",
@@ -33,6 +47,7 @@ __all__ = [
     "parameter_groups",
     "restore_rng_state",
     "save_checkpoint",
+    "score_batches",
     "strip_wrapper_prefixes",
     "unwrap",
 ]

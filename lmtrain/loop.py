@@ -30,6 +30,7 @@ from lmtrain.checkpoint import restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED, TrainConfig
 from lmtrain.errors import ConfigError, NonFiniteLossError
+from lmtrain.evaluate import score_batches, token_bytes_on
 from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
@@ -71,6 +72,8 @@ class Trainer:
             rt.world_size,
         )
         self.val_batches = self._fixed_val_batches()
+        # UTF-8 bytes per id, int64 (V,) on the device, for val_bpb; None when no manifest names the tokenizer
+        self.val_token_bytes = token_bytes_on(self.val_data, c.model.vocab_size, rt.device)[0] if rt.is_main else None
         self.manager = CheckpointManager(
             self.out_dir, c.checkpoint.keep_checkpoints, c.checkpoint.milestone_every, c.checkpoint.async_checkpoint
         )
@@ -285,28 +288,21 @@ class Trainer:
         )
         return 100 * per_token * tokens_per_s / (self._peak_flops * self.rt.world_size)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        model = self.model  # the plain model, not the compiled/DDP wrapper: no collectives, no recompiles
-        model.eval()
-        total = 0.0
-        for x, y in self.val_batches:
-            with self.rt.autocast():
-                logits = model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
-        model.train()
-        val_loss = total / len(self.val_batches)
+        # the plain model, not the compiled/DDP wrapper: no collectives, no recompiles
+        score = score_batches(self.model, self.val_batches, self.val_token_bytes, self.rt.autocast)
         if self.log is not None:
-            self.log.log(
-                {
-                    "event": "eval",
-                    "step": self.step,
-                    "tokens": self.step * self._tokens_per_step(),
-                    "val_loss": val_loss,
-                    "val_ppl": math.exp(min(val_loss, 700)),
-                }
-            )
-        return val_loss
+            record = {
+                "event": "eval",
+                "step": self.step,
+                "tokens": self.step * self._tokens_per_step(),
+                "val_loss": score.loss,
+                "val_ppl": score.ppl,
+            }
+            if score.bpb is not None:
+                record["val_bpb"] = score.bpb
+            self.log.log(record)
+        return score.loss
 
     def save(self) -> None:
         if self.rt.is_main:

@@ -1,8 +1,9 @@
 """What the user sees: a progress display, a JSONL metrics file, and optional W&B and TensorBoard.
 
 Only the main process (rank 0) creates a MetricsLog. Records are flat dicts whose keys say what they hold
-(``train_loss``, ``val_loss``, ``lr``, ``tokens_per_s``, ``data_stall_pct``...), one JSON object per line in
-``out_dir/metrics.jsonl``, flushed as written so that a killed run keeps every record up to its last step.
+(``train_loss``, ``val_loss``, ``val_bpb``, ``lr``, ``tokens_per_s``, ``data_stall_pct``...), one JSON object per
+line in ``out_dir/metrics.jsonl``, flushed as written so that a killed run keeps every record up to its last step.
+``val_bpb`` (bits per byte) is there when the validation data's manifest names its tokenizer.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class MetricsLog:
                 parts.append(f"MFU {r['mfu_pct']:.1f}%")
         else:
             parts = [f"val_loss {r['val_loss']:.4f}", f"val_ppl {r['val_ppl']:.2f}"]
+            if r.get("val_bpb") is not None:
+                parts.append(f"val_bpb {r['val_bpb']:.4f}")
         if self.bar is not None:
             self.bar.n = r["step"]
             self.bar.set_postfix_str(" | ".join(parts), refresh=True)

@@ -1,0 +1,263 @@
+"""``python -m lmtrain.evaluate``: loss, perplexity and bits per byte of a trained model on a data split.
+
+    python -m lmtrain.evaluate RUN_DIR|CHECKPOINT --data PATH [--batches N | --all] [--batch-size B] [--device D]
+
+PATH is anything lmdata.TokenDataset opens (a split directory, a shard, a glob). By default the model sees
+``--batches`` batches of windows drawn by the epoch sampler with a fixed seed: the same windows for two runs
+and two models with the same data, context length and batch size. ``--all`` scores the whole split once (see
+:func:`all_windows`).
+
+Bits per byte divides the summed loss, in bits, by the number of UTF-8 bytes of text the target tokens stand for
+(:func:`lmdata.tokenizer.token_byte_lengths`; end-of-text is 0 bytes). Unlike the loss per token it does not
+depend on the tokenizer, so models with different vocabularies compare; and because both sums are per token, it
+is right for any subset of windows. It needs the tokenizer the data's manifest names; without one, the loss and
+perplexity are printed and bpb is said to be unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmdata import BatchLoader, LmDataError, Manifest, TokenDataset, TokenizerError
+from lmdata.tokenizer import load_tokenizer, token_byte_lengths
+from lmtrain.errors import ConfigError, LmTrainError
+from lmtrain.runtime import resolve_device
+from lmtrain.sample import load_run
+
+EVAL_SEED = 0  # the epoch sampler's seed for the fixed windows: the same for every run and model
+DEFAULT_BATCHES = 20
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Score:
+    """Sums over the target tokens of the windows scored."""
+
+    windows: int
+    tokens: int  # target tokens scored
+    nats: float  # their summed cross-entropy, in nats
+    bytes: int | None  # the UTF-8 bytes they stand for; None when the tokenizer is unknown
+
+    @property
+    def loss(self) -> float:
+        return self.nats / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 700))  # exp overflows a float past ~709
+
+    @property
+    def bpb(self) -> float | None:
+        return self.nats / math.log(2) / self.bytes if self.bytes else None
+
+
+def dataset_token_bytes(dataset: TokenDataset) -> np.ndarray:
+    """(vocab,) int64 UTF-8 byte length of each id under the tokenizer the dataset's manifest names; raises
+    TokenizerError when no manifest names one (shards written without a tokenizer, nanoGPT/llm.c files)."""
+    manifest, directory = dataset.manifest, dataset.shards[0].path.parent  # listed shards lie in its directory
+    if manifest is None and dataset.made_by is not None:  # a glob or file of listed shards: one manifest made them
+        manifest = Manifest.load(directory)
+    if manifest is None or manifest.tokenizer == "unknown":
+        raise TokenizerError(f"{directory}: no manifest.json names the tokenizer the tokens were made with")
+    return token_byte_lengths(load_tokenizer(manifest.tokenizer, directory, manifest.eot_id))
+
+
+def token_bytes_on(dataset: TokenDataset, vocab_size: int, device: torch.device) -> tuple[torch.Tensor | None, str]:
+    """(the byte-length table as an int64 (max(vocab_size, tokenizer vocab),) tensor on ``device``, or None; why
+    not). Padded with zeros to the model's vocab, so gathering any id the model can score stays in range. Any data
+    error is a reason, not a failure: bits per byte is a by-product, never the reason a training run stops."""
+    try:
+        lengths = dataset_token_bytes(dataset)
+    except LmDataError as e:
+        return None, str(e)
+    padded = np.zeros(max(vocab_size, len(lengths)), dtype=np.int64)
+    padded[: len(lengths)] = lengths
+    return torch.from_numpy(padded).to(device), ""
+
+
+@torch.no_grad()
+def score_batches(
+    model: torch.nn.Module,
+    batches: Batches,
+    token_bytes: torch.Tensor | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Score:
+    """Summed loss (and bytes, when ``token_bytes`` is given) of (inputs, targets) int64 (B, T) batches on the
+    model's device. One host-device sync per batch (reading its loss sum); the byte count stays on the device
+    (one gather of the table per batch) and is read once at the end. Leaves the model in the mode it found."""
+    was_training = model.training
+    model.eval()
+    nats, tokens, windows = 0.0, 0, 0
+    nbytes = None if token_bytes is None else torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for x, y in batches:
+        with autocast():
+            logits = model(x)  # (B, T, V)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,) float32
+        nats += losses.sum().item()  # sync; summed in float64 here, so many batches lose no precision
+        tokens, windows = tokens + y.numel(), windows + y.shape[0]
+        if nbytes is not None:
+            nbytes += token_bytes[y].sum()  # (B, T) gather, on the device
+    model.train(was_training)
+    return Score(windows, tokens, nats, None if nbytes is None else int(nbytes))
+
+
+def fixed_batches(
+    dataset: TokenDataset, batch_size: int, context_length: int, num_batches: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``num_batches`` batches (int64 (B, T) on ``device``) of the epoch sampler with seed EVAL_SEED: windows at
+    multiples of T in each shard, shuffled. At most one epoch (``num_windows // B`` batches, at least 1): a window
+    is never scored twice, which would weigh it twice in the mean."""
+    loader = BatchLoader(dataset, batch_size, context_length, device, "epoch", EVAL_SEED, 4, rank=0, world_size=1)
+    with loader:
+        for _ in range(min(num_batches, max(1, loader.sampler.num_windows // batch_size))):
+            yield next(loader)
+
+
+def all_windows(dataset: TokenDataset, context_length: int, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """The whole split once, as host (inputs, targets) int64 arrays: in each shard, window k has inputs
+    ``tokens[kT : kT+T]`` and targets ``tokens[kT+1 : kT+T+1]`` (consecutive windows share their boundary
+    token), so every token but a shard's first is a target exactly once. Full windows come ``batch_size`` to a
+    (B, T) batch, across shards; each shard's tail, shorter than T, is a (1, n) batch of its own."""
+    T, full = context_length, []
+    for shard in dataset.shards:
+        tokens = shard.tokens
+        n_full = max(len(tokens) - 1, 0) // T
+        for k in range(n_full):
+            full.append(np.asarray(tokens[k * T : k * T + T + 1], dtype=np.int64))
+            if len(full) == batch_size:
+                yield _split(np.stack(full))
+                full = []
+        tail = np.asarray(tokens[n_full * T :], dtype=np.int64)
+        if len(tail) > 1:
+            yield _split(tail[None])
+    if full:
+        yield _split(np.stack(full))
+
+
+def _split(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return windows[:, :-1], windows[:, 1:]  # (B, n+1) -> inputs (B, n), targets (B, n)
+
+
+def _to_device(batches: Iterable[tuple[np.ndarray, ...]], device: torch.device) -> Batches:
+    for x, y in batches:
+        yield torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(np.ascontiguousarray(y)).to(device)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    score: Score
+    no_bpb: str  # why bits per byte is unavailable; "" when it is known
+    batch_size: int
+    context_length: int
+    asked: int | None  # the batches asked for; None for the whole split
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    batches: int | None = DEFAULT_BATCHES,
+    batch_size: int | None = None,
+    device: str = "auto",
+) -> Evaluation:
+    """Score the model of a run directory (its newest checkpoint) or checkpoint file on ``data``: ``batches``
+    fixed batches, or the whole split once when ``batches`` is None. ``batch_size`` defaults to the run's."""
+    model, config, _ = load_run(checkpoint)
+    T, vocab = config["model"]["context_length"], config["model"]["vocab_size"]
+    batch_size = batch_size or config.get("run", {}).get("batch_size") or 8
+    dev = resolve_device(device)
+    dataset = TokenDataset(data)
+    _check_fits_model(dataset, data, config)
+    token_bytes, no_bpb = token_bytes_on(dataset, vocab, dev)
+    if batches is None:
+        stream = _to_device(all_windows(dataset, T, batch_size), dev)
+    else:
+        stream = fixed_batches(dataset, batch_size, T, batches, dev)
+    score = score_batches(model.to(dev), stream, token_bytes)
+    if score.tokens == 0:
+        raise ConfigError(f"{data}: no shard has two tokens, so there is no target to score")
+    return Evaluation(score, no_bpb, batch_size, T, batches)
+
+
+def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict) -> None:
+    """ConfigError for data the model cannot score or whose ids mean other tokens than in training: its ids reach
+    past the model's vocab, or the manifests of the eval and training data name different tokenizers (checked when
+    the training data can still be opened; two bpe:N trained on different text share a name, so pass unnoticed)."""
+    if dataset.num_tokens == 0:
+        raise ConfigError(f"{data}: the data holds no token to score")
+    vocab, largest = config["model"]["vocab_size"], dataset.token_range()[1]
+    if largest >= vocab:
+        raise ConfigError(
+            f"{data}: token ids go up to {largest} but the model has vocab_size {vocab}; data of another tokenizer?"
+        )
+    train = (config.get("data") or {}).get("train_data")
+    try:
+        trained_on = TokenDataset(train).made_by if train else None
+    except LmDataError:  # moved or re-prepared since: nothing to compare with
+        trained_on = None
+    made_by = dataset.made_by
+    known = trained_on is not None and made_by is not None and "unknown" not in (trained_on[0], made_by[0])
+    if known and trained_on[0] != made_by[0]:
+        raise ConfigError(
+            f"{data}: made by tokenizer {made_by[0]}, but the model was trained on {train}, made by {trained_on[0]}; "
+            "evaluate on data prepared with the model's tokenizer"
+        )
+
+
+def report(ev: Evaluation) -> str:
+    s = ev.score
+    lines = [
+        f"windows    {s.windows} (batch size {ev.batch_size}, context length {ev.context_length})",
+        f"tokens     {s.tokens} scored" + (f", {s.bytes} bytes of text" if s.bytes is not None else ""),
+        f"loss       {s.loss:.6f} nats/token",
+        f"perplexity {s.ppl:.4f}",
+    ]
+    if ev.asked is not None and s.windows < ev.asked * ev.batch_size:
+        batches = s.windows // ev.batch_size
+        note = f"{batches} batches, not {ev.asked}: no more fit without repeating a window; --all scores every token"
+        lines.insert(1, f"note       {note}")
+    if s.bpb is not None:
+        lines.append(f"bpb        {s.bpb:.6f} bits/byte")
+    else:
+        lines.append(f"bpb        unavailable: {ev.no_bpb or 'the target tokens stand for no text (all end-of-text)'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmtrain.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run directory (newest checkpoint) or file")
+    parser.add_argument("--data", required=True, help="a split directory, shard file or glob")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="fixed batches to score")
+    which.add_argument("--all", action="store_true", help="score every token of the split once")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per batch (default: the run's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    args = parser.parse_args(argv)
+    problems = []
+    if args.batches < 1:
+        problems.append(f"--batches must be >= 1, got {args.batches}")
+    if args.batch_size is not None and args.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
+    if problems:
+        parser.error("; ".join(problems))
+    try:
+        ev = evaluate(args.checkpoint, args.data, None if args.all else args.batches, args.batch_size, args.device)
+    except (LmTrainError, LmDataError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(report(ev))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
