@@ -30,8 +30,8 @@ import pytest
 from bench.conftest import BENCH_DIR, run_interleaved
 from lmdata.prepare import prepare
 from lmdata.sources import read_pieces
-from lmdata.tokenizer import EOT_TEXT, TOKENIZER_FILE, HFTokenizer, TiktokenTokenizer, open_tokenizer
-from tests.lmdata.tokenizers_kit import GPT2_PATTERN, byte_level_chars
+from lmdata.tokenizer import EOT_TEXT, TOKENIZER_FILE, HFTokenizer, TiktokenTokenizer, byte_level_chars, open_tokenizer
+from tests.lmdata.tokenizers_kit import GPT2_PATTERN
 
 CORPUS_BYTES = 8 << 20
 VOCAB = 32768

@@ -454,12 +454,17 @@ def _is_byte_level(tokenizer) -> bool:
     return any(isinstance(d, dict) and d.get("type") == "ByteLevel" for d in parts)
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode, inverted: the character HF's ByteLevel stands for each byte -> that byte."""
+def byte_level_chars() -> list[str]:
+    """The character HF's ByteLevel pre-tokenizer stands for each byte (GPT-2's bytes_to_unicode), by byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
     printable += range(ord("\u00ae"), ord("\u00ff") + 1)
     chars, shifted = {b: chr(b) for b in printable}, 0
     for b in range(256):
         if b not in chars:
             chars[b], shifted = chr(256 + shifted), shifted + 1
-    return {c: b for b, c in chars.items()}
+    return [chars[b] for b in range(256)]
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """:func:`byte_level_chars` inverted: the character -> the byte it stands for."""
+    return {c: b for b, c in enumerate(byte_level_chars())}

@@ -21,22 +21,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lmdata.tokenizer import EOT_TEXT, TOKENIZER_FILE
+from lmdata.tokenizer import EOT_TEXT, TOKENIZER_FILE, byte_level_chars
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HF_EXTRA_START = 256
 TIKTOKEN_SPECIALS_START = 256 + 256 * 256
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def byte_level_chars() -> list[str]:
-    """The character HF's ByteLevel pre-tokenizer stands for each byte (GPT-2's bytes_to_unicode), by byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, shifted = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b], shifted = chr(256 + shifted), shifted + 1
-    return [chars[b] for b in range(256)]
 
 
 def hf_extra_token(k: int) -> str:
