@@ -103,9 +103,11 @@ def _check_entry(path: Path) -> None:
     if path.name == "tokenizer.json":
         if not path.is_file():
             raise OutputError(f"{path}: not a file; move it away or choose another --out")
-        if path.parent.name != CURRENT and (path.parent / CURRENT).is_symlink():
-            # in a generation layout prepare makes OUT/tokenizer.json a link: a real file is someone else's
-            raise OutputError(f"{path}: a file prepare did not write (it makes a link there); move it away")
+        out = path.parent
+        if out.name != CURRENT and ((out / CURRENT).is_symlink() or not (out / "train" / MANIFEST_NAME).is_file()):
+            # in a generation layout prepare makes OUT/tokenizer.json a link, and an earlier version wrote it only
+            # beside a train/ with a manifest: any other real file is someone else's (their tokenizer, say)
+            raise OutputError(f"{path}: a file prepare did not write; move it away or choose another --out")
         return
     if not path.is_dir():
         raise OutputError(f"{path}: not a directory; move it away or choose another --out")

@@ -9,10 +9,12 @@ error. A walk that finds record files (JSON Lines, Parquet) and text files says 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ def expand_inputs(inputs: list[str], out: Path | None = None, options: SourceOpt
     """Files named by the inputs (see the module docstring); InputError naming the first input that names no
     file prepare reads."""
     out_real = None if out is None else Path(os.path.realpath(out))  # realpath: no error on a loop of links
+    if inputs.count("-") > 1:
+        raise InputError("standard input (-) is named more than once; it can be read only once")
     files: list[Path] = []
     for item in inputs:
         if item == "-":
@@ -58,7 +62,20 @@ def expand_inputs(inputs: list[str], out: Path | None = None, options: SourceOpt
         if walked:
             _note_text_among_records(item, kept, options or SourceOptions())
         files.extend(kept)
-    return files
+    return _once(files)
+
+
+def _once(files: list[Path]) -> list[Path]:
+    """Each file once, where it first appears (``DIR DIR/a.jsonl`` names a.jsonl twice), with a note."""
+    seen, kept = set(), []
+    for path in files:
+        key = path if path == Path("-") else Path(os.path.realpath(path))
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    if len(kept) < len(files):
+        print(f"prepare: note: {len(files) - len(kept)} files named more than once are read once", file=sys.stderr)
+    return kept
 
 
 _SKIPPED = {
@@ -156,22 +173,60 @@ class Inputs:
                 yield text, piece
             if invalid and warn:
                 name = self.labels.get(path, path)
-                message = f"{name}: {invalid} bytes are not valid UTF-8 (each run became U+FFFD)"
+                message = f"{name}: {invalid} bytes are not valid UTF-8 (each invalid sequence became U+FFFD)"
                 print(f"prepare: warning: {message}", file=sys.stderr)
 
 
-def spool_stdin(files: list[Path], options: SourceOptions, spool: Path) -> Inputs:
-    """The inputs, with standard input copied to a file (prepare reads its input once to size the split, then to
-    tokenize) that messages call "standard input"."""
+SPOOL_PREFIX = "lmdata-stdin-"
+_COMPRESSED_MAGICS = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+
+
+@contextlib.contextmanager
+def read_inputs(files: list[Path], options: SourceOptions) -> Iterator[Inputs]:
+    """The inputs, with standard input copied to a file in TMPDIR for the time of the block (prepare reads its
+    input once to size the split, then to tokenize), which messages call "standard input". A copy that a killed
+    prepare left (its directory names its PID) is removed first."""
     if Path("-") not in files:
-        return Inputs(files, options, {})
-    spooled = spool / "standard-input"
+        yield Inputs(files, options, {})
+        return
+    _remove_dead_spools(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"{SPOOL_PREFIX}{os.getpid()}-") as spool:
+        spooled = Path(spool) / "standard-input"
+        try:
+            with open(spooled, "wb") as f:
+                shutil.copyfileobj(sys.stdin.buffer, f)
+        except OSError as e:
+            raise InputError(f"standard input: cannot keep a copy in {spool} ({e.strerror}); set TMPDIR") from None
+        _refuse_compressed_stdin(spooled, options)
+        yield Inputs([spooled if p == Path("-") else p for p in files], options, {spooled: "standard input"})
+
+
+def _remove_dead_spools(tmp: Path) -> None:
+    for spool in tmp.glob(f"{SPOOL_PREFIX}*-*"):
+        pid = spool.name.removeprefix(SPOOL_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)) and spool.is_dir() and not spool.is_symlink():
+            with contextlib.suppress(OSError):
+                (spool / "standard-input").unlink(missing_ok=True)
+                spool.rmdir()
+
+
+def _alive(pid: int) -> bool:
     try:
-        with open(spooled, "wb") as f:
-            shutil.copyfileobj(sys.stdin.buffer, f)
-    except OSError as e:
-        raise InputError(f"standard input: cannot keep a copy in {spool} ({e.strerror}); set TMPDIR") from None
-    files = [spooled if p == Path("-") else p for p in files]
-    return Inputs(files, options, {spooled: "standard input"})
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
+def _refuse_compressed_stdin(spooled: Path, options: SourceOptions) -> None:
+    """Standard input is never decompressed (no name says how): compressed bytes read as text would be garbage."""
+    with open(spooled, "rb") as f:
+        head = f.read(6)
+    for magic, kind in _COMPRESSED_MAGICS.items():
+        if head.startswith(magic) and options.input_format != "parquet":
+            raise InputError(
+                f"standard input is {kind}-compressed, and prepare does not decompress standard input: name the file "
+                "instead (its suffix says how to read it), or decompress it into the pipe (zcat, zstdcat, ...)"
+            )

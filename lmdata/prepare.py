@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,11 +59,11 @@ from lmdata.background import in_background
 from lmdata.commit import check_output, generation, locked, raise_if_busy
 from lmdata.documents import Piece
 from lmdata.errors import InputError, LmDataError, OptionError, OutputError, ShardWriterError
-from lmdata.inputs import Inputs, expand_inputs, spool_stdin
+from lmdata.inputs import Inputs, expand_inputs, read_inputs
 from lmdata.progress import Progress
 from lmdata.sources import INPUT_FORMATS, MAX_RECORD_BYTES, RecordCounts, SourceOptions, check_readable
 from lmdata.split import SEGMENT_BYTES, Corpus, SplitPlan, Splitter, scan
-from lmdata.tokenizer import Tokenizer, check_spec, make_tokenizer
+from lmdata.tokenizer import Tokenizer, bpe_vocab_size, check_spec, make_tokenizer
 from lmdata.writer import MAX_SHARD_TOKENS, ShardWriter
 
 BATCH_PIECES, BATCH_BYTES = 1024, 1 << 20  # per encode_batch: HF tokenizers spreads the pieces over all cores
@@ -105,8 +104,7 @@ def prepare(
         raise_if_busy(out)
     except OSError as e:  # a name too long, a file where a directory should be...: the path's fault
         raise OutputError(f"{e.filename or out}: cannot use this path ({e.strerror}); choose another --out") from None
-    with tempfile.TemporaryDirectory() as spool:
-        read = spool_stdin(files, source_options, Path(spool))
+    with read_inputs(files, source_options) as read:
         corpus = scan(read, SplitPlan.bytes_to_plan(val_fraction))
         if corpus.documents == 0:
             raise InputError("the input holds too little text to make both a train and a val split")
@@ -114,6 +112,7 @@ def prepare(
             with locked(out):
                 texts = lambda: (text for text, _ in read.decoded(SEGMENT_BYTES, warn=False))  # noqa: E731
                 tokenizer = make_tokenizer(tokenizer_spec, texts, eot_token)
+                _note_small_bpe(tokenizer_spec, tokenizer)
                 with generation(out) as gen:
                     tokenizer.save(gen)
                     plan = SplitPlan.for_corpus(corpus, val_fraction)
@@ -124,6 +123,15 @@ def prepare(
                 f"{out}: writing the dataset failed ({what}); a failure before the switch to the new generation "
                 "leaves the previous dataset as it was (see lmdata/commit.py). Fix the cause and run prepare again"
             ) from None
+
+
+def _note_small_bpe(spec: str, tokenizer: Tokenizer) -> None:
+    if spec.startswith("bpe:") and tokenizer.vocab_size < bpe_vocab_size(spec):
+        print(
+            f"prepare: note: {spec}: the input has too little text for more than {tokenizer.vocab_size:,} ids, so "
+            f"the vocabulary (and the manifest's vocab_size) is {tokenizer.vocab_size:,}",
+            file=sys.stderr,
+        )
 
 
 def _write(inputs: Inputs, gen: Path, tok: Tokenizer, plan: SplitPlan, shard_tokens: int, corpus: Corpus):

@@ -32,6 +32,7 @@ import importlib
 import io
 import json
 import lzma
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ INPUT_FORMATS = ("auto", TEXT, JSONL, PARQUET)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
 MAX_RECORD_BYTES = 256 << 20
+MAX_RECORD_LIMIT = 1 << 40  # what --max-record-bytes may be raised to (a read needs an index-sized length)
 READ_BUFFER = 1 << 20
 PARQUET_SLICE_ROWS = 1024  # rows turned into Python strings at once (the row group's column is already in memory)
 
@@ -66,8 +68,9 @@ class SourceOptions:
             raise OptionError(f"--input-format {self.input_format!r}: must be one of {', '.join(INPUT_FORMATS)}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise OptionError("--text-field must name a field, e.g. --text-field text")
-        if not isinstance(self.max_record_bytes, int) or self.max_record_bytes <= 0:
-            raise OptionError(f"--max-record-bytes must be a positive number of bytes, got {self.max_record_bytes}")
+        if not isinstance(self.max_record_bytes, int) or not 0 < self.max_record_bytes <= MAX_RECORD_LIMIT:
+            limit, got = f"{MAX_RECORD_LIMIT:,}", self.max_record_bytes
+            raise OptionError(f"--max-record-bytes must be a number of bytes in [1, {limit}], got {got}")
 
 
 @dataclass
@@ -162,7 +165,7 @@ def read_pieces(
                 yield from text_pieces(stream, limit)
     except OSError as e:  # a disk error, or a compressed stream that is cut short or not what its name says
         raise InputError(f"{name}: reading failed ({e.strerror or e}); is it whole, and is its name right?") from None
-    except (EOFError, lzma.LZMAError) as e:
+    except (EOFError, lzma.LZMAError, zlib.error) as e:
         raise InputError(f"{name}: the {compression_of(path)} stream is truncated or damaged ({e})") from None
     except _zstd_error() as e:
         raise InputError(f"{name}: the zstd stream is damaged ({e})") from None
@@ -260,14 +263,21 @@ def _jsonl_records(stream: BinaryIO, name: str, options: SourceOptions, counts: 
 _BAD_RECORD_FIX = "pass --text-field NAME for another field, or --skip-bad-records to skip and count such records"
 
 
+# ints read as floats: the text field is all a record is read for, and int() refuses over 4,300 digits (a valid
+# JSON id of 5,000 digits must not make its record bad)
+_JSON = json.JSONDecoder(parse_int=float)
+
+
 def _record_text(line: bytes, field_name: str) -> tuple[bytes, None] | tuple[None, str]:
     """The UTF-8 text of one JSON Lines record, or what is wrong with the record."""
     try:
         # surrogateescape keeps bytes that are not UTF-8 as they are, so they are counted and replaced later
         # like a text file's, instead of failing the record
-        record = json.loads(line.decode("utf-8", "surrogateescape"))
-    except (ValueError, RecursionError) as e:
+        record = _JSON.decode(line.decode("utf-8", "surrogateescape"))
+    except ValueError as e:
         return None, f"not valid JSON ({e})"
+    except RecursionError:
+        return None, "nested too deeply to read (thousands of levels)"
     if not isinstance(record, dict):
         return None, f"the record is {_json_type(record)}, not an object with a {field_name!r} field"
     if field_name not in record:
@@ -307,46 +317,64 @@ def _parquet_records(path: Path, name: str, options: SourceOptions, counts: Reco
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{name}: not a readable Parquet file ({e})") from None
+        raise InputError(f"{name}: not a readable Parquet file ({_one_line(e)})") from None
     with parquet:
-        binary = _text_column_is_binary(parquet.schema_arrow, options.text_field, name)
+        _check_text_column(parquet.schema_arrow, options.text_field, name)
         row = 0
         for group in range(parquet.num_row_groups):
             try:
-                texts = parquet.read_row_group(group, columns=[options.text_field]).column(0)
+                column = parquet.read_row_group(group, columns=[options.text_field]).column(0)
+                chunks = [_as_bytes(chunk) for chunk in column.chunks]
             except (pa.ArrowException, OSError) as e:
-                raise InputError(f"{name}: row group {group} cannot be read ({e})") from None
-            for chunk in texts.chunks:
+                raise InputError(f"{name}: row group {group} cannot be read ({_one_line(e)})") from None
+            for chunk in chunks:
                 for start in range(0, len(chunk), PARQUET_SLICE_ROWS):
                     for value in chunk.slice(start, PARQUET_SLICE_ROWS).to_pylist():
                         row += 1
-                        yield from _row_text(value, binary, f"{name} row {row} (row group {group})", options, counts)
+                        yield from _row_text(value, f"{name} row {row} (row group {group})", options, counts)
 
 
-def _text_column_is_binary(schema, column: str, name: str) -> bool:
-    """Whether the text column holds bytes (UTF-8, decoded later) rather than strings; InputError naming the
-    file's columns if it is missing, or its type if it holds no text."""
+def _check_text_column(schema, column: str, name: str) -> None:
+    """InputError naming the file's columns if the text column is missing (or there twice), or its type if it
+    holds no text (strings, or bytes of UTF-8)."""
     import pyarrow as pa
 
     if column not in schema.names:
         columns = ", ".join(repr(c) for c in schema.names) or "none"
         raise InputError(f"{name}: no column {column!r} (its columns: {columns}); pass --text-field NAME")
+    if schema.names.count(column) > 1:
+        raise InputError(f"{name}: {schema.names.count(column)} columns are named {column!r}; which is the text?")
     kind = schema.field(column).type
     values = kind.value_type if pa.types.is_dictionary(kind) else kind  # a categorical column holds its values
     binary = any(is_type(values) for is_type in (pa.types.is_binary, pa.types.is_large_binary))
     text = any(getattr(pa.types, f"is_{t}", lambda _: False)(values) for t in ("string", "large_string", "string_view"))
     if not (binary or text):
         raise InputError(f"{name}: column {column!r} holds {kind}, not text; pass --text-field NAME")
-    return binary
 
 
-def _row_text(value, binary: bool, where: str, options: SourceOptions, counts: RecordCounts) -> Iterator[bytes]:
+def _as_bytes(chunk):
+    """A text column's chunk as binary values: strings become the bytes they hold without being decoded (a
+    writer may have put invalid UTF-8 in a string column; it is replaced and counted later, as in a text file)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(chunk.type):
+        chunk = chunk.dictionary_decode()
+    if pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
+        return chunk
+    return chunk.cast(pa.large_binary() if pa.types.is_large_string(chunk.type) else pa.binary())
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # some Arrow and Thrift messages span lines
+
+
+def _row_text(value: bytes | None, where: str, options: SourceOptions, counts: RecordCounts) -> Iterator[bytes]:
     if value is None:
         if not options.skip_bad_records:
             raise InputError(f"{where}: column {options.text_field!r} is null; {_BAD_RECORD_FIX}")
         counts.skipped_bad(where)
         return
-    text = value if binary else _utf8(value)
+    text = value
     if len(text) > options.max_record_bytes:
         raise InputError(
             f"{where}: the text is longer than --max-record-bytes ({options.max_record_bytes:,} bytes); "

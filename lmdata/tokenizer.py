@@ -131,26 +131,31 @@ def _read_hf_file(path: Path, name: str):
 
 
 def _hf_eot_id(tok, path: Path, eot_token: str | None) -> int:
-    """--eot-token, else the eos_token of tokenizer_config.json beside ``path``, else <|endoftext|>."""
+    """--eot-token, else the eos_token of tokenizer_config.json beside ``path``, else <|endoftext|>; it must be a
+    special token, which text never encodes to (encode_special_tokens), so that the id only ever ends a document."""
     if eot_token is not None:
-        found = tok.token_to_id(eot_token)
-        if found is None:
-            raise TokenizerError(f"--eot-token {eot_token!r}: not in the vocabulary of {path}; give one it has")
-        return found
+        return _special_id(tok, eot_token, f"--eot-token {eot_token!r}", path, "give one it has")
     config = path.parent / CONFIG_FILE
     eos = _config_eos(config)
     if eos is not None:
-        found = tok.token_to_id(eos)
-        if found is None:
-            raise TokenizerError(
-                f"{config}: its eos_token {eos!r} is not in the vocabulary of {path}; pass --eot-token TEXT"
-            )
-        return found
-    found = tok.token_to_id(EOT_TEXT)
-    if found is None:
+        return _special_id(tok, eos, f"{config}: its eos_token {eos!r}", path, "pass --eot-token TEXT")
+    if tok.token_to_id(EOT_TEXT) is None:
         raise TokenizerError(
             f"{path}: no end-of-text token (no eos_token in a {CONFIG_FILE} beside it, no {EOT_TEXT}); pass "
             "--eot-token TEXT with the token to place between documents"
+        )
+    return _special_id(tok, EOT_TEXT, EOT_TEXT, path, "pass --eot-token TEXT")
+
+
+def _special_id(tok, text: str, what: str, path: Path, fix: str) -> int:
+    found = tok.token_to_id(text)
+    if found is None:
+        raise TokenizerError(f"{what}: not in the vocabulary of {path}; {fix}")
+    added = tok.get_added_tokens_decoder()
+    if found not in added or not added[found].special:
+        raise TokenizerError(
+            f"{what}: an ordinary token of {path} (id {found}), which text inside documents also encodes to, so it "
+            "cannot mark where one ends; give a special token (an added token with \"special\": true)"
         )
     return found
 

@@ -184,7 +184,7 @@ def test_invalid_utf8_is_counted_once_per_file(tmp_path, capsys):
     assert main([str(bad), str(good), "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert err.count("warning") == 1
-    assert f"prepare: warning: {bad}: 24000 bytes are not valid UTF-8 (each run became U+FFFD)" in err
+    assert f"prepare: warning: {bad}: 24000 bytes are not valid UTF-8 (each invalid sequence became U+FFFD)" in err
 
 
 def snapshot(root):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -238,3 +239,77 @@ def test_a_bad_record_beyond_the_scan_stops_the_writing_and_keeps_the_previous_d
     assert len([p for p in out.iterdir() if p.name.startswith(".gen-")]) == 1  # only the committed one
     assert main([str(path), "--out", str(out), "--val-fraction", "0.1", "--skip-bad-records"]) == 0
     assert tokens_of(out)["train"][1].counts == {"bad_records_skipped": 1, "empty_records_skipped": 0}
+
+
+def test_a_file_named_twice_is_read_once_and_stdin_twice_is_refused(tmp_path, capsys):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.jsonl").write_bytes(jsonl_bytes(["alpha", "beta", "gamma", "delta"]))
+    out = tmp_path / "out"
+    assert (
+        main([str(root), str(root / "a.jsonl"), str(root / "a.jsonl"), "--out", str(out), "--val-fraction", "0.3"]) == 0
+    )
+    assert "2 files named more than once are read once" in capsys.readouterr().err
+    assert sum(len(t) for t, _ in tokens_of(out).values()) == len("alphabetagammadelta") + 4
+    result = run_prepare("-", "-", "--out", tmp_path / "o2")
+    assert result.returncode == 2 and "standard input (-) is named more than once" in result.stderr
+
+
+def test_compressed_standard_input_is_refused_with_what_to_do(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lmdata.prepare", "-", "--out", str(tmp_path / "out"), "--input-format", "jsonl"],
+        input=gzip.compress(jsonl_bytes(["x", "y"])),
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert b"standard input is gzip-compressed" in result.stderr and b"name the file instead" in result.stderr
+
+
+def test_a_spool_that_a_killed_prepare_left_is_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"lmdata-stdin-{dead.stdout.strip()}-abc"
+    stale.mkdir()
+    (stale / "standard-input").write_bytes(b"x" * 1000)
+    alive = tmp_path / f"lmdata-stdin-{os.getpid()}-def"  # this process: alive, kept
+    alive.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "lmdata.prepare", "-", "--out", str(tmp_path / "out"), "--val-fraction", "0.3"],
+        input=b"one document\n<|endoftext|>\nanother one\n<|endoftext|>\na third\n",
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists() and alive.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("lmdata-stdin-") and p != alive]  # its own too
+
+
+def test_a_users_tokenizer_json_in_out_is_never_taken_for_prepares(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "tokenizer.json").write_text('{"mine": true}')
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(jsonl_bytes(["x" * 50, "y" * 50, "z" * 50]))
+    result = run_prepare(path, "--out", out)
+    assert result.returncode == 2 and "tokenizer.json: a file prepare did not write" in result.stderr
+    assert (out / "tokenizer.json").read_text() == '{"mine": true}'
+
+
+def test_an_hf_tokenizer_inside_the_output_keeps_its_end_of_text_on_a_re_prepare(tmp_path):
+    from tests.lmdata.tokenizers_kit import write_hf_tokenizer
+
+    out = tmp_path / "data"
+    model = tmp_path / "model"
+    write_hf_tokenizer(model, 10, ("<|endoftext|>", "<doc>"))
+    (model / "tokenizer_config.json").write_text('{"eos_token": "<doc>"}')
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(jsonl_bytes([f"record {i}" for i in range(30)]))
+    assert run_prepare(path, "--out", out, "--tokenizer", f"hf:{model}").returncode == 0
+    first = tokens_of(out)["train"][1]
+    (out / "tokenizer_config.json").write_text('{"eos_token": "<doc>"}')  # beside the dataset's own link
+    again = run_prepare(path, "--out", out, "--tokenizer", f"hf:{out}")
+    assert again.returncode == 0, again.stderr
+    second = tokens_of(out)["train"][1]
+    assert first.eot_id == second.eot_id == 267
+    assert second.tokenizer == f"hf:{out / 'tokenizer.json'}"  # the link's name, not a generation's path

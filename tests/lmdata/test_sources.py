@@ -9,6 +9,7 @@ import json
 import lzma
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -251,3 +252,44 @@ def test_parquet_compressed_outside_is_refused(tmp_path):
 def test_bad_options(options, message):
     with pytest.raises(OptionError, match=message):
         options.check()
+
+
+def test_a_damaged_gzip_stream_is_named(tmp_path):
+    data = bytearray(gzip.compress(jsonl_bytes([f"record {i} " * 40 for i in range(300)])))
+    data[len(data) // 2] ^= 0xFF  # inflate fails ("invalid distance") or the CRC does: both are the file's fault
+    path = tmp_path / "a.jsonl.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="a.jsonl.gz"):
+        documents(path, SourceOptions(skip_bad_records=True))
+
+
+def test_a_parquet_string_column_with_invalid_utf8_is_read_as_bytes(tmp_path):
+    # another writer put bytes that are not UTF-8 into a string column: kept as bytes, replaced later and counted
+    bad = pa.Array.from_buffers(
+        pa.string(), 2, [None, pa.py_buffer(np.array([0, 3, 5], "<i4").tobytes()), pa.py_buffer(b"a\xffbok")]
+    )
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": bad}), path)
+    assert [p.data for p in read_pieces(path, 1000)] == [b"a\xffb", b"ok"]
+
+
+def test_a_parquet_file_with_two_text_columns_is_refused(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["x"]), pa.array(["y"])], names=["text", "text"]), path)
+    with pytest.raises(InputError, match="a.parquet: 2 columns are named 'text'"):
+        documents(path)
+
+
+def test_json_that_python_reads_only_with_care_is_still_a_record(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(
+        '{"id": ' + "9" * 5000 + ', "text": "long id"}\n{"text": "nested", "m": ' + "[" * 5000 + "]" * 5000 + "}\n"
+    )
+    assert documents(path, SourceOptions(skip_bad_records=True)) == ["long id"]  # the second is too deep: counted
+    with pytest.raises(InputError, match="line 2: nested too deeply to read"):
+        documents(path)
+
+
+def test_a_huge_record_limit_is_refused_as_an_option():
+    with pytest.raises(OptionError, match=r"--max-record-bytes must be a number of bytes in \[1, 1,099,511,627,776\]"):
+        SourceOptions(max_record_bytes=99999999999 << 30).check()

@@ -91,20 +91,38 @@ def test_bpe_keeps_eot_text_as_text_and_accepts_a_vocab_past_65536():
     check_spec(f"bpe:{2**32}")
 
 
+SPECIALS = (EOT_TEXT, "<a>", "<b>", "<c>")  # ids 266, 267, 268, 269 after the 256 bytes and 10 added tokens
+
+
 @pytest.mark.parametrize(
     ("config", "eot_token", "expected"),
     [
-        (None, hf_extra_token(1), hf_extra_id(1)),  # --eot-token wins over everything
-        ({"eos_token": hf_extra_token(2)}, hf_extra_token(1), hf_extra_id(1)),
-        ({"eos_token": hf_extra_token(2)}, None, hf_extra_id(2)),  # then the config's eos_token, a string
-        ({"eos_token": {"content": hf_extra_token(3), "special": True}}, None, hf_extra_id(3)),  # or a dict
-        ({"bos_token": hf_extra_token(2)}, None, hf_extra_id(10)),  # then <|endoftext|>
-        (None, None, hf_extra_id(10)),
+        (None, "<a>", 267),  # --eot-token wins over everything
+        ({"eos_token": "<b>"}, "<a>", 267),
+        ({"eos_token": "<b>"}, None, 268),  # then the config's eos_token, a string
+        ({"eos_token": {"content": "<c>", "special": True}}, None, 269),  # or a dict
+        ({"bos_token": "<b>"}, None, 266),  # then <|endoftext|>
+        (None, None, 266),
     ],
 )
 def test_hf_end_of_text_fallbacks(tmp_path, config, eot_token, expected):
-    small_hf(tmp_path, config=config)
+    small_hf(tmp_path, SPECIALS, config=config)
     assert make_tokenizer(f"hf:{tmp_path}", no_texts, eot_token).eot_id == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "eot_token", "what"),
+    [
+        (None, hf_extra_token(1), f"--eot-token '{hf_extra_token(1)}'"),  # an added token, but not special
+        (None, "a", "--eot-token 'a'"),  # a byte
+        ({"eos_token": hf_extra_token(2)}, None, f"its eos_token '{hf_extra_token(2)}'"),
+    ],
+)
+def test_an_hf_end_of_text_that_text_also_encodes_to_is_refused(tmp_path, config, eot_token, what):
+    small_hf(tmp_path, SPECIALS, config=config)
+    with pytest.raises(TokenizerError, match="an ordinary token of .* which text inside documents also") as e:
+        make_tokenizer(f"hf:{tmp_path}", no_texts, eot_token)
+    assert what in str(e.value) and "give a special token" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +135,7 @@ def test_hf_end_of_text_fallbacks(tmp_path, config, eot_token, expected):
             "pass --eot-token TEXT",
         ),
         (None, "<eos>", "--eot-token '<eos>': not in the vocabulary of"),
-        ({"eos_token": "</s>"}, None, "tokenizer_config.json: its eos_token '</s>' is not in the vocabulary of"),
+        ({"eos_token": "</s>"}, None, "tokenizer_config.json: its eos_token '</s>': not in the vocabulary of"),
         ({"eos_token": 7}, None, "eos_token is 7, not a string or {'content': ...}; pass --eot-token"),
     ],
 )
@@ -148,7 +166,7 @@ def test_bad_hf_specs_name_the_path(tmp_path):
 
 
 def test_hf_save_copies_the_file_and_load_needs_only_the_dataset(tmp_path):
-    source = small_hf(tmp_path / "model", config={"eos_token": hf_extra_token(4)})
+    source = small_hf(tmp_path / "model", (EOT_TEXT, "<doc>"), config={"eos_token": "<doc>"})
     tok = make_tokenizer(f"hf:{source}", no_texts)
     (tmp_path / "data" / "train").mkdir(parents=True)
     tok.save(tmp_path / "data")
@@ -157,7 +175,7 @@ def test_hf_save_copies_the_file_and_load_needs_only_the_dataset(tmp_path):
     for path in tmp_path.joinpath("model").iterdir():  # the original (and its config) may be gone at sampling
         path.unlink()
     back = load_tokenizer(tok.name, tmp_path / "data" / "train", tok.eot_id)
-    assert (back.name, back.vocab_size, back.eot_id) == (tok.name, 267, hf_extra_id(4))
+    assert (back.name, back.vocab_size, back.eot_id) == (tok.name, 268, 267)
     assert back.decode([*ids.tolist(), back.eot_id]) == "héllo"
     assert load_tokenizer(tok.name, tmp_path / "data" / "train").eot_id == hf_extra_id(10)  # no eot_id: own rules
     with pytest.raises(TokenizerError, match="end-of-text id 300 is not in this tokenizer"):

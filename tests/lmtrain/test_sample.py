@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from lmdata.prepare import prepare
-from lmdata.tokenizer import open_tokenizer
+from lmdata.tokenizer import EOT_TEXT, open_tokenizer
 from lmdata.writer import ShardWriter
 from lmtrain.main import main as train_main
 from lmtrain.plot import plot_metrics
 from lmtrain.sample import generate, tokenizer_for
 from lmtrain.sample import main as sample_main
 from tests.conftest import TINY
-from tests.lmdata.tokenizers_kit import hf_extra_id, hf_extra_token, write_hf_tokenizer
+from tests.lmdata.tokenizers_kit import write_hf_tokenizer
 
 TEXT = "".join(f"line {i}: hello world, the cat sat on the mat.\n" for i in range(400))
 
@@ -149,10 +149,10 @@ def test_a_checkpoint_path_too_long_is_exit_2(tmp_path, capsys):
 
 
 def test_sampling_with_an_hf_tokenizer_uses_the_saved_copy_and_the_manifests_eot_id(tmp_path, capsys):
-    """Data as prepare makes it with --tokenizer hf:PATH --eot-token [w000003]: the tokenizer.json copied
+    """Data as prepare makes it with --tokenizer hf:PATH --eot-token <doc>: the tokenizer.json copied
     beside train/ and val/, the manifest naming hf:PATH and the chosen id (the file also has <|endoftext|>)."""
-    source = write_hf_tokenizer(tmp_path / "model", 10)
-    tok = open_tokenizer(f"hf:{source}", hf_extra_token(3))
+    source = write_hf_tokenizer(tmp_path / "model", 10, (EOT_TEXT, "<doc>"))
+    tok = open_tokenizer(f"hf:{source}", "<doc>")
     data, out = tmp_path / "data", tmp_path / "run"
     data.mkdir()
     tok.save(data)
@@ -165,7 +165,7 @@ def test_sampling_with_an_hf_tokenizer_uses_the_saved_copy_and_the_manifests_eot
     argv = ["--train-data", str(data / "train"), "--val-data", str(data / "val"), "--out-dir", str(out)]
     assert train_main([*argv, *TINY, "--max-steps", "2", "--eval-interval", "0"]) == 0
     config = {"data": {"train_data": str(data / "train")}}
-    assert (tokenizer_for(config, None).name, tokenizer_for(config, None).eot_id) == (tok.name, hf_extra_id(3))
+    assert (tokenizer_for(config, None).name, tokenizer_for(config, None).eot_id) == (tok.name, 267)
     capsys.readouterr()
     assert sample_main(["--checkpoint", str(out), "--prompt", "line 7", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("line 7")
