@@ -10,6 +10,10 @@ holds nothing else: weights trained with the reference code load as they are.
 
 Initialisation (the course's): every linear weight ~ N(0, 2 / (d_in + d_out)) truncated at 3 standard
 deviations; the embedding ~ N(0, 1) truncated at [-3, 3]; RMSNorm gains 1.
+
+Sampling has its own entry point, ``forward_cached(ids, cache)``, which keeps each layer's keys and values in a
+:class:`KVCache` so that a prompt is processed once and then one token per step; ``forward`` is the training
+path and knows nothing of it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,42 @@ class RotaryEmbedding(nn.Module):
         return rotated.flatten(-2).to(x.dtype)
 
 
+class KVCache:
+    """Each layer's RoPE-rotated keys and its values for the first ``length`` positions of a sequence, in tensors
+    (B, H, context_length, d_head) allocated once, so a step writes one position instead of concatenating.
+
+    ``TransformerLM.forward_cached`` writes positions ``length..length+T-1`` of every layer, then advances
+    ``length`` by T; ``reset()`` starts a new sequence at position 0 (the tensors are kept and overwritten).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        context_length: int,
+        d_head: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        shape = (batch_size, num_heads, context_length, d_head)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.batch_size, self.capacity = batch_size, context_length
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k, v (B, H, T, d_head) at positions length..length+T-1 of ``layer``; returns that layer's keys
+        and values for positions 0..length+T-1, (B, H, length+T, d_head) views into the cache."""
+        end = self.length + k.shape[-2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding):
         super().__init__()
@@ -74,14 +114,32 @@ class CausalSelfAttention(nn.Module):
         self.v_proj, self.output_proj = linear(d_model, d_model), linear(d_model, d_model)
         self.rope = rope  # shared by all layers; its tables are buffers of the top-level module's submodule
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, C) -> q, k, v: (B, H, T, C/H)
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: (B, T, C) -> q, k, v: (B, H, T, C/H), q and k rotated to their positions
         q, k, v = (
             proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        return self.rope(q, positions), self.rope(k, positions), v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x, positions)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H), flash/fused kernel
+        return self.output_proj(y.transpose(1, 2).flatten(-2))
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """x: (B, T, C), the tokens at positions cache.length..cache.length+T-1; they attend to every cached
+        position and causally to each other."""
+        T, start = x.shape[1], cache.length
+        q, k, v = self._qkv(x, torch.arange(start, start + T, device=x.device))
+        keys, values = cache.write(layer, k, v)  # (B, H, start+T, C/H)
+        if start == 0:  # square: the training path's mask (and kernel)
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        elif T == 1:  # one new token sees every position: no mask
+            y = F.scaled_dot_product_attention(q, keys, values)
+        else:  # is_causal aligns a (T, start+T) mask top-left; query i is at position start+i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.output_proj(y.transpose(1, 2).flatten(-2))
 
 
@@ -105,6 +163,10 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.ln1(x), positions)
         return x + self.ffn(self.ln2(x))
 
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        x = x + self.attn.forward_cached(self.ln1(x), cache, layer)
+        return x + self.ffn(self.ln2(x))
+
 
 def shape_problems(d_model: int, num_heads: int) -> list[str]:
     """The head-shape rules (the one place they are stated): heads split d_model evenly, into even widths
@@ -117,7 +179,10 @@ def shape_problems(d_model: int, num_heads: int) -> list[str]:
 
 
 class TransformerLM(nn.Module):
-    """``forward(ids)``: int64 (B, T) token ids, T <= context_length -> float logits (B, T, vocab_size)."""
+    """``forward(ids)``: int64 (B, T) token ids, T <= context_length -> float logits (B, T, vocab_size).
+
+    ``forward_cached(ids, cache)``: the same logits for ``ids`` placed after the ``cache.length`` tokens already
+    in ``cache`` (from ``new_cache``), at their absolute positions."""
 
     def __init__(
         self,
@@ -145,7 +210,7 @@ class TransformerLM(nn.Module):
         ]
         if problems or (problems := shape_problems(d_model, num_heads)):
             raise ConfigError("; ".join(problems))
-        self.context_length = context_length
+        self.context_length, self.num_heads = context_length, num_heads
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
         nn.init.trunc_normal_(self.token_embeddings.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
         rope = RotaryEmbedding(d_model // num_heads, context_length, rope_theta)
@@ -162,6 +227,33 @@ class TransformerLM(nn.Module):
         x = self.token_embeddings(ids)  # (B, T, C)
         for layer in self.layers:
             x = layer(x, positions)
+        return self.lm_head(self.ln_final(x))  # (B, T, V)
+
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to context_length tokens, in the weights' dtype and
+        on their device."""
+        weight = self.token_embeddings.weight
+        d_head = weight.shape[1] // self.num_heads
+        shape = (batch_size, self.num_heads, self.context_length, d_head)
+        return KVCache(len(self.layers), *shape, dtype=weight.dtype, device=weight.device)
+
+    def forward_cached(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """ids: int64 (B, T), the tokens at positions cache.length..cache.length+T-1 -> float logits (B, T, V),
+        equal (to float rounding) to the last T rows of ``forward`` on all cache.length+T tokens. Writes their
+        keys and values into ``cache`` and advances cache.length by T."""
+        B, T = ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"batch of {B} sequences for a cache of {cache.batch_size}")
+        limit = min(cache.capacity, self.context_length)  # positions past context_length have no RoPE angles
+        if cache.length + T > limit:
+            raise ValueError(
+                f"{T} new tokens after the {cache.length} cached exceed the {limit} positions of the cache "
+                f"(context_length {self.context_length}); reset() it and feed at most {limit} tokens"
+            )
+        x = self.token_embeddings(ids)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, cache, i)
+        cache.length += T  # only now: every layer wrote positions length..length+T-1
         return self.lm_head(self.ln_final(x))  # (B, T, V)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

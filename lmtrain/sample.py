@@ -7,7 +7,7 @@ The model's settings come from the checkpoint (the run's resolved config); the t
 the training data's manifest, with the manifest's end-of-text id (``bpe`` and ``hf`` ones read the
 ``tokenizer.json`` saved beside the shards; ``tiktoken`` ones are found by name). --tokenizer overrides it with
 any spec prepare takes (``hf:PATH`` reads PATH). Generation stops at the end-of-text token or after
---max-new-tokens, and the same seed gives the same text.
+--max-new-tokens, and the same seed gives the same text. Past the context length, see ``CONTEXT_POLICY``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED
 from lmtrain.errors import CheckpointError, LmTrainError
 from lmtrain.model import TransformerLM
+
+CONTEXT_POLICY = (
+    "The model keeps a key/value cache, so each new token costs one position, not the whole context. It sees at "
+    "most its context length of tokens (a longer prompt is cut to its newest ones); when a new token arrives and "
+    "the context is full, only the newest context_length // 2 tokens (at least 1) are kept, processed again at "
+    "positions 0.. to fill the cache anew, and generation continues from them."
+)
 
 
 def load_run(checkpoint: str | Path) -> tuple[TransformerLM, dict, dict | None]:
@@ -79,6 +86,59 @@ def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None
     return load_tokenizer(dataset.manifest.tokenizer, train, dataset.manifest.eot_id)
 
 
+class ContextWindow:
+    """The tokens the model conditions on, and the logits for the next one, under ``CONTEXT_POLICY``.
+
+    With ``use_cache`` each appended token is one ``forward_cached`` step; without, every step recomputes the
+    whole window with ``forward`` (positions 0.. as after a refill), the reference the cached path must equal.
+    """
+
+    def __init__(self, model: TransformerLM, ids: list[int], use_cache: bool = True):
+        if not ids:
+            raise ValueError("generation needs at least one token of context (an empty prompt is [eot_id])")
+        self.model, self.size = model, model.context_length
+        self.keep = max(1, self.size // 2)
+        self.cache = model.new_cache() if use_cache else None
+        self.tokens = list(ids[-self.size :])
+        self.logits = self._refill()
+
+    def append(self, token: int) -> torch.Tensor:
+        """Adds ``token``; returns the float32 logits (V,) for the one after it."""
+        if len(self.tokens) == self.size:  # full: keep the newest half and fill the cache from them
+            self.tokens = [*self.tokens, token][-self.keep :]
+            self.logits = self._refill()
+        else:
+            self.tokens.append(token)
+            self.logits = self._run(self.tokens[-1:]) if self.cache is not None else self._refill()
+        return self.logits
+
+    def _refill(self) -> torch.Tensor:
+        if self.cache is not None:
+            self.cache.reset()
+        return self._run(self.tokens)
+
+    def _run(self, new: list[int]) -> torch.Tensor:
+        ids = torch.tensor([new], dtype=torch.int64)  # (1, T), on the CPU like the model load_run returns
+        logits = self.model(ids) if self.cache is None else self.model.forward_cached(ids, self.cache)
+        return logits[0, -1].float()  # (V,)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """The next token from float logits (V,): temperature 0 is greedy; top-p keeps the smallest set of tokens
+    whose probabilities sum to at least ``top_p``."""
+    if temperature == 0:
+        return int(logits.argmax())
+    # float64 and shifted so the largest logit is 0: a tiny temperature (1e-300 is 0 in float32) then gives -inf,
+    # not nan, for the others, i.e. greedy
+    shifted = logits.double() - logits.max()
+    probs = torch.softmax(shifted / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 @torch.no_grad()
 def generate(
     model: TransformerLM,
@@ -88,30 +148,21 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     eot_id: int | None = None,
+    use_cache: bool = True,
 ) -> list[int]:
-    """Sampled continuation of ``ids`` (without them): temperature 0 is greedy; top-p keeps the smallest set of
-    tokens whose probabilities sum to at least ``top_p``."""
+    """Sampled continuation of ``ids`` (without them), as ``pick`` chooses, stopping at ``eot_id``. The context
+    follows ``CONTEXT_POLICY``: past the context length the newest half is kept. ``use_cache=False``
+    recomputes the whole context every token (the same tokens, slower; for tests and the bench)."""
     generator = torch.Generator().manual_seed(seed)
-    context = torch.tensor([ids], dtype=torch.int64)
+    window = ContextWindow(model, ids, use_cache) if max_new_tokens > 0 else None
     out: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(context[:, -model.context_length :])[0, -1].float()  # (V,)
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            # float64 and shifted so the largest logit is 0: a tiny temperature (1e-300 is 0 in float32) then
-            # gives -inf, not nan, for the others, i.e. greedy
-            shifted = logits.double() - logits.max()
-            probs = torch.softmax(shifted / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-            token = int(torch.multinomial(probs, 1, generator=generator))
+        token = pick(window.logits, temperature, top_p, generator)
         if token == eot_id:
             break
         out.append(token)
-        context = torch.cat([context, torch.tensor([[token]])], dim=1)
+        if len(out) < max_new_tokens:  # the last token's successor is never needed
+            window.append(token)
     return out
 
 
@@ -138,7 +189,9 @@ def sample_text(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmtrain.sample", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lmtrain.sample", description=__doc__.split("\n\n")[0], epilog=CONTEXT_POLICY
+    )
     parser.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a .pt file")
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=200)

@@ -13,6 +13,7 @@ from lmdata.prepare import prepare
 from lmdata.tokenizer import EOT_TEXT, open_tokenizer
 from lmdata.writer import ShardWriter
 from lmtrain.main import main as train_main
+from lmtrain.model import KVCache
 from lmtrain.plot import plot_metrics
 from lmtrain.sample import generate, tokenizer_for
 from lmtrain.sample import main as sample_main
@@ -55,7 +56,8 @@ def test_sampling_from_a_checkpoint_file(run_dir, capsys):
 
 
 class AlwaysEot(torch.nn.Module):
-    """Logits whose most likely token is 3 for the first two positions generated, then end-of-text (9)."""
+    """Logits whose most likely token is 3 for the first two positions generated, then end-of-text (9); with or
+    without the cache (which, with no layers, only counts positions)."""
 
     context_length = 16
 
@@ -64,10 +66,19 @@ class AlwaysEot(torch.nn.Module):
         logits[0, -1, 3 if ids.shape[1] < 4 else 9] = 50.0
         return logits
 
+    def new_cache(self):
+        return KVCache(0, 1, 1, self.context_length, 2)
 
-def test_generation_stops_at_end_of_text():
-    assert generate(AlwaysEot(), [1, 2], max_new_tokens=10, temperature=0, eot_id=9) == [3, 3]
-    assert generate(AlwaysEot(), [1, 2], max_new_tokens=10, temperature=1.0, top_p=0.5, eot_id=9) == [3, 3]
+    def forward_cached(self, ids, cache):
+        cache.length += ids.shape[1]
+        return self.forward(torch.zeros(1, cache.length, dtype=torch.int64))[:, -ids.shape[1] :]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_stops_at_end_of_text(use_cache):
+    kw = dict(max_new_tokens=10, eot_id=9, use_cache=use_cache)
+    assert generate(AlwaysEot(), [1, 2], temperature=0, **kw) == [3, 3]
+    assert generate(AlwaysEot(), [1, 2], temperature=1.0, top_p=0.5, **kw) == [3, 3]
 
 
 @pytest.mark.parametrize(
