@@ -93,7 +93,7 @@ def prepare(
             f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS:,}] (a shard header's int32 count), got {shard_tokens}"
         )
     source_options.check()
-    check_spec(tokenizer_spec, eot_token)
+    opened = check_spec(tokenizer_spec, eot_token)
     try:
         files = expand_inputs(inputs, out, source_options)
     except OSError as e:  # a name too long, a loop of links: the input path's fault
@@ -111,7 +111,7 @@ def prepare(
         try:
             with locked(out):
                 texts = lambda: (text for text, _ in read.decoded(SEGMENT_BYTES, warn=False))  # noqa: E731
-                tokenizer = make_tokenizer(tokenizer_spec, texts, eot_token)
+                tokenizer = opened or make_tokenizer(tokenizer_spec, texts, eot_token)
                 _note_small_bpe(tokenizer_spec, tokenizer)
                 with generation(out) as gen:
                     tokenizer.save(gen)

@@ -371,15 +371,16 @@ def open_tokenizer(spec: str, eot_token: str | None = None) -> Tokenizer:
     raise TokenizerError(f"--tokenizer {spec}: unknown; use {SPECS}")
 
 
-def check_spec(spec: str, eot_token: str | None = None) -> None:
-    """Raise TokenizerError for a malformed or unloadable --tokenizer (and --eot-token), before any input is read;
-    hf and tiktoken are loaded to check them."""
+def check_spec(spec: str, eot_token: str | None = None) -> Tokenizer | None:
+    """Raise TokenizerError for a malformed or unloadable --tokenizer (and --eot-token), before any input is read.
+    Returns the tokenizer when it needs no training (loading it is the check; a Llama 3 tokenizer.json takes
+    a second, so the caller keeps it), None for ``bpe:N``."""
     if spec.partition(":")[0] == "bpe":
         _check_eot_option(spec, eot_token)
         bpe_vocab_size(spec)
         _import_tokenizers(spec)
-    else:
-        open_tokenizer(spec, eot_token)
+        return None
+    return open_tokenizer(spec, eot_token)
 
 
 def make_tokenizer(spec: str, texts: Callable[[], Iterable[str]], eot_token: str | None = None) -> Tokenizer:
