@@ -105,9 +105,31 @@ def test_initialisation_follows_the_course():
         (dict(num_heads=5), "num_heads=5 does not divide d_model=48"),
         (dict(num_heads=8, d_model=24), "head dimension d_model/num_heads=3 must be even"),
         (dict(vocab_size=0, d_ff=-1), "vocab_size must be positive, got 0; d_ff must be positive, got -1"),
+        (dict(num_kv_heads=3), "num_kv_heads=3 does not divide num_heads=4"),
+        (dict(num_kv_heads=-2), "num_kv_heads must be positive, got -2"),
+        (dict(num_kv_heads=3, num_heads=5), "num_kv_heads=3 does not divide num_heads=5; num_heads=5 does not divide"),
     ],
 )
 def test_bad_shapes_are_refused_together(change, message):
     with pytest.raises(ValueError) as err:
         TransformerLM(**{**CFG, **change})
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("change", [dict(num_kv_heads=4), dict(num_kv_heads=None, tie_embeddings=False)])
+def test_the_options_at_their_defaults_are_the_course_model_bitwise(model, change):
+    """Same seed, same init draws, same state-dict names and shapes, same logits: old checkpoints load as before."""
+    torch.manual_seed(0)
+    other = TransformerLM(**CFG, **change).eval()
+    a, b = model.state_dict(), other.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 101, (2, 10))
+    assert torch.equal(other(ids), model(ids))
+
+
+def test_tied_model_draws_the_other_weights_as_the_untied_one(model):
+    torch.manual_seed(0)
+    tied = TransformerLM(**CFG, tie_embeddings=True)
+    a, b = model.state_dict(), tied.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "lm_head.weight")
+    assert torch.equal(b["lm_head.weight"], a["token_embeddings.weight"])
