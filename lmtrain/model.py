@@ -14,7 +14,7 @@ Parameter names match the course's reference code exactly (``token_embeddings.we
 holds nothing else: weights trained with the reference code load as they are.
 
 Initialisation (the course's): every linear weight ~ N(0, 2 / (d_in + d_out)) truncated at 3 standard
-deviations; the embedding ~ N(0, 1) truncated at [-3, 3]; RMSNorm gains 1.
+deviations; the embedding ~ N(0, 1) truncated at [-3, 3] (tied: the head's init instead); RMSNorm gains 1.
 
 Sampling has its own entry point, ``forward_cached(ids, cache)``, which keeps each layer's keys and values in a
 :class:`KVCache` so that a prompt is processed once and then one token per step; ``forward`` is the training
@@ -240,9 +240,14 @@ class TransformerLM(nn.Module):
             TransformerBlock(d_model, num_heads, d_ff, rope, num_kv_heads) for _ in range(num_layers)
         )
         self.ln_final = RMSNorm(d_model)
-        self.lm_head = linear(d_model, vocab_size)  # drawn even when tied: the RNG moves on as for the untied model
+        self.lm_head = linear(d_model, vocab_size)
         if tie_embeddings:
-            # one Parameter under both names, (V, C) either way: the head scores x against every token's embedding
+            # One Parameter under both names, (V, C) either way: the head scores x against every token's embedding.
+            # It keeps the head's init, N(0, 2/(C+V)), as GPT-2 inits its tied matrix (std 0.02): the embedding's
+            # N(0, 1) would give logits of std ~sqrt(C) (initial loss 143 instead of ln V = 8.3 at C=256, V=4096).
+            # The embedding sits before a pre-norm block's RMSNorm, which does not care about its scale.
+            with torch.no_grad():
+                self.token_embeddings.weight.copy_(self.lm_head.weight)
             self.lm_head.weight = self.token_embeddings.weight
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

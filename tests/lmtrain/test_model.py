@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -127,9 +129,23 @@ def test_the_options_at_their_defaults_are_the_course_model_bitwise(model, chang
     assert torch.equal(other(ids), model(ids))
 
 
-def test_tied_model_draws_the_other_weights_as_the_untied_one(model):
+def test_a_tied_matrix_takes_the_heads_init_and_the_other_weights_are_the_untied_ones(model):
     torch.manual_seed(0)
     tied = TransformerLM(**CFG, tie_embeddings=True)
     a, b = model.state_dict(), tied.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "lm_head.weight")
-    assert torch.equal(b["lm_head.weight"], a["token_embeddings.weight"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "token_embeddings.weight")
+    assert torch.equal(b["token_embeddings.weight"], a["lm_head.weight"])  # N(0, 2/(C+V)): logits near 0 at init
+
+
+def test_a_tied_model_starts_with_the_untied_models_logit_scale():
+    """The embedding's N(0, 1) as the head would give logits of std ~sqrt(d_model), an initial loss near 100."""
+    cfg = {**CFG, "vocab_size": 1000, "d_model": 256}
+    ids = torch.randint(0, 1000, (4, 33), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for tie in (False, True):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            logits[tie] = TransformerLM(**cfg, tie_embeddings=tie)(ids[:, :-1])
+    assert logits[True].std().item() == pytest.approx(logits[False].std().item(), rel=0.05)
+    loss = torch.nn.functional.cross_entropy(logits[True].flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert abs(loss - math.log(1000)) < 0.5
