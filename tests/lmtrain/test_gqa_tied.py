@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from lmtrain import CheckpointManager, TransformerLM, make_optimizer
-from lmtrain.checkpoint import restore
+from lmtrain.checkpoint import load_checkpoint, restore, save_checkpoint
 from lmtrain.checkpoint_manager import estimate_bytes
 from lmtrain.errors import CheckpointError
 from lmtrain.main import main
-from lmtrain.sample import load_run
+from lmtrain.sample import generate, load_run
 from tests.lmtrain.test_main import args, final_weights
 
 CFG = dict(vocab_size=101, context_length=32, d_model=48, num_layers=2, num_heads=4, d_ff=96, rope_theta=10000.0)
@@ -144,6 +144,22 @@ def test_a_checkpoint_holds_the_tied_matrix_once_and_loads_it_shared(tmp_path, a
     assert other.lm_head.weight is other.token_embeddings.weight and torch.equal(other.lm_head.weight, emb)
 
 
+def test_the_course_checkpoint_api_round_trips_a_tied_gqa_model_and_its_optimizer(tmp_path):
+    model = build(tie_embeddings=True, num_kv_heads=1).train()
+    opt = make_optimizer(model, lr=1e-2)
+    x = ids()
+    torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    opt.step()
+    save_checkpoint(model, opt, 1, tmp_path / "ckpt.pt")
+    other = build(seed=7, tie_embeddings=True, num_kv_heads=1)
+    other_opt = make_optimizer(other, lr=1e-2)
+    assert load_checkpoint(tmp_path / "ckpt.pt", other, other_opt) == 1
+    assert other.lm_head.weight is other.token_embeddings.weight
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True))
+    shared = other_opt.state[other.token_embeddings.weight]["exp_avg"]
+    assert torch.equal(shared, opt.state[model.token_embeddings.weight]["exp_avg"]) and len(other_opt.state) == 20
+
+
 def test_an_untied_checkpoint_does_not_load_into_a_tied_model():
     untied, tied = build(), build(tie_embeddings=True)
     with pytest.raises(CheckpointError, match="token_embeddings.weight and lm_head.weight differ in the checkpoint"):
@@ -167,6 +183,9 @@ def test_tied_gqa_resume_is_bitwise_the_uninterrupted_run(corpus, tmp_path):
     model, config, _ = load_run(resumed)
     assert config["model"]["num_kv_heads"] == 2 and config["model"]["tie_embeddings"] is True
     assert model.tied and model.num_kv_heads == 2
+    # sampling through the kv-head cache, past the context of 32 (refills), picks what full recomputation picks
+    cached, full = (generate(model, [1, 2, 3], 80, temperature=0, use_cache=u) for u in (True, False))
+    assert cached == full and len(cached) == 80
 
 
 def test_kv_heads_not_dividing_the_heads_exit_2(corpus, tmp_path, capsys):
