@@ -119,6 +119,30 @@ def _weights_mismatch(saved: dict, expected: dict) -> str | None:
     return "; ".join(parts) + ". The model's shape cannot change on resume: start a new run (another --out-dir)"
 
 
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """The names of each Parameter the model holds under more than one (a tied LM head and embedding)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _untied_in(saved: dict, model: nn.Module) -> str | None:
+    """A line naming weights that this model ties but the checkpoint holds with different values (an untied
+    model's): load_state_dict would copy each into the one Parameter, the last silently winning."""
+    for first, *others in tied_names(model):
+        values = [saved[name] for name in (first, *others)]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            continue  # load_state_dict reports these
+        differ = [name for name, v in zip(others, values[1:], strict=True) if not torch.equal(v, values[0])]
+        if differ:
+            return (
+                f"{first} and {differ[0]} differ in the checkpoint, but this model ties them into one weight "
+                "(--tie-embeddings); it was saved by an untied model"
+            )
+    return None
+
+
 def restore(obj: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a loaded checkpoint dict's model and optimizer state; CheckpointError naming mismatched keys."""
     missing = [k for k in ("model", "optimizer", "iteration") if k not in obj]
@@ -127,7 +151,7 @@ def restore(obj: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None
     if not isinstance(obj["model"], dict):
         raise CheckpointError(f"the checkpoint's model state is a {type(obj['model']).__name__}, not a state dict")
     saved = strip_wrapper_prefixes(obj["model"])
-    if mismatch := _weights_mismatch(saved, unwrap(model).state_dict()):
+    if mismatch := _weights_mismatch(saved, unwrap(model).state_dict()) or _untied_in(saved, unwrap(model)):
         raise CheckpointError(f"the checkpoint's weights do not fit this model: {mismatch}")
     try:
         unwrap(model).load_state_dict(saved)

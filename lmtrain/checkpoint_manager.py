@@ -68,27 +68,45 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
-def estimate_bytes(obj) -> int:
-    """Bytes of every tensor inside ``obj`` (nested dicts, lists, tuples)."""
+def _alias_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that are views of the same memory with the same layout, such as a tied model's
+    ``token_embeddings.weight`` and ``lm_head.weight`` in its state dict (one Parameter, two names)."""
+    return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+
+
+def estimate_bytes(obj, _seen: set | None = None) -> int:
+    """Bytes of every tensor inside ``obj`` (nested dicts, lists, tuples), a tensor under two names once (the
+    file holds it once, see :func:`to_host`)."""
+    seen = set() if _seen is None else _seen
     if isinstance(obj, torch.Tensor):
+        if (key := _alias_key(obj)) in seen:
+            return 0
+        seen.add(key)
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(estimate_bytes(v) for v in obj.values())
+        return sum(estimate_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(estimate_bytes(v) for v in obj)
+        return sum(estimate_bytes(v, seen) for v in obj)
     return 0
 
 
-def to_host(obj, copy: bool = True):
+def to_host(obj, copy: bool = True, _copies: dict | None = None):
     """``obj`` with every tensor on the CPU. ``copy``: a deep copy, a snapshot that training cannot modify
     (async saves); else CPU tensors are used as they are (a sync save writes them before training goes on, and
-    needs no second copy of the whole state in memory)."""
+    needs no second copy of the whole state in memory).
+
+    A tensor under two names (a tied embedding and LM head) is copied once and both names get that copy, so
+    torch.save writes one storage and torch.load gives back two names sharing it, as the live model has them."""
+    copies = {} if _copies is None else _copies
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=copy)
+        key = _alias_key(obj)
+        if key not in copies:
+            copies[key] = obj.detach().to("cpu", copy=copy)
+        return copies[key]
     if isinstance(obj, dict):
-        return {k: to_host(v, copy) for k, v in obj.items()}
+        return {k: to_host(v, copy, copies) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v, copy) for v in obj)
+        return type(obj)(to_host(v, copy, copies) for v in obj)
     return obj
 
 

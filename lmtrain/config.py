@@ -65,6 +65,13 @@ class ModelConfig:
     num_heads: int = doc(8, "attention heads; must divide d_model", gt=0)
     d_ff: int = doc(704, "hidden width of the SwiGLU feed-forward", gt=0)
     rope_theta: float = doc(10000.0, "RoPE base period", gt=0)
+    num_kv_heads: int | None = doc(
+        None,
+        "key/value heads, each shared by num_heads/num_kv_heads query heads (grouped-query attention); must divide "
+        "--num-heads (default: --num-heads, multi-head attention)",
+        gt=0,
+    )
+    tie_embeddings: bool = doc(False, "use the token embedding's weight as the LM head's (one matrix, not two)")
 
 
 @dataclass
@@ -251,7 +258,7 @@ def _schedule_problems(c: TrainConfig) -> list[str]:
 
 
 def _shape_problems(c: TrainConfig) -> list[str]:
-    return [f"[model] {p}" for p in shape_problems(c.model.d_model, c.model.num_heads)]
+    return [f"[model] {p}" for p in shape_problems(c.model.d_model, c.model.num_heads, c.model.num_kv_heads)]
 
 
 # Rules that tie fields together, with the fields each reads: a rule runs only when those are well-formed.
@@ -259,7 +266,7 @@ CROSS_CHECKS = (
     (("run.device",), _device_problems),
     (("optim.lr", "optim.min_lr"), _lr_problems),
     (("optim.lr_decay_steps", "optim.warmup_steps"), _schedule_problems),
-    (("model.d_model", "model.num_heads"), _shape_problems),
+    (("model.d_model", "model.num_heads", "model.num_kv_heads"), _shape_problems),
 )
 
 

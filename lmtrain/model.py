@@ -1,15 +1,20 @@
 """The course's decoder-only Transformer LM (Stanford CS336, assignment 1), built from PyTorch's fused pieces.
 
-Architecture: token embedding -> num_layers pre-norm blocks -> final RMSNorm -> untied LM head, where a block is
+Architecture: token embedding -> num_layers pre-norm blocks -> final RMSNorm -> LM head (untied), where a block is
 ``x = x + attn(ln1(x)); x = x + ffn(ln2(x))``; attention is causal multi-head with RoPE on q and k and no
 biases; the feed-forward is SwiGLU ``w2(silu(w1 x) * w3 x)``.
+
+Two options of most published Llama-family models, both off by default (the course's model):
+``num_kv_heads`` < num_heads is grouped-query attention, fewer key/value heads, each shared by
+num_heads // num_kv_heads consecutive query heads (query head h reads kv head h // group, Hugging Face's
+``repeat_kv``); ``tie_embeddings`` makes ``lm_head.weight`` the token embedding's Parameter itself.
 
 Parameter names match the course's reference code exactly (``token_embeddings.weight``,
 ``layers.{i}.attn.q_proj.weight``, ...), and the RoPE tables are non-persistent buffers, so ``state_dict()``
 holds nothing else: weights trained with the reference code load as they are.
 
 Initialisation (the course's): every linear weight ~ N(0, 2 / (d_in + d_out)) truncated at 3 standard
-deviations; the embedding ~ N(0, 1) truncated at [-3, 3]; RMSNorm gains 1.
+deviations; the embedding ~ N(0, 1) truncated at [-3, 3] (tied: the head's init instead); RMSNorm gains 1.
 
 Sampling has its own entry point, ``forward_cached(ids, cache)``, which keeps each layer's keys and values in a
 :class:`KVCache` so that a prompt is processed once and then one token per step; ``forward`` is the training
@@ -72,7 +77,8 @@ class RotaryEmbedding(nn.Module):
 
 class KVCache:
     """Each layer's RoPE-rotated keys and its values for the first ``length`` positions of a sequence, in tensors
-    (B, H, context_length, d_head) allocated once, so a step writes one position instead of concatenating.
+    (B, H, context_length, d_head) allocated once, so a step writes one position instead of concatenating. H is the
+    model's key/value heads (num_kv_heads): grouped-query attention caches num_heads / num_kv_heads times less.
 
     ``TransformerLM.forward_cached`` writes positions ``length..length+T-1`` of every layer, then advances
     ``length`` by T; ``reset()`` starts a new sequence at position 0 (the tensors are kept and overwritten).
@@ -82,13 +88,13 @@ class KVCache:
         self,
         num_layers: int,
         batch_size: int,
-        num_heads: int,
+        num_kv_heads: int,
         context_length: int,
         d_head: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        shape = (batch_size, num_heads, context_length, d_head)
+        shape = (batch_size, num_kv_heads, context_length, d_head)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.batch_size, self.capacity = batch_size, context_length
@@ -107,40 +113,47 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding):
+    """Causal attention of num_heads query heads over num_kv_heads key/value heads (equal: multi-head)."""
+
+    def __init__(self, d_model: int, num_heads: int, rope: RotaryEmbedding, num_kv_heads: int | None = None):
         super().__init__()
-        self.num_heads = num_heads
-        self.q_proj, self.k_proj = linear(d_model, d_model), linear(d_model, d_model)
-        self.v_proj, self.output_proj = linear(d_model, d_model), linear(d_model, d_model)
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
+        kv_width = self.num_kv_heads * (d_model // num_heads)  # d_head is d_model / num_heads either way
+        self.q_proj, self.k_proj = linear(d_model, d_model), linear(d_model, kv_width)
+        self.v_proj, self.output_proj = linear(d_model, kv_width), linear(d_model, d_model)
         self.rope = rope  # shared by all layers; its tables are buffers of the top-level module's submodule
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: (B, T, C) -> q, k, v: (B, H, T, C/H), q and k rotated to their positions
-        q, k, v = (
-            proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        # x: (B, T, C) -> q: (B, H, T, C/H); k, v: (B, Hkv, T, C/H); q and k rotated to their positions
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        k, v = (proj(x).unflatten(-1, (self.num_kv_heads, -1)).transpose(1, 2) for proj in (self.k_proj, self.v_proj))
         return self.rope(q, positions), self.rope(k, positions), v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> torch.Tensor:
+        """q: (B, H, T, C/H); k, v: (B, Hkv, S, C/H) -> (B, T, C) through output_proj. With fewer kv heads, SDPA's
+        enable_gqa has query head h read kv head h // (H / Hkv), as ``k.repeat_interleave(H / Hkv, dim=1)``
+        would, without materialising the repeats (the tests check it gives the same numbers)."""
+        gqa = self.num_kv_heads != self.num_heads
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)  # (B, H, T, C/H), flash/fused kernel
+        return self.output_proj(y.transpose(1, 2).flatten(-2))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x, positions)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H), flash/fused kernel
-        return self.output_proj(y.transpose(1, 2).flatten(-2))
+        return self._attend(q, k, v, is_causal=True)
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """x: (B, T, C), the tokens at positions cache.length..cache.length+T-1; they attend to every cached
         position and causally to each other."""
         T, start = x.shape[1], cache.length
         q, k, v = self._qkv(x, torch.arange(start, start + T, device=x.device))
-        keys, values = cache.write(layer, k, v)  # (B, H, start+T, C/H)
+        keys, values = cache.write(layer, k, v)  # (B, Hkv, start+T, C/H)
         if start == 0:  # square: the training path's mask (and kernel)
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
-        elif T == 1:  # one new token sees every position: no mask
-            y = F.scaled_dot_product_attention(q, keys, values)
-        else:  # is_causal aligns a (T, start+T) mask top-left; query i is at position start+i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.output_proj(y.transpose(1, 2).flatten(-2))
+            return self._attend(q, keys, values, is_causal=True)
+        if T == 1:  # one new token sees every position: no mask
+            return self._attend(q, keys, values)
+        # is_causal aligns a (T, start+T) mask top-left; query i is at position start+i
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        return self._attend(q, keys, values, attn_mask=mask)
 
 
 class SwiGLU(nn.Module):
@@ -153,10 +166,10 @@ class SwiGLU(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, rope: RotaryEmbedding):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, rope: RotaryEmbedding, num_kv_heads: int | None = None):
         super().__init__()
         self.ln1, self.ln2 = RMSNorm(d_model), RMSNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, num_heads, rope)
+        self.attn = CausalSelfAttention(d_model, num_heads, rope, num_kv_heads)
         self.ffn = SwiGLU(d_model, d_ff)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -168,14 +181,20 @@ class TransformerBlock(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
-def shape_problems(d_model: int, num_heads: int) -> list[str]:
+def shape_problems(d_model: int, num_heads: int, num_kv_heads: int | None = None) -> list[str]:
     """The head-shape rules (the one place they are stated): heads split d_model evenly, into even widths
-    because RoPE rotates pairs of channels."""
+    because RoPE rotates pairs of channels; key/value heads (None: num_heads) are positive and split the query
+    heads into equal groups, each group sharing one."""
+    problems = []
+    if num_kv_heads is not None and num_kv_heads <= 0:
+        problems.append(f"num_kv_heads must be positive, got {num_kv_heads}")
+    elif num_kv_heads is not None and num_heads % num_kv_heads:
+        problems.append(f"num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}")
     if d_model % num_heads:
-        return [f"num_heads={num_heads} does not divide d_model={d_model}"]
-    if (d_model // num_heads) % 2:
-        return [f"the head dimension d_model/num_heads={d_model // num_heads} must be even (RoPE rotates pairs)"]
-    return []
+        return [*problems, f"num_heads={num_heads} does not divide d_model={d_model}"]
+    if (d_head := d_model // num_heads) % 2:
+        problems.append(f"the head dimension d_model/num_heads={d_head} must be even (RoPE rotates pairs)")
+    return problems
 
 
 class TransformerLM(nn.Module):
@@ -193,6 +212,8 @@ class TransformerLM(nn.Module):
         num_heads: int,
         d_ff: int,
         rope_theta: float = 10000.0,
+        num_kv_heads: int | None = None,
+        tie_embeddings: bool = False,
     ):
         super().__init__()
         problems = [
@@ -208,15 +229,26 @@ class TransformerLM(nn.Module):
             )
             if value <= 0
         ]
-        if problems or (problems := shape_problems(d_model, num_heads)):
+        if problems or (problems := shape_problems(d_model, num_heads, num_kv_heads)):
             raise ConfigError("; ".join(problems))
         self.context_length, self.num_heads = context_length, num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
         nn.init.trunc_normal_(self.token_embeddings.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
         rope = RotaryEmbedding(d_model // num_heads, context_length, rope_theta)
-        self.layers = nn.ModuleList(TransformerBlock(d_model, num_heads, d_ff, rope) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, num_heads, d_ff, rope, num_kv_heads) for _ in range(num_layers)
+        )
         self.ln_final = RMSNorm(d_model)
         self.lm_head = linear(d_model, vocab_size)
+        if tie_embeddings:
+            # One Parameter under both names, (V, C) either way: the head scores x against every token's embedding.
+            # It keeps the head's init, N(0, 2/(C+V)), as GPT-2 inits its tied matrix (std 0.02): the embedding's
+            # N(0, 1) would give logits of std ~sqrt(C) (initial loss 143 instead of ln V = 8.3 at C=256, V=4096).
+            # The embedding sits before a pre-norm block's RMSNorm, which does not care about its scale.
+            with torch.no_grad():
+                self.token_embeddings.weight.copy_(self.lm_head.weight)
+            self.lm_head.weight = self.token_embeddings.weight
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         T = ids.shape[-1]
@@ -234,7 +266,7 @@ class TransformerLM(nn.Module):
         on their device."""
         weight = self.token_embeddings.weight
         d_head = weight.shape[1] // self.num_heads
-        shape = (batch_size, self.num_heads, self.context_length, d_head)
+        shape = (batch_size, self.num_kv_heads, self.context_length, d_head)
         return KVCache(len(self.layers), *shape, dtype=weight.dtype, device=weight.device)
 
     def forward_cached(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -256,6 +288,12 @@ class TransformerLM(nn.Module):
         cache.length += T  # only now: every layer wrote positions length..length+T-1
         return self.lm_head(self.ln_final(x))  # (B, T, V)
 
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.token_embeddings.weight
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Each Parameter once (parameters() yields a tied weight once). ``exclude_embeddings``: the matmul weights
+        (for FLOPs), without the embedding's lookup table, unless it is tied: then it is the LM head's matmul too."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.token_embeddings.weight.numel() if exclude_embeddings else n
+        return n - self.token_embeddings.weight.numel() if exclude_embeddings and not self.tied else n

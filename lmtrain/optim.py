@@ -19,12 +19,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     token's row gets a gradient only in the few steps where the token appears, while decoupled decay shrinks it
     every step, so decay would erase rare tokens' embeddings. (nanoGPT decays embeddings; the course's
     reference leaves the choice open.)
+
+    Each parameter is listed once, where its first module puts it: a tied LM head (``tie_embeddings``) is the
+    token embedding's Parameter, met first as the embedding, so it is not decayed either. (AdamW refuses a
+    parameter in two groups, and the model's own parameters() yields it once.)
     """
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in seen:
                 continue
+            seen.add(id(param))
             (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

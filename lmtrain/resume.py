@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lmtrain.checkpoint import load_object
 from lmtrain.checkpoint_manager import CheckpointManager
-from lmtrain.config import TrainConfig, config_diff
+from lmtrain.config import FIELDS, TrainConfig, config_diff
 from lmtrain.errors import CheckpointError, ConfigError
 
 # What a training checkpoint holds, and the type of each part.
@@ -104,6 +104,18 @@ def same_data(saved: dict, now: dict) -> bool:
     return True
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved config with each field it lacks at its default: a run started before lmtrain had the field (such
+    as --num-kv-heads) ran as its default does, so resuming it with the default is no change. A section that is
+    not a dict is kept as it is (and so differs)."""
+    out = dict(saved)
+    for section, specs in FIELDS.items():
+        values = saved.get(section, {})
+        if isinstance(values, dict):
+            out[section] = {name: spec.default for name, spec in specs.items()} | values
+    return out
+
+
 def check_fits_run(path: Path, obj: dict, c: TrainConfig, data: dict, allow_config_change: bool) -> None:
     """Refuse a checkpoint beyond --max-steps, or made with other data or settings (unless allowed)."""
     step = obj["iteration"]
@@ -117,7 +129,7 @@ def check_fits_run(path: Path, obj: dict, c: TrainConfig, data: dict, allow_conf
             f"{path}: the data differs from the data this run was trained on (file names, "
             "sizes or checksums changed); pass --allow-config-change to resume anyway"
         )
-    diff = config_diff(obj["config"], c.to_dict())
+    diff = config_diff(with_defaults(obj["config"]), c.to_dict())
     if diff and not allow_config_change:
         raise ConfigError(
             f"{path}: settings changed since this run started:\n  "

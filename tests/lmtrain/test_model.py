@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -105,9 +107,45 @@ def test_initialisation_follows_the_course():
         (dict(num_heads=5), "num_heads=5 does not divide d_model=48"),
         (dict(num_heads=8, d_model=24), "head dimension d_model/num_heads=3 must be even"),
         (dict(vocab_size=0, d_ff=-1), "vocab_size must be positive, got 0; d_ff must be positive, got -1"),
+        (dict(num_kv_heads=3), "num_kv_heads=3 does not divide num_heads=4"),
+        (dict(num_kv_heads=-2), "num_kv_heads must be positive, got -2"),
+        (dict(num_kv_heads=3, num_heads=5), "num_kv_heads=3 does not divide num_heads=5; num_heads=5 does not divide"),
     ],
 )
 def test_bad_shapes_are_refused_together(change, message):
     with pytest.raises(ValueError) as err:
         TransformerLM(**{**CFG, **change})
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("change", [dict(num_kv_heads=4), dict(num_kv_heads=None, tie_embeddings=False)])
+def test_the_options_at_their_defaults_are_the_course_model_bitwise(model, change):
+    """Same seed, same init draws, same state-dict names and shapes, same logits: old checkpoints load as before."""
+    torch.manual_seed(0)
+    other = TransformerLM(**CFG, **change).eval()
+    a, b = model.state_dict(), other.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 101, (2, 10))
+    assert torch.equal(other(ids), model(ids))
+
+
+def test_a_tied_matrix_takes_the_heads_init_and_the_other_weights_are_the_untied_ones(model):
+    torch.manual_seed(0)
+    tied = TransformerLM(**CFG, tie_embeddings=True)
+    a, b = model.state_dict(), tied.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "token_embeddings.weight")
+    assert torch.equal(b["token_embeddings.weight"], a["lm_head.weight"])  # N(0, 2/(C+V)): logits near 0 at init
+
+
+def test_a_tied_model_starts_with_the_untied_models_logit_scale():
+    """The embedding's N(0, 1) as the head would give logits of std ~sqrt(d_model), an initial loss near 100."""
+    cfg = {**CFG, "vocab_size": 1000, "d_model": 256}
+    ids = torch.randint(0, 1000, (4, 33), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for tie in (False, True):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            logits[tie] = TransformerLM(**cfg, tie_embeddings=tie)(ids[:, :-1])
+    assert logits[True].std().item() == pytest.approx(logits[False].std().item(), rel=0.05)
+    loss = torch.nn.functional.cross_entropy(logits[True].flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert abs(loss - math.log(1000)) < 0.5

@@ -29,6 +29,16 @@ def test_weight_decay_only_on_linear_weight_matrices():
     assert all(p.ndim == 2 for p in decay["params"])
 
 
+def test_a_tied_head_is_in_one_group_once_as_the_embedding():
+    model = TransformerLM(
+        vocab_size=50, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32, tie_embeddings=True
+    )
+    decay, no_decay = make_optimizer(model, lr=1e-3, weight_decay=0.1).param_groups
+    assert len(decay["params"]) == 14 and len(no_decay["params"]) == 6  # untied: 15 and 6
+    assert sum(p is model.lm_head.weight for p in decay["params"] + no_decay["params"]) == 1
+    assert no_decay["params"][0] is model.token_embeddings.weight
+
+
 @pytest.mark.parametrize(
     ("it", "expected"),
     [
