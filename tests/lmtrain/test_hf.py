@@ -1,0 +1,167 @@
+"""Hugging Face export and import: our runs load in transformers as LlamaForCausalLM with the same logits, greedy
+tokens and tokenizer, and transformers' Llama models load as our TransformerLM; every unsupported feature is
+refused by name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmdata.prepare import prepare  # noqa: E402
+from lmdata.tokenizer import ByteTokenizer  # noqa: E402
+from lmtrain import hf  # noqa: E402
+from lmtrain.errors import ConfigError  # noqa: E402
+from lmtrain.export import export_run  # noqa: E402
+from lmtrain.export import main as export_main  # noqa: E402
+from lmtrain.main import main as train_main  # noqa: E402
+from lmtrain.sample import generate, load_run, tokenizer_for  # noqa: E402
+from tests.conftest import TINY  # noqa: E402
+
+TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 40
+TEXT += "Grüße aus Köln, 東京 and emoji 🙂 too.\n\n" * 20
+SAMPLE = "A fox, a dog — and Köln: 東京 🙂!\n  tabs\tand <|endoftext|> as text"
+
+
+def train(data: Path, out: Path, *extra: str) -> Path:
+    argv = ["--train-data", str(data / "train"), "--val-data", str(data / "val"), "--out-dir", str(out)]
+    assert train_main([*argv, *TINY, "--context-length", "48", "--eval-interval", "0", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hf")
+    (root / "text.txt").write_text(TEXT)
+    prepare([str(root / "text.txt")], root / "data", "bpe:400", val_fraction=0.2)
+    return train(root / "data", root / "run", "--max-steps", "20")
+
+
+@pytest.fixture(scope="module")
+def exported(bpe_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "hf"
+    assert export_main([str(bpe_run), "--out", str(out)]) == 0
+    return out
+
+
+def from_pretrained(directory: Path, **kwargs):
+    """(model, loading info, warnings transformers logged while loading)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
+    finally:
+        root.removeHandler(handler)
+    return model.eval(), info, [r.getMessage() for r in records]
+
+
+# -- the permutation ----------------------------------------------------------------------------------------
+def test_rope_permutation_round_trips_and_moves_pair_k_to_k_and_k_plus_half():
+    w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(16, 3)  # 2 heads of width 8, 3 input columns
+    half = hf.to_half_split(w, num_heads=2)
+    # head 0: our rows 0,2,4,6 (the first of each pair) then 1,3,5,7; head 1 the same, offset by 8
+    order = [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15]
+    assert torch.equal(half, w[order])
+    assert torch.equal(hf.to_adjacent_pairs(half, 2), w)
+    assert torch.equal(hf.to_half_split(hf.to_adjacent_pairs(w, 2), 2), w)
+
+
+# -- export ---------------------------------------------------------------------------------------------------
+def test_export_loads_as_llama_with_no_missing_keys_and_equal_logits(bpe_run, exported):
+    model, info, warnings = from_pretrained(exported)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert {k: list(v) for k, v in info.items() if k != "error_msgs"} == {
+        "missing_keys": [],
+        "unexpected_keys": [],
+        "mismatched_keys": [],
+    }
+    assert not [w for w in warnings if "key" in w.lower() or "initialized" in w.lower()], warnings
+    ours = load_run(bpe_run)[0]
+    ids = torch.randint(0, ours.lm_head.weight.shape[0], (3, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(ids).logits - ours(ids)).abs().max().item()
+    print(f"max logit difference {diff:.2e}")
+    assert diff < 1e-4, diff
+    config = json.loads((exported / "config.json").read_text())
+    assert config["max_position_embeddings"] == 48 and config["rms_norm_eps"] == 1e-5
+    assert config["bos_token_id"] == config["eos_token_id"] == config["pad_token_id"] == 0  # bpe: <|endoftext|> is 0
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+
+
+def test_greedy_generation_is_the_same_tokens(bpe_run, exported):
+    model = from_pretrained(exported)[0]
+    ours, config, trained_on = load_run(bpe_run)
+    tok = tokenizer_for(config, None, trained_on)
+    prompt = [int(i) for i in tok.encode_batch(["The quick"])[0]]
+    theirs = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=32,
+        eos_token_id=None,
+    )[0, len(prompt) :].tolist()
+    assert theirs == generate(ours, prompt, 32, temperature=0.0)
+    assert len(theirs) == 32
+
+
+def test_auto_tokenizer_encodes_and_decodes_as_ours(bpe_run, exported):
+    _, config, trained_on = load_run(bpe_run)
+    ours = tokenizer_for(config, None, trained_on)
+    theirs = transformers.AutoTokenizer.from_pretrained(exported)
+    ids = [int(i) for i in ours.encode_batch([SAMPLE])[0]]
+    assert theirs(SAMPLE)["input_ids"] == ids  # add_special_tokens (the default) adds no BOS
+    assert theirs.encode(SAMPLE, add_special_tokens=True) == ids
+    assert theirs.decode(ids) == ours.decode(ids) == SAMPLE
+    assert theirs.eos_token_id == theirs.bos_token_id == theirs.pad_token_id == ours.eot_id
+
+
+def test_bfloat16_export_loads_in_bfloat16_and_shards_past_the_limit(bpe_run, tmp_path):
+    notes = export_run(bpe_run, tmp_path / "bf16", dtype="bfloat16", max_shard_bytes=40_000)
+    assert "tokenizer.json" in notes[0]
+    files = sorted(p.name for p in (tmp_path / "bf16").iterdir() if "safetensors" in p.name)
+    assert files[-1] == "model.safetensors.index.json" and len(files) > 2
+    model, info, _ = from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    ours = load_run(bpe_run)[0]
+    assert torch.equal(model.model.embed_tokens.weight, ours.token_embeddings.weight.bfloat16())
+
+
+def test_byte_run_exports_an_exact_byte_tokenizer(tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT)
+    prepare([str(tmp_path / "text.txt")], tmp_path / "data", "byte", val_fraction=0.2)
+    run = train(tmp_path / "data", tmp_path / "run", "--max-steps", "2")
+    assert "byte-level" in export_run(run, tmp_path / "hf")[0]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = ByteTokenizer().encode_batch([SAMPLE])[0].tolist()
+    assert theirs(SAMPLE)["input_ids"] == ids
+    assert theirs.decode(ids) == SAMPLE and theirs.eos_token_id == 256
+
+
+def test_export_refuses_a_directory_that_holds_files(bpe_run, tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert export_main([str(bpe_run), "--out", str(tmp_path)]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_missing_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ConfigError, match=r"pip install 'lmstack\[hf\]'"):
+        hf.import_module("transformers")
