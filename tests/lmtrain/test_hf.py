@@ -16,13 +16,14 @@ transformers = pytest.importorskip("transformers")
 
 from lmdata.prepare import prepare  # noqa: E402
 from lmdata.tokenizer import ByteTokenizer  # noqa: E402
-from lmtrain import hf  # noqa: E402
+from lmtrain import hf, load_hf  # noqa: E402
 from lmtrain.errors import ConfigError  # noqa: E402
 from lmtrain.export import export_run  # noqa: E402
 from lmtrain.export import main as export_main  # noqa: E402
 from lmtrain.main import main as train_main  # noqa: E402
 from lmtrain.sample import generate, load_run, tokenizer_for  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
+from tests.lmtrain.test_main import args, records  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 40
 TEXT += "Grüße aus Köln, 東京 and emoji 🙂 too.\n\n" * 20
@@ -165,3 +166,125 @@ def test_a_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ConfigError, match=r"pip install 'lmstack\[hf\]'"):
         hf.import_module("transformers")
+
+
+# -- import ---------------------------------------------------------------------------------------------------
+SMALL_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    rope_theta=5000.0,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A randomly initialised LlamaForCausalLM, saved by save_pretrained (TINY's shape, vocab 64 as `corpus`)."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL_LLAMA))
+    with torch.no_grad():  # norms of 1 and tiny weights would hide a wrong mapping: make every weight count
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("llama") / "model"
+    model.save_pretrained(out)
+    return out
+
+
+def edited(llama_dir: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of ``llama_dir`` whose config.json has ``changes`` (None removes a key)."""
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for p in llama_dir.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_load_hf_gives_the_llama_logits(llama_dir):
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ours = load_hf(llama_dir)
+    assert (ours.context_length, len(ours.layers), ours.num_heads) == (64, 2, 2)
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (theirs(ids).logits - ours(ids)).abs().max().item()
+    print(f"max logit difference {diff:.2e}")
+    assert diff < 1e-4, diff
+
+
+def test_transformers_4_config_layout_is_read(llama_dir, tmp_path):
+    old = edited(llama_dir, tmp_path, rope_parameters=None, rope_theta=2500.0, rope_scaling=None)
+    assert hf.read_llama_config(old)["rope_theta"] == 2500.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"model_type": "mistral"}, "model_type 'mistral'"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"mlp_bias": True}, "mlp_bias=true"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_type 'linear'"),
+        ({"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"head_dim": 8}, "head_dim 8"),
+        ({"rms_norm_eps": 1e-6}, "rms_norm_eps 1e-06"),
+        ({"num_key_value_heads": 1}, "num_key_value_heads 1 != num_attention_heads 2"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+    ],
+)
+def test_each_llama_feature_we_lack_is_refused_by_name(llama_dir, tmp_path, changes, named):
+    with pytest.raises(ConfigError, match="cannot import this model") as e:
+        load_hf(edited(llama_dir, tmp_path, **changes))
+    assert named in str(e.value)
+
+
+def test_init_from_a_llama_dir_trains(llama_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    # a learning rate of 1e-9 (and no decay): the trained weights are still the Llama model's, to float32 rounding
+    tiny_lr = ("--lr", "1e-9", "--min-lr", "0", "--weight-decay", "0")
+    assert train_main([*args(corpus, out, "--max-steps", "3", *tiny_lr, "--init-from", str(llama_dir))]) == 0
+    assert f"starting from the weights of {llama_dir}" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["rope_theta"] == 5000.0 and saved["run"]["init_from"] == str(llama_dir)
+    assert saved["model"]["context_length"] == 32  # TINY's, shorter than the model's 64
+    train = records(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in train)
+    expected, trained = load_hf(llama_dir).state_dict(), load_run(out)[0].state_dict()
+    assert max((expected[k] - trained[k]).abs().max().item() for k in expected) < 1e-6
+
+
+def test_init_from_refuses_disagreeing_flags_and_llama_features(llama_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        train_main([*args(corpus, out, "--d-model", "64", "--context-length", "128", "--init-from", str(llama_dir))])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"--d-model 64 disagrees with --init-from {llama_dir}, whose d_model is 32" in err
+    assert "--context-length 128 is longer than the 64 positions" in err
+    bad = edited(llama_dir, tmp_path, attention_bias=True)
+    assert train_main([*args(corpus, out, "--init-from", str(bad))]) == 2
+    assert "attention_bias=true (our model has no biases)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_init_from_our_run_fine_tunes_and_a_resume_ignores_it(corpus, tmp_path, capsys):
+    base = tmp_path / "base"
+    assert train_main(args(corpus, base, "--max-steps", "4")) == 0
+    tuned = tmp_path / "tuned"
+    argv = args(corpus, tuned, "--max-steps", "2", "--init-from", str(base), "--lr", "1e-4")
+    assert train_main(argv) == 0
+    first, last_of_base = records(tuned, "eval")[0], records(base, "eval")[-1]
+    assert first["step"] == 0 and first["val_loss"] == last_of_base["val_loss"]  # the same weights, the same batches
+    capsys.readouterr()
+    assert train_main([*argv[:-4], "--max-steps", "3", "--init-from", str(base), "--lr", "1e-4"]) == 0
+    assert f"--init-from {base} ignored: the run resumed at step 2" in capsys.readouterr().out
