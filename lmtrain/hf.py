@@ -118,6 +118,8 @@ def from_llama_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The inverse of :func:`to_llama_state_dict`; CheckpointError naming missing or unexpected weights."""
     pairs = [(o, t) for o, t in _name_pairs(num_layers) if not (tied and o == "lm_head.weight")]
+    if tied:  # a tied model's file has no lm_head; its state_dict() has one, the embedding itself
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     expected = {t for _, t in pairs}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:

@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from lmdata.prepare import prepare
+from lmdata.tokenizer import ByteTokenizer
+from lmtrain import hf, load_hf
+from lmtrain.errors import ConfigError
+from lmtrain.export import export_run, save_tokenizer
+from lmtrain.export import main as export_main
+from lmtrain.main import main as train_main
+from lmtrain.sample import generate, load_run, tokenizer_for
+from tests.conftest import TINY
+from tests.lmtrain.test_main import args, records
 
-from lmdata.prepare import prepare  # noqa: E402
-from lmdata.tokenizer import ByteTokenizer  # noqa: E402
-from lmtrain import hf, load_hf  # noqa: E402
-from lmtrain.errors import ConfigError  # noqa: E402
-from lmtrain.export import export_run  # noqa: E402
-from lmtrain.export import main as export_main  # noqa: E402
-from lmtrain.main import main as train_main  # noqa: E402
-from lmtrain.sample import generate, load_run, tokenizer_for  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
-from tests.lmtrain.test_main import args, records  # noqa: E402
+transformers = pytest.importorskip("transformers")  # the hf extra; lmtrain itself imports it only when used
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 40
 TEXT += "Grüße aus Köln, 東京 and emoji 🙂 too.\n\n" * 20
@@ -74,6 +74,36 @@ def test_rope_permutation_round_trips_and_moves_pair_k_to_k_and_k_plus_half():
     assert torch.equal(half, w[order])
     assert torch.equal(hf.to_adjacent_pairs(half, 2), w)
     assert torch.equal(hf.to_half_split(hf.to_adjacent_pairs(w, 2), 2), w)
+
+
+def test_a_grouped_query_tied_model_converts_for_when_the_options_land():
+    # what TransformerLM will hold with num_kv_heads=1 and tie_embeddings (being added): k and v project to one head
+    shape = {"vocab_size": 50, "context_length": 16, "d_model": 16, "num_layers": 1, "num_heads": 4, "d_ff": 24}
+    model = {**shape, "rope_theta": 1e4, "num_kv_heads": 1, "tie_embeddings": True}
+    kwargs = hf.llama_config_kwargs(model, eot_id=7, dtype="float32")
+    assert (kwargs["num_key_value_heads"], kwargs["tie_word_embeddings"]) == (1, True)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
+    state = {hf_name: torch.randn(w.shape) for hf_name, w in llama.state_dict().items()}
+    ours = hf.from_llama_state_dict(state, 1, num_heads=4, num_kv_heads=1, tied=True)
+    assert ours["layers.0.attn.k_proj.weight"].shape == (4, 16)  # one head of width 4
+    assert ours["lm_head.weight"] is ours["token_embeddings.weight"]
+    back = hf.to_llama_state_dict(ours, 1, num_heads=4, num_kv_heads=1, tied=True)
+    assert "lm_head.weight" not in back
+    assert back.keys() == state.keys() - {"lm_head.weight"}
+    assert all(torch.equal(back[k], state[k]) for k in back)
+    missing, unexpected = llama.load_state_dict(back, strict=False)
+    assert (missing, unexpected) == (["lm_head.weight"], [])  # tied: transformers fills it from embed_tokens
+
+
+def test_tiktoken_runs_write_no_tokenizer_files_and_say_why(tmp_path):
+    from types import SimpleNamespace
+
+    note = save_tokenizer(SimpleNamespace(name="tiktoken:gpt2", eot_id=50256), tmp_path, 64)
+    assert note == (
+        "no tokenizer files: tiktoken:gpt2 has no exact transformers equivalent here; use "
+        "tiktoken.get_encoding('gpt2') (end-of-text id 50256)"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- export ---------------------------------------------------------------------------------------------------
