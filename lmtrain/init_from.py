@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lmtrain import hf
-from lmtrain.errors import LmTrainError
+from lmtrain.errors import CheckpointError, LmTrainError
 from lmtrain.sample import load_run
 
 
@@ -24,7 +24,10 @@ def source_shape(source: str) -> dict:
     """Our ``config["model"]`` fields of SOURCE (reading its config only, for an HF directory)."""
     path = Path(source)
     if hf.is_hf_dir(path):
-        return hf.read_llama_config(path)
+        shape = hf.read_llama_config(path)
+        if not any((path / name).is_file() for name in (hf.WEIGHTS_NAME, hf.INDEX_NAME)):
+            raise CheckpointError(f"{path}: no {hf.WEIGHTS_NAME} or {hf.INDEX_NAME} (only safetensors are read)")
+        return shape
     return dict(load_run(path)[1]["model"])
 
 

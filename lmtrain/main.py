@@ -3,8 +3,9 @@ checkpoint), 2 a user error (bad flag, config, data or checkpoint, a busy run di
 traceback), 3 a non-finite loss, 130 stopped at once by a second SIGINT/SIGTERM.
 
 Order, so that a refused run writes nothing: every check (config, data, disk, memory) runs first; then rank 0
-locks the run directory, picks the checkpoint to resume from and checks it; only then is ``config.json`` written
-and training started.
+locks the run directory, picks the checkpoint to resume from and checks it (a run starting at step 0 then takes
+``--init-from``'s weights, whose source was read with the checks); only then is ``config.json`` written and
+training started.
 """
 
 from __future__ import annotations

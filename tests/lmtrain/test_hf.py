@@ -304,6 +304,12 @@ def test_init_from_refuses_disagreeing_flags_and_llama_features(llama_dir, corpu
     bad = edited(llama_dir, tmp_path, attention_bias=True)
     assert train_main([*args(corpus, out, "--init-from", str(bad))]) == 2
     assert "attention_bias=true (our model has no biases)" in capsys.readouterr().err
+    (bad / "model.safetensors").unlink()
+    (bad / "config.json").write_text((llama_dir / "config.json").read_text())
+    assert train_main([*args(corpus, out, "--init-from", str(bad))]) == 2
+    assert "no model.safetensors or model.safetensors.index.json" in capsys.readouterr().err
+    assert train_main([*args(corpus, out, "--init-from", str(tmp_path / "nowhere"))]) == 2
+    assert "no such run directory or checkpoint file" in capsys.readouterr().err
     assert not out.exists()
 
 
