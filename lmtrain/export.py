@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from lmdata import LmDataError
@@ -53,12 +56,21 @@ def export_run(
     llama = hf.to_llama_state_dict(
         state, m["num_layers"], heads, kwargs["num_key_value_heads"], kwargs["tie_word_embeddings"]
     )
-    out.mkdir(parents=True, exist_ok=True)
-    transformers.LlamaConfig(**kwargs).save_pretrained(out)
-    ids = {f"{k}_token_id": tok.eot_id for k in ("bos", "eos", "pad")}
-    transformers.GenerationConfig(**ids).save_pretrained(out)
-    hf.save_weights(llama, out, max_shard_bytes)
-    return [save_tokenizer(tok, out, m["context_length"])]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside, then renamed: a failed or killed export leaves no half directory that loads
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        transformers.LlamaConfig(**kwargs).save_pretrained(partial)
+        ids = {f"{k}_token_id": tok.eot_id for k in ("bos", "eos", "pad")}
+        transformers.GenerationConfig(**ids).save_pretrained(partial)
+        hf.save_weights(llama, partial, max_shard_bytes)
+        notes = [save_tokenizer(tok, partial, m["context_length"])]
+        partial.chmod(0o755)  # mkdtemp's 0o700 is for the temporary only
+        os.replace(partial, out)  # onto an empty directory too (POSIX rename)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return notes
 
 
 def save_tokenizer(tok, out: Path, context_length: int) -> str:
