@@ -13,6 +13,7 @@ from lmtrain.errors import (
     NonFiniteLossError,
     RunDirBusyError,
 )
+from lmtrain.hf import load_hf
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer, parameter_groups
 from lmtrain.rng import capture_rng_state, restore_rng_state
@@ -42,6 +43,7 @@ __all__ = [
     "TransformerLM",
     "capture_rng_state",
     "load_checkpoint",
+    "load_hf",
     "lr_cosine_schedule",
     "make_optimizer",
     "parameter_groups",

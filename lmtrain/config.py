@@ -104,6 +104,13 @@ class RunConfig:
     )
     compile: bool = doc(False, "torch.compile the model (on CPU here: about 7 percent faster after a 20 s compile)")
     prefetch: int = doc(16, "batches the loader prepares ahead, refilled in bursts of three quarters", gt=0)
+    init_from: str | None = doc(
+        None,
+        "start a new run from these weights: a Hugging Face Llama directory (config.json and safetensors) or one "
+        "of our run dirs or checkpoints (fine-tuning); the model shape is its own (model flags that disagree are "
+        "an error; --context-length may be shorter). Ignored, with a message, when the run resumes a checkpoint",
+        nonempty=True,
+    )
 
 
 @dataclass
@@ -147,7 +154,7 @@ RESUMABLE_CHANGES = (
     {("run", "max_steps"), ("optim", "lr_decay_steps"), ("run", "prefetch"), ("run", "compile")}
     | {("log", f.name) for f in dataclasses.fields(LogConfig)}
     | {("checkpoint", f.name) for f in dataclasses.fields(CheckpointConfig)}
-    | {("data", "out_dir")}
+    | {("data", "out_dir"), ("run", "init_from")}  # init_from only matters at step 0, which a resume is past
 )
 
 

@@ -3,8 +3,9 @@ checkpoint), 2 a user error (bad flag, config, data or checkpoint, a busy run di
 traceback), 3 a non-finite loss, 130 stopped at once by a second SIGINT/SIGTERM.
 
 Order, so that a refused run writes nothing: every check (config, data, disk, memory) runs first; then rank 0
-locks the run directory, picks the checkpoint to resume from and checks it; only then is ``config.json`` written
-and training started.
+locks the run directory, picks the checkpoint to resume from and checks it (a run starting at step 0 then takes
+``--init-from``'s weights, whose source was read with the checks); only then is ``config.json`` written and
+training started.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lmtrain.cli import parse_flags
 from lmtrain.config import TrainConfig, collect, load_toml, raise_problems, write_config
 from lmtrain.demo import demo_values, prepare_demo_data, report
 from lmtrain.errors import LmTrainError, NonFiniteLossError
+from lmtrain.init_from import load_into, shape_flags
 from lmtrain.loop import Trainer
 from lmtrain.preflight import Preflight, preflight
 from lmtrain.rundir import RunDirLock
@@ -40,9 +42,10 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Preflight, bool
         for section, values in file_values.items():
             demo.setdefault(section, {}).update(values)
         file_values, source = demo, "the demo settings"
+    flags, init_problems = shape_flags(file_values, flags)  # --init-from: the model's shape is its source's
     config, problems, bad = collect(file_values, flags, source=source)
     derived, found = preflight(config, bad)
-    raise_problems(problems + found)
+    raise_problems(problems + init_problems + found)
     for note in derived.warnings:
         print(f"lmtrain: warning: {note}", file=sys.stderr, flush=True)
     allow_change = getattr(args, "allow_config_change", False)
@@ -58,6 +61,8 @@ def run(config: TrainConfig, checked: Preflight, runtime: Runtime, allow_change:
     try:
         trainer = Trainer(config, runtime, (checked.train, checked.val))  # the data preflight checked
         trainer.resume(allow_change)
+        if config.run.init_from:
+            start_from(trainer, config.run.init_from, runtime.is_main)
     except BaseException:
         lock.discard()  # refused before anything was written: leave no trace of this attempt
         raise
@@ -74,6 +79,18 @@ def run(config: TrainConfig, checked: Preflight, runtime: Runtime, allow_change:
     finally:
         lock.release()
     return trainer
+
+
+def start_from(trainer: Trainer, source: str, is_main: bool) -> None:
+    """--init-from: SOURCE's weights for a run starting at step 0 (no checkpoint is ever written at step 0, so
+    step 0 means nothing was resumed); a resumed run keeps its checkpoint's."""
+    if trainer.step > 0:
+        if is_main:
+            print(f"lmtrain: --init-from {source} ignored: the run resumed at step {trainer.step}", flush=True)
+        return
+    load_into(trainer.model, source)
+    if is_main:
+        print(f"lmtrain: starting from the weights of {source}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

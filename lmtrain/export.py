@@ -1,0 +1,140 @@
+"""``python -m lmtrain.export``: a run as a Hugging Face Llama directory that transformers loads as it is.
+
+    python -m lmtrain.export RUN_DIR|CHECKPOINT --out DIR [--dtype float32|bfloat16|float16] [--tokenizer SPEC]
+
+Writes into DIR (new or empty): ``config.json`` (LlamaConfig), ``generation_config.json``, ``model.safetensors``
+(sharded with an index past 5 GiB), and the tokenizer, by kind:
+
+* ``bpe:N`` and ``hf:PATH``: ``tokenizer.json`` (without a post-processor, so no BOS is ever added: the model was
+  trained without one) and ``tokenizer_config.json`` (end-of-text as eos, bos and pad token; special-token text
+  inside a document encoded as text, as ours);
+* ``byte``: an equivalent byte-level ``tokenizer.json`` (ids 0..255 the UTF-8 bytes, 256 end-of-text);
+* ``tiktoken:NAME``: no tokenizer files (transformers has no exact equivalent of a tiktoken encoding here); use
+  ``tiktoken.get_encoding(NAME)``, whose end-of-text id is the config's eos_token_id.
+
+The run is only read (safe while it trains). Exit 0 done, 2 a user error (one message, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from lmdata import LmDataError
+from lmdata.tokenizer import EOT_TEXT, ByteTokenizer, HFTokenizer, byte_level_chars
+from lmtrain import hf
+from lmtrain.errors import ConfigError, LmTrainError
+from lmtrain.sample import load_run, tokenizer_for
+
+
+def export_run(
+    source: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    max_shard_bytes: int = hf.MAX_SHARD_BYTES,
+) -> list[str]:
+    """Write the HF directory ``out`` for the run or checkpoint ``source``; returns notes for the user (what was
+    written for the tokenizer)."""
+    transformers = hf.import_module("transformers")
+    if dtype not in hf.DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(hf.DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out}: exists and is not an empty directory; choose a new one")
+    model, config, trained_on = load_run(source)
+    tok = tokenizer_for(config, tokenizer, trained_on)
+    m = config["model"]
+    kwargs = hf.llama_config_kwargs(m, tok.eot_id, dtype)
+    state = {k: v.to(hf.DTYPES[dtype]) for k, v in model.state_dict().items()}
+    heads = m["num_heads"]
+    llama = hf.to_llama_state_dict(
+        state, m["num_layers"], heads, kwargs["num_key_value_heads"], kwargs["tie_word_embeddings"]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside, then renamed: a failed or killed export leaves no half directory that loads
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        transformers.LlamaConfig(**kwargs).save_pretrained(partial)
+        ids = {f"{k}_token_id": tok.eot_id for k in ("bos", "eos", "pad")}
+        transformers.GenerationConfig(**ids).save_pretrained(partial)
+        hf.save_weights(llama, partial, max_shard_bytes)
+        notes = [save_tokenizer(tok, partial, m["context_length"])]
+        partial.chmod(0o755)  # mkdtemp's 0o700 is for the temporary only
+        os.replace(partial, out)  # onto an empty directory too (POSIX rename)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return notes
+
+
+def save_tokenizer(tok, out: Path, context_length: int) -> str:
+    """The tokenizer files for ``tok`` (see the module's docstring); returns what was written, for the user."""
+    if isinstance(tok, HFTokenizer):
+        backend = tok.tok
+        what = f"tokenizer.json and tokenizer_config.json ({tok.name}, no BOS added)"
+    elif isinstance(tok, ByteTokenizer):
+        backend = byte_level_tokenizer()
+        what = "tokenizer.json and tokenizer_config.json (byte: an equivalent byte-level tokenizer)"
+    else:
+        return (
+            f"no tokenizer files: {tok.name} has no exact transformers equivalent here; use "
+            f"tiktoken.get_encoding({tok.name.partition(':')[2]!r}) (end-of-text id {tok.eot_id})"
+        )
+    body = json.loads(backend.to_str())
+    body["post_processor"] = None  # e.g. Llama 3's adds <|begin_of_text|>; the model never saw one
+    tokenizers = hf.import_module("tokenizers")
+    eot = backend.id_to_token(tok.eot_id)
+    fast = hf.import_module("transformers").PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(body)),
+        eos_token=eot,
+        bos_token=eot,
+        pad_token=eot,
+        split_special_tokens=True,  # ours encodes "<|endoftext|>" in a document as text (encode_special_tokens)
+        model_max_length=context_length,
+    )
+    fast.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name transformers 4 and 5 both know
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return what
+
+
+def byte_level_tokenizer():
+    """A tokenizers.Tokenizer that encodes as ByteTokenizer: no merges over the 256 byte characters (GPT-2's
+    bytes_to_unicode, id = the byte), the whole text one pre-token, then end-of-text as the special id 256."""
+    tokenizers = hf.import_module("tokenizers")
+    vocab = {c: b for b, c in enumerate(byte_level_chars())}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.add_special_tokens([EOT_TEXT])
+    return tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmtrain.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest checkpoint) or a .pt")
+    parser.add_argument("--out", required=True, help="the directory to write (new or empty)")
+    parser.add_argument("--dtype", default="float32", choices=tuple(hf.DTYPES), help="weights' dtype in the files")
+    parser.add_argument("--tokenizer", default=None, help="override the tokenizer named by the training manifest")
+    args = parser.parse_args(argv)
+    try:
+        notes = export_run(args.source, args.out, args.dtype, args.tokenizer)
+    except (LmTrainError, LmDataError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"export: tokenizer: {note}")
+    print(f"export: wrote {args.out}; load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
