@@ -201,11 +201,6 @@ def _refusals(c: dict, path: Path) -> list[str]:
         problems.append(f"head_dim {c['head_dim']} other than hidden_size/num_attention_heads={hidden // heads}")
     if (eps := c.get("rms_norm_eps", LLAMA_DEFAULTS["rms_norm_eps"])) != MODEL_EPS:
         problems.append(f"rms_norm_eps {eps} (our RMSNorm's eps is {MODEL_EPS})")
-    # until TransformerLM has the num_kv_heads and tie_embeddings options (being added in another branch)
-    if c.get("num_key_value_heads", heads) != heads:
-        problems.append(f"num_key_value_heads {c.get('num_key_value_heads')} != num_attention_heads {heads} (GQA)")
-    if c.get("tie_word_embeddings", LLAMA_DEFAULTS["tie_word_embeddings"]):
-        problems.append("tie_word_embeddings=true (tied input and output embeddings)")
     return problems
 
 
@@ -238,7 +233,15 @@ def read_llama_config(directory: Path) -> dict:
         "num_heads": c["num_attention_heads"],
         "d_ff": c["intermediate_size"],
         "rope_theta": theta,
+        "num_kv_heads": _kv_heads(c),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", LLAMA_DEFAULTS["tie_word_embeddings"])),
     }
+
+
+def _kv_heads(c: dict) -> int | None:
+    """num_key_value_heads as our option: None (multi-head) when it is absent or equals the heads."""
+    kv = c.get("num_key_value_heads")
+    return None if kv is None or kv == c["num_attention_heads"] else kv
 
 
 # -- weights files -----------------------------------------------------------------------------------------------
@@ -299,7 +302,8 @@ def load_hf(directory: str | Path) -> TransformerLM:
     state = load_weights(directory)
     model = TransformerLM(**shape)
     heads = shape["num_heads"]
-    ours = from_llama_state_dict(state, shape["num_layers"], heads, heads, tied=False)
+    kv_heads = shape["num_kv_heads"] or heads
+    ours = from_llama_state_dict(state, shape["num_layers"], heads, kv_heads, tied=shape["tie_embeddings"])
     try:
         model.load_state_dict(ours)
     except RuntimeError as e:  # a weight of another shape than config.json says
