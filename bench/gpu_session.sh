@@ -15,6 +15,8 @@
 #   run        GPT-2-small shape (d_model 768, 12 layers, 12 heads, d_ff 2048, T 1024, vocab 50257: 124M
 #              parameters besides the embedding), 60 steps with --async-checkpoint: tokens/s, MFU, data stall
 #   resume     the same command to 70 steps: must resume at step 60
+#   options    grouped-query attention and tied embeddings (--num-kv-heads 4 --tie-embeddings: SDPA enable_gqa under
+#              bf16 autocast) for a few steps, then evaluate (bits per byte) and export on the GPU run
 #   compile    the same model with --compile for a few steps
 # Exit status: the number of steps that did not PASS (SKIP counts as passing), capped at 100.
 
@@ -41,18 +43,20 @@ if ((SMOKE)); then
   TOTAL_S=150 # the whole script's deadline: every step's box is cut to what is left of it
   export DEVICE=cpu DTYPE=float32
   MODEL=(--d-model 64 --num-layers 2 --num-heads 2 --d-ff 128 --context-length 64 --batch-size 4)
-  export VOCAB=512 TRAIN_TOKENS=200000 STEPS=6 RESUME_STEPS=8 COMPILE_STEPS=3
+  export VOCAB=512 TRAIN_TOKENS=200000 STEPS=6 RESUME_STEPS=8 COMPILE_STEPS=3 OPTIONS_STEPS=4 KV_HEADS=1
 else
   TOTAL_S=500 # under 9 minutes with the last box's kill grace and the summary
   export DEVICE=cuda DTYPE=auto
   MODEL=(--d-model 768 --num-layers 12 --num-heads 12 --d-ff 2048 --context-length 1024 --batch-size 32)
-  export VOCAB=50257 TRAIN_TOKENS=20000000 STEPS=60 RESUME_STEPS=70 COMPILE_STEPS=12
+  export VOCAB=50257 TRAIN_TOKENS=20000000 STEPS=60 RESUME_STEPS=70 COMPILE_STEPS=12 OPTIONS_STEPS=10 KV_HEADS=4
 fi
 COMMON=(--train-data "$WORK/data/train" --val-data "$WORK/data/val" "${MODEL[@]}" --device "$DEVICE" --dtype "$DTYPE"
   --lr 6e-4 --min-lr 6e-5 --warmup-steps 10 --log-interval 10 --eval-interval 0 --eval-batches 4)
 RUN_FLAGS=("${COMMON[@]}" --out-dir "$WORK/run" --checkpoint-interval 30 --async-checkpoint)
 COMPILE_FLAGS=("${COMMON[@]}" --out-dir "$WORK/compiled" --max-steps "$COMPILE_STEPS" --compile --log-interval 4)
-export RUN_FLAGS_STR="${RUN_FLAGS[*]}" COMPILE_FLAGS_STR="${COMPILE_FLAGS[*]}"
+OPTIONS_FLAGS=("${COMMON[@]}" --out-dir "$WORK/options" --max-steps "$OPTIONS_STEPS" --log-interval 2 --num-kv-heads "$KV_HEADS"
+  --tie-embeddings)
+export RUN_FLAGS_STR="${RUN_FLAGS[*]}" COMPILE_FLAGS_STR="${COMPILE_FLAGS[*]}" OPTIONS_FLAGS_STR="${OPTIONS_FLAGS[*]}"
 
 DEADLINE=$((SECONDS + TOTAL_S))
 NOT_PASSED=0
@@ -110,7 +114,7 @@ EOF
 check_flags() {
   local help missing=0
   help="$($PY -m lmtrain.main --help)" || return 1
-  for flag in $RUN_FLAGS_STR $COMPILE_FLAGS_STR --resume --max-steps; do
+  for flag in $RUN_FLAGS_STR $COMPILE_FLAGS_STR $OPTIONS_FLAGS_STR --resume --max-steps; do
     [[ $flag == --* ]] || continue
     if ! grep -qE -- "(^|[ ,])$flag([ ,=]|$)" <<<"$help"; then
       echo "unknown flag: $flag"
@@ -172,12 +176,21 @@ resume_run() {
   report "$WORK/run/metrics.jsonl" "$RESUME_STEPS"
 }
 
+options_run() {
+  # shellcheck disable=SC2086
+  $PY -m lmtrain.main $OPTIONS_FLAGS_STR || return 1
+  report "$WORK/options/metrics.jsonl" "$OPTIONS_STEPS" || return 1
+  $PY -m lmtrain.evaluate "$WORK/options" --data "$WORK/data/val" --batches 4 --device "$DEVICE" || return 1
+  $PY -m lmtrain.export "$WORK/options" --out "$WORK/options_hf" --dtype bfloat16 || return 1
+  ls "$WORK/options_hf"
+}
+
 compile_run() {
   # shellcheck disable=SC2086
   $PY -m lmtrain.main $COMPILE_FLAGS_STR || return 1
   report "$WORK/compiled/metrics.jsonl" "$COMPILE_STEPS"
 }
-export -f report train_run resume_run compile_run
+export -f report train_run resume_run options_run compile_run
 
 echo "gpu_session $( ((SMOKE)) && echo "--smoke " )$(date -u +%Y-%m-%dT%H:%M:%SZ), log $LOG, work dir $WORK"
 step env 30 bash -c "$(declare -f env_line); env_line"
@@ -195,6 +208,7 @@ fi
 step data 60 bash -c "$(declare -f make_data); make_data"
 step run 120 bash -c train_run
 step resume 60 bash -c resume_run
+step options 90 bash -c options_run
 if ((SMOKE)); then
   skip compile "smoke: torch.compile takes ~20 s on this CPU; its flags were checked in [flags]"
 else

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from lmdata import LmDataError
+from lmdata.errors import TokenizerError
 from lmdata.tokenizer import EOT_TEXT, ByteTokenizer, HFTokenizer, byte_level_chars
 from lmtrain import hf
 from lmtrain.errors import ConfigError, LmTrainError
@@ -48,9 +49,10 @@ def export_run(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: exists and is not an empty directory; choose a new one")
     model, config, trained_on = load_run(source)
-    tok = tokenizer_for(config, tokenizer, trained_on)
+    tok, why_not = _tokenizer(config, tokenizer, trained_on)
+    eot_id = None if tok is None else tok.eot_id
     m = config["model"]
-    kwargs = hf.llama_config_kwargs(m, tok.eot_id, dtype)
+    kwargs = hf.llama_config_kwargs(m, eot_id, dtype)
     state = {k: v.to(hf.DTYPES[dtype]) for k, v in model.state_dict().items()}
     heads = m["num_heads"]
     llama = hf.to_llama_state_dict(
@@ -61,16 +63,27 @@ def export_run(
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         transformers.LlamaConfig(**kwargs).save_pretrained(partial)
-        ids = {f"{k}_token_id": tok.eot_id for k in ("bos", "eos", "pad")}
+        ids = {f"{k}_token_id": eot_id for k in ("bos", "eos", "pad")}
         transformers.GenerationConfig(**ids).save_pretrained(partial)
         hf.save_weights(llama, partial, max_shard_bytes)
-        notes = [save_tokenizer(tok, partial, m["context_length"])]
+        notes = [why_not or save_tokenizer(tok, partial, m["context_length"])]
         partial.chmod(0o755)  # mkdtemp's 0o700 is for the temporary only
         os.replace(partial, out)  # onto an empty directory too (POSIX rename)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return notes
+
+
+def _tokenizer(config: dict, spec: str | None, trained_on: dict | None):
+    """(the run's tokenizer, None), or (None, why there is none): data made without a known tokenizer (raw
+    shards, write_shards' "unknown") still exports its model, without tokenizer files or end-of-text ids."""
+    try:
+        return tokenizer_for(config, spec, trained_on), None
+    except TokenizerError as e:
+        if spec is not None:  # the user named one: it must work
+            raise
+        return None, f"no tokenizer files and no bos/eos/pad ids: {e} (pass --tokenizer SPEC to write them)"
 
 
 def save_tokenizer(tok, out: Path, context_length: int) -> str:

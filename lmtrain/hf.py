@@ -139,7 +139,7 @@ def from_llama_state_dict(
 
 
 # -- config -----------------------------------------------------------------------------------------------------
-def llama_config_kwargs(model: dict, eot_id: int, dtype: str) -> dict:
+def llama_config_kwargs(model: dict, eot_id: int | None, dtype: str) -> dict:
     """LlamaConfig(...) arguments for our ``config["model"]``. num_kv_heads and tie_embeddings are read if the
     model has them (options being added), else num_heads and untied."""
     transformers = import_module("transformers")

@@ -399,3 +399,22 @@ def test_init_from_our_run_fine_tunes_and_a_resume_ignores_it(corpus, tmp_path, 
     capsys.readouterr()
     assert train_main([*argv[:-4], "--max-steps", "3", "--init-from", str(base), "--lr", "1e-4"]) == 0
     assert f"--init-from {base} ignored: the run resumed at step 2" in capsys.readouterr().out
+
+
+def test_a_run_on_data_without_a_known_tokenizer_still_exports_its_model(tmp_path, capsys):
+    import numpy as np
+
+    from lmdata import write_shards
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 20_000), ("val", 2_000)):
+        write_shards([rng.integers(0, 64, n, dtype=np.uint16)], tmp_path / "data" / split, vocab_size=64)
+    run = train(tmp_path / "data", tmp_path / "run", "--max-steps", "2")
+    capsys.readouterr()
+    assert export_main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert "no tokenizer files and no bos/eos/pad ids" in capsys.readouterr().out
+    model, info, warnings = from_pretrained(tmp_path / "hf")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()).get("eos_token_id") is None
+    assert export_main([str(run), "--out", str(tmp_path / "hf2"), "--tokenizer", "bpe:400"]) == 2  # named: must work

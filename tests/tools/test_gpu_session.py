@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["env", "flags", "pytest", "gpu_check", "data", "run", "resume", "compile"]
+STEPS = ["env", "flags", "pytest", "gpu_check", "data", "run", "resume", "options", "compile"]
 
 
 @pytest.mark.slow  # about 30 s on a 2-core machine
@@ -48,5 +48,5 @@ def test_gpu_session_counts_failed_steps_in_its_exit_status(tmp_path):
     )
     status = {line.split()[0]: line.split()[1] for line in (tmp_path / "summary.txt").read_text().splitlines()}
     failed = [name for name, s in status.items() if s == "FAIL"]
-    assert failed == ["env", "flags", "pytest", "gpu_check", "data", "run", "resume"]
+    assert failed == ["env", "flags", "pytest", "gpu_check", "data", "run", "resume", "options"]
     assert proc.returncode == len(failed) and "gpu_session: 7 NOT PASSED" in proc.stdout
