@@ -79,17 +79,16 @@ def gather_from_shards(shards, shard_ids, starts, inputs, targets):
 
 
 @njit(nogil=True, cache=True)
-def sample_and_gather(
-    kind, seed, rank, world_size, num_windows, half_bits, ends, stride, first_step, count, shards, scratch, ring
-):
-    """Batches ``first_step .. first_step + count - 1`` of a sampler (see ``_Sampler.kernel_args``), batch ``s``
-    into ``ring[s % len(ring)]``, a (2, B, T) array of inputs and targets, in one call that never holds the GIL.
+def sample_and_gather(args, base_row, first_step, count, shards, scratch, ring):
+    """Batches ``first_step .. first_step + count - 1`` of a sampler (``args``: its ``StreamArgs``), steps counted
+    from global row ``base_row``, batch ``s`` into ``ring[s % len(ring)]``, a (2, B, T) array of inputs and
+    targets, in one call that never holds the GIL. Each step's rows come from the global row index.
 
     scratch: (3, B) int64 workspace for window ids, shard ids and starts.
     """
     for step in range(first_step, first_step + count):
-        window_ids_into(kind, seed, rank, world_size, step, num_windows, half_bits, scratch[0])
-        locate_into(scratch[0], ends, stride, scratch[1], scratch[2])
+        window_ids_into(args, base_row, step, scratch[0])
+        locate_into(scratch[0], args.ends, args.stride, scratch[1], scratch[2])
         out = ring[step % len(ring)]
         gather_from_shards(shards, scratch[1], scratch[2], out[0], out[1])
 
@@ -110,15 +109,16 @@ class BatchFiller:
         self._typed = List(self.shards) if same else None
         self._scratch = np.empty((3, sampler.batch_size), dtype=np.int64)
 
-    def fill(self, first_step: int, count: int, ring: Sequence[np.ndarray]) -> None:
+    def fill(self, first_step: int, count: int, ring: Sequence[np.ndarray], base_row: int = 0) -> None:
         """Batch ``s`` into ``ring[s % len(ring)]`` ((2, B, T): inputs, targets) for the ``count`` steps from
-        ``first_step``. ``ring`` is a numba.typed.List of C-contiguous int64 or int32 arrays."""
+        ``first_step``, steps counted from global row ``base_row``. ``ring`` is a numba.typed.List of
+        C-contiguous int64 or int32 arrays."""
         if self._typed is not None:
-            sample_and_gather(*self.sampler.kernel_args, first_step, count, self._typed, self._scratch, ring)
+            sample_and_gather(self.sampler.kernel_args, base_row, first_step, count, self._typed, self._scratch, ring)
             return
         for step in range(first_step, first_step + count):
             out = ring[step % len(ring)]
-            gather_batch(self.shards, *self.sampler.batch(step), out[0], out[1])
+            gather_batch(self.shards, *self.sampler.batch(step, base_row), out[0], out[1])
 
 
 def gather_batch(

@@ -21,8 +21,9 @@ The contract with the consumer: **a batch handed out is never modified afterward
 * CUDA: each batch is a fresh device tensor; the pinned host buffers it was copied from are reused only after
   that copy has finished.
 
-``state_dict()`` describes the batches the consumer has *received* (not those prefetched), so resuming from it
-yields exactly the batch the consumer would have seen next.
+``state_dict()`` is the number of global rows the consumers of all ranks have *received* (not those prefetched):
+every rank's step takes B*W rows of the one global stream (:mod:`lmdata.sampler`), so resuming from it, under
+any batch size and world size, yields exactly the rows the stream would have handed out next.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 from numba.typed import List
 
 from lmdata.dataset import TokenDataset
-from lmdata.errors import ArgumentError
+from lmdata.errors import ArgumentError, SamplerStateError
 from lmdata.format import DTYPE_LIMITS
 from lmdata.gather import BatchFiller
 from lmdata.sampler import make_sampler
@@ -119,8 +120,16 @@ class _Producer:
     """The background thread and its buffers. Holds no reference to the BatchLoader, so the loader can be
     garbage-collected (which stops this thread) while the thread runs."""
 
-    def __init__(self, filler: BatchFiller, start_step: int, device: torch.device, prefetch: int, dtype: torch.dtype):
-        self.filler, self.step = filler, start_step
+    def __init__(
+        self,
+        filler: BatchFiller,
+        base_row: int,
+        start_step: int,
+        device: torch.device,
+        prefetch: int,
+        dtype: torch.dtype,
+    ):
+        self.filler, self.base_row, self.step = filler, base_row, start_step  # steps counted from global row base_row
         sampler = filler.sampler
         self.device, self.dtype = device, dtype
         self.shape = (2, sampler.batch_size, sampler.index.context_length)
@@ -156,7 +165,7 @@ class _Producer:
         first, slots = self.step, [(self.step + i) % len(self.buffers) for i in range(count)]
         for slot in slots:
             self._prepare(slot)
-        self.filler.fill(first, count, self.ring)  # one Numba call for the burst, GIL released
+        self.filler.fill(first, count, self.ring, self.base_row)  # one Numba call for the burst, GIL released
         self.step += count
         if self.device.type != "cuda":
             return [(first + i, self.buffers[slot], None) for i, slot in enumerate(slots)]
@@ -262,8 +271,9 @@ def _check_ids_fit_int32(dataset: TokenDataset) -> None:
 class BatchLoader:
     """Endless iterator of (inputs, targets), each (B, T) ``dtype`` on ``device``, prefetched in the background.
 
-    ``sampler`` is "epoch" (every window once per epoch, shuffled; ranks disjoint) or "random" (uniform with
-    replacement; ranks independent); see :mod:`lmdata.sampler`. ``rank`` and ``world_size`` default to
+    ``sampler`` is "epoch" (every window once per epoch, shuffled) or "random" (uniform with replacement); either
+    way rank r of W takes rows ``r*B .. r*B + B`` of each step's B*W rows of one global stream (see
+    :mod:`lmdata.sampler`). ``rank`` and ``world_size`` default to
     torch.distributed's when it is initialised. The thread starts at the first batch and stops on
     :meth:`close`, at the end of a ``with`` block, or when the loader is garbage-collected.
 
@@ -307,7 +317,8 @@ class BatchLoader:
             world_size=world_size,
         )
         self._filler = BatchFiller(self.sampler, [s.tokens for s in dataset.shards])
-        self._consumed = 0  # batches handed to the consumer: the resume point
+        self._base_row = 0  # global rows consumed (by all ranks) when this loader last loaded a state
+        self._consumed = 0  # batches handed to the consumer since then
         self._producer: _Producer | None = None
         self._finalizer = None
         self.stats = LoaderStats()
@@ -336,7 +347,7 @@ class BatchLoader:
         return batch[0], batch[1]
 
     def _start(self) -> None:
-        self._producer = _Producer(self._filler, self._consumed, self.device, self.prefetch, self.dtype)
+        self._producer = _Producer(self._filler, self._base_row, self._consumed, self.device, self.prefetch, self.dtype)
         # Stops the thread when the loader is garbage-collected or the interpreter exits.
         self._finalizer = weakref.finalize(self, self._producer.stop)
 
@@ -355,20 +366,58 @@ class BatchLoader:
 
     @property
     def step(self) -> int:
-        """Number of batches handed to the consumer so far."""
+        """Number of batches handed to the consumer since the loader started or last loaded a state."""
         return self._consumed
 
+    @property
+    def rows(self) -> int:
+        """Global rows consumed: by every rank together (B*W a step), since the start of the stream."""
+        return self._base_row + self._consumed * self.sampler.batch_size * self.sampler.world_size
+
     def state_dict(self) -> dict[str, int]:
-        """The resume point: ints only, so it loads under ``torch.load(weights_only=True)``."""
-        state = self.sampler.state_dict()
-        state["step"] = self._consumed
-        return state
+        """The resume point, global rows consumed, and what identifies the stream: ints only, so it loads under
+        ``torch.load(weights_only=True)``. Every rank's loader returns the same state."""
+        return {"format": STATE_FORMAT, **self.sampler.identity(), "rows": self.rows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from ``state``: the next batch is the one the saving loader would have handed out next.
+        """Continue from ``state``: the next batches hold the global rows the saving loaders would have handed
+        out next, whatever batch size and world size saved it (each step then takes B*W of them).
 
-        Refuses a state saved with another world size, sampler, seed, batch size, context length or dataset.
+        Refuses a state of another sampler, seed, context length or dataset, and one saved before the global
+        sample index (per-rank streams), whose position the global stream cannot continue.
         """
+        rows = check_state(state, self.sampler.identity())
         self.close()  # batches prefetched from the old position are dropped
-        self.sampler.load_state_dict(state)
-        self._consumed = self.sampler.step
+        self._base_row, self._consumed = rows, 0
+
+
+STATE_FORMAT = 2  # the global sample index; states without "format" are per-rank streams (format 1)
+
+
+def check_state(state: dict, identity: dict[str, int]) -> int:
+    """The rows consumed of a loader state, after SamplerStateError checks that it continues this stream."""
+    if not isinstance(state, dict):
+        raise SamplerStateError(f"the loader state must be a dict, got {type(state).__name__}")
+    if "format" not in state and "step" in state:
+        raise SamplerStateError(
+            "the loader state was saved before lmdata's global sample index: its position counts the batches of "
+            "per-rank sampler streams (step, rank, world_size), which the global stream of rows cannot continue. "
+            "Start the data stream afresh (a new run, or train from the saved weights)"
+        )
+    expected = {"format": STATE_FORMAT, **identity, "rows": 0}
+    malformed = [k for k in expected if not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]
+    if malformed:
+        raise SamplerStateError(
+            f"the loader state lacks integer values for {malformed}; it was not saved by this loader"
+        )
+    if state["format"] != STATE_FORMAT:
+        raise SamplerStateError(f"the loader state has format {state['format']}; this lmdata reads {STATE_FORMAT}")
+    if state["rows"] < 0:
+        raise SamplerStateError(f"the loader state's rows must be >= 0, got {state['rows']}")
+    diffs = [f"{k}: saved {state[k]}, now {v}" for k, v in identity.items() if state[k] != v]
+    if diffs:
+        raise SamplerStateError(
+            "the loader state does not match this loader (" + "; ".join(diffs) + "); "
+            "resume with the same data, sampler, seed and context length"
+        )
+    return int(state["rows"])

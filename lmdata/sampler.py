@@ -1,27 +1,36 @@
-"""Samplers: which windows make up batch ``step`` on ``rank``, as pure functions of (seed, step, rank, world).
+"""Samplers: the global stream of rows, and which of its rows make up batch ``step`` on ``rank``.
 
 A window is identified by a *global window id* ``g`` in ``[0, num_windows)``; :class:`WindowIndex` maps it to
 (shard, start). Windows never cross a shard boundary.
 
+The **global sample index**: row i (0, 1, 2, ...) of the stream is one window, a pure function of (seed, i) and
+the dataset, computed directly for any i (no replay):
+
 * ``random`` (:class:`RandomSampler`): every start position ``0 .. len - T - 1`` of every shard is a window
-  (stride 1), drawn uniformly with replacement, the course's and nanoGPT's semantics. Rank ``r`` draws from its
-  own stream, so ranks are independent.
+  (stride 1); row i is the uniform window ``hash(seed, i) % num_windows`` (with replacement), the course's and
+  nanoGPT's semantics.
 * ``epoch`` (:class:`EpochSampler`): windows start at multiples of T (stride T: window k holds tokens
   ``kT .. kT+T``, so consecutive windows share one boundary token and every token but a shard's first is a
-  target exactly once per epoch). The stream of all ranks together visits every window once per epoch in an
-  order shuffled anew each epoch; rank ``r`` takes items ``(step*W + r)*B .. +B`` of it, so ranks are disjoint.
+  target exactly once per epoch). Row i is position ``i % n`` of epoch ``i // n``'s order, a permutation of the
+  n windows keyed by (seed, epoch): every window once per epoch, shuffled anew each epoch.
+
+Ranks split the stream: batch ``step`` on rank r of W, B rows per rank, is rows ``base + step*B*W + r*B .. + B``
+(``base``: the rows consumed when the loader resumed). So a step's B*W rows are the same for any (B, W) of the
+same product, and the position is the number of rows consumed, whatever the world size that consumed them.
 
 No per-window index array is ever built: the epoch order is a keyed Feistel permutation on window ids, computed
 in O(1) memory per lookup, and the random stream is a counter-based hash. So a 10^12-token dataset starts
-instantly, and a sampler's whole state is a few integers.
+instantly, and the stream's whole state is one integer.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
-from lmdata.errors import ArgumentError, SamplerStateError
+from lmdata.errors import ArgumentError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -87,16 +96,46 @@ def epoch_windows(seed, first, count, num_windows, half_bits, out):
 
 
 RANDOM, EPOCH = 0, 1  # sampler kinds, as stored in state dicts (which hold ints only)
+_RANDOM_STREAM = 0  # the random sampler's one hash stream: every rank reads the same global rows of it
+
+
+class StreamArgs(NamedTuple):
+    """What the kernels need to map global rows to windows and windows to (shard, start): the sampler's
+    fixed description, passed as one argument (Numba takes NamedTuples) rather than an unnamed tuple."""
+
+    kind: int  # RANDOM or EPOCH
+    seed: int
+    batch_size: int  # B: rows per batch on each rank
+    rank: int
+    world_size: int  # W
+    num_windows: int
+    half_bits: int  # of the epoch permutation's Feistel network
+    ends: np.ndarray  # int64 (num_shards,): one past the last window id of each shard
+    stride: int  # tokens between consecutive window starts of a shard
 
 
 @njit(nogil=True, cache=True)
-def window_ids_into(kind, seed, rank, world_size, step, num_windows, half_bits, out):
-    """Global window ids of batch ``step`` on ``rank`` into ``out`` (B,) int64: the whole sampling rule."""
-    batch_size = out.shape[0]
+def row_windows_into(kind, seed, first_row, num_windows, half_bits, out):
+    """Window ids of global rows ``first_row .. first_row + len(out) - 1`` into ``out`` (int64): the whole
+    sampling rule, a pure function of (seed, row) and the dataset's window count."""
     if kind == RANDOM:
-        random_windows(seed, rank, step * batch_size, batch_size, num_windows, out)
+        random_windows(seed, _RANDOM_STREAM, first_row, out.shape[0], num_windows, out)
     else:
-        epoch_windows(seed, (step * world_size + rank) * batch_size, batch_size, num_windows, half_bits, out)
+        epoch_windows(seed, first_row, out.shape[0], num_windows, half_bits, out)
+
+
+@njit(nogil=True, cache=True)
+def first_row_of(base_row, step, rank, world_size, batch_size):
+    """The first global row of batch ``step`` on ``rank``: steps take B*W rows each, rank r the r-th B of them."""
+    return base_row + (step * world_size + rank) * batch_size
+
+
+@njit(nogil=True, cache=True)
+def window_ids_into(args, base_row, step, out):
+    """Global window ids of batch ``step`` on ``args.rank`` into ``out`` (B,) int64, counting steps from global
+    row ``base_row`` (the rows consumed when the stream was resumed; 0 for a fresh start)."""
+    first = first_row_of(base_row, step, args.rank, args.world_size, args.batch_size)
+    row_windows_into(args.kind, args.seed, first, args.num_windows, args.half_bits, out)
 
 
 @njit(nogil=True, cache=True)
@@ -146,7 +185,11 @@ class WindowIndex:
 
 
 class _Sampler:
-    """Common state and resume logic. Subclasses implement :meth:`window_ids`."""
+    """The global stream of rows of one sampler and dataset, and this rank's view of it.
+
+    Holds no position: batch ``step`` counts from a ``base_row`` the caller passes (the loader's rows consumed
+    at its last resume), so the stream's only state is that one integer, kept by the loader.
+    """
 
     kind: int  # RANDOM or EPOCH
 
@@ -174,18 +217,19 @@ class _Sampler:
         self.index = WindowIndex(lengths, context_length, stride)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.half_bits = feistel_half_bits(self.num_windows)
-        self.step = 0
+        self._cursor = 0  # only for next(): a convenience for scripts, never a resume point
 
     @property
     def num_windows(self) -> int:
         return self.index.num_windows
 
     @property
-    def kernel_args(self) -> tuple:
-        """What :func:`window_ids_into` and :func:`locate_into` need besides the step, for fused kernels."""
-        return (
+    def kernel_args(self) -> StreamArgs:
+        """What :func:`window_ids_into` and :func:`locate_into` need besides the position, for fused kernels."""
+        return StreamArgs(
             self.kind,
             self.seed,
+            self.batch_size,
             self.rank,
             self.world_size,
             self.num_windows,
@@ -194,74 +238,50 @@ class _Sampler:
             self.index.stride,
         )
 
-    def window_ids(self, step: int) -> np.ndarray:
-        """Global window ids, int64 (B,), of batch ``step`` on this rank."""
-        out = np.empty(self.batch_size, dtype=np.int64)
-        window_ids_into(self.kind, self.seed, self.rank, self.world_size, step, self.num_windows, self.half_bits, out)
+    def row_windows(self, first_row: int, count: int) -> np.ndarray:
+        """Window ids, int64 (count,), of global rows ``first_row ..``: computed directly, for any row."""
+        if first_row < 0 or count < 0:
+            raise ArgumentError(f"need first_row >= 0 and count >= 0, got {first_row} and {count}")
+        out = np.empty(count, dtype=np.int64)
+        row_windows_into(self.kind, self.seed, first_row, self.num_windows, self.half_bits, out)
         return out
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
+        """Global window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
+        out = np.empty(self.batch_size, dtype=np.int64)
+        window_ids_into(self.kernel_args, base_row, step, out)
+        return out
+
+    def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
-        return self.index.locate(self.window_ids(step))
+        return self.index.locate(self.window_ids(step, base_row))
 
     def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        out = self.batch(self.step)
-        self.step += 1
+        out = self.batch(self._cursor)
+        self._cursor += 1
         return out
 
     def __iter__(self):
         return self
 
-    def state_dict(self) -> dict[str, int]:
+    def identity(self) -> dict[str, int]:
+        """What a saved position must agree on to continue this stream: ints only."""
         return {
             "kind": self.kind,
-            "step": self.step,
             "seed": self.seed,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "batch_size": self.batch_size,
             "context_length": self.index.context_length,
             "num_windows": self.num_windows,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from ``state``; refuses a state made for another sampler, world size or dataset."""
-        mine = self.state_dict()
-        if not isinstance(state, dict):
-            raise SamplerStateError(f"the sampler state must be a dict, got {type(state).__name__}")
-        malformed = [k for k in mine if not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]
-        if malformed:
-            raise SamplerStateError(
-                f"the sampler state lacks integer values for {malformed}; it was not saved by this sampler"
-            )
-        if state["step"] < 0:
-            raise SamplerStateError(f"the sampler state's step must be >= 0, got {state['step']}")
-        if int(state["world_size"]) != self.world_size:
-            raise SamplerStateError(
-                f"the sampler state was saved with world_size={int(state['world_size'])} but this run has "
-                f"world_size={self.world_size}; resume with the same number of processes"
-            )
-        diffs = [
-            f"{k}: saved {int(state[k])}, now {mine[k]}"
-            for k in ("kind", "seed", "rank", "batch_size", "context_length", "num_windows")
-            if int(state[k]) != mine[k]
-        ]
-        if diffs:
-            raise SamplerStateError(
-                "the sampler state does not match this sampler (" + "; ".join(diffs) + "); "
-                "resume with the same data, sampler, seed, batch size and context length"
-            )
-        self.step = int(state["step"])
-
 
 class RandomSampler(_Sampler):
-    """Windows uniformly with replacement; rank r draws stream r, so ranks are independent."""
+    """Row i is a uniform window (with replacement) hashed from (seed, i), whichever rank reads it."""
 
     kind = RANDOM
 
 
 class EpochSampler(_Sampler):
-    """Every window once per epoch in a freshly shuffled order; ranks take disjoint slices of each step."""
+    """Row i is position i % n of epoch i // n's shuffled order of the n windows: each window once per epoch."""
 
     kind = EPOCH
 

@@ -156,6 +156,10 @@ RESUMABLE_CHANGES = (
     | {("checkpoint", f.name) for f in dataclasses.fields(CheckpointConfig)}
     | {("data", "out_dir"), ("run", "init_from")}  # init_from only matters at step 0, which a resume is past
 )
+# Fields that may change on resume while batch_size x grad_accum_steps x world size (the rows of one optimizer
+# step, the global batch) stays the same: the step then takes the same rows of the global sample stream. A change
+# of that product needs --allow-config-change; lmtrain.resume.check_fits_run applies the rule.
+GLOBAL_BATCH_FIELDS = frozenset({("run", "batch_size"), ("run", "grad_accum_steps")})
 
 
 @dataclass(frozen=True)
@@ -365,13 +369,14 @@ def load_toml(path: str | Path) -> dict[str, dict]:
 
 
 def config_diff(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
-    """Lines ``[section] key: saved -> now`` for fields that may not change on resume."""
+    """Lines ``[section] key: saved -> now`` for fields that may not change on resume (the global batch's fields
+    are judged by their product instead, in lmtrain.resume)."""
     lines = []
     for section, values in current.items():
         saved_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
         for key, value in values.items():
             old = saved_section.get(key)
-            if old != value and (section, key) not in RESUMABLE_CHANGES:
+            if old != value and (section, key) not in RESUMABLE_CHANGES | GLOBAL_BATCH_FIELDS:
                 lines.append(f"[{section}] {key}: {old!r} -> {value!r}")
     return lines
 

@@ -1,9 +1,12 @@
 """The training loop: model, optimizer, loaders and checkpoints put together, resumable bit for bit.
 
-Exactness of resume (same seed, same world size, CPU): a checkpoint holds the model, the optimizer (with its
-step counts), the GradScaler, every RNG state, and the loader's position (batches consumed). The learning rate
-is a function of the step, evaluation uses a fixed set of validation batches and changes no state, so a run
-resumed from step c repeats steps c+1.. exactly as the uninterrupted run did.
+Exactness of resume (same seed, same settings, CPU): a checkpoint holds the model, the optimizer (with its
+step counts), the GradScaler, every RNG state, and the loader's position (global rows consumed). The learning
+rate is a function of the step, evaluation uses a fixed set of validation batches and changes no state, so a run
+resumed from step c repeats steps c+1.. exactly as the uninterrupted run did. An optimizer step takes
+batch_size x grad_accum_steps x world_size rows of one global sample stream (rank r's micro-batch m of step s:
+B consecutive rows of that step's), so a run resumed under another world size or per-rank batch at the same
+product takes the same rows at every step, and matches the uninterrupted run up to float summation order.
 
 Sync points (host waits for the GPU) per step: one, in :func:`lmtrain.runtime.agree_on_step`, reading the loss
 plus the gradient norm (to stop *before* a non-finite update) together with the stop flag (SIGTERM/SIGINT).
@@ -112,7 +115,8 @@ class Trainer:
             "iteration": self.step,
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_state(self.rt.device),
-            "loader": self.loader.state_dict(),
+            "loader": self.loader.state_dict(),  # global rows consumed: the same on every rank
+            "world_size": self.rt.world_size,
             "config": self.c.to_dict(),
             "data": self.data_fingerprint(),
         }
@@ -128,7 +132,7 @@ class Trainer:
                 self._say(f"starting at step 0: {self.out_dir / 'metrics.jsonl'} of an earlier attempt is replaced")
             return
         path, obj = found
-        check_fits_run(path, obj, c, self.data_fingerprint(), allow_config_change)
+        check_fits_run(path, obj, c, self.data_fingerprint(), allow_config_change, self.rt.world_size)
         restore(obj, self.model, self.optimizer)
         if obj.get("scaler"):
             self.scaler.load_state_dict(obj["scaler"])
@@ -254,7 +258,7 @@ class Trainer:
         record = {
             "event": "train",
             "step": self.step,
-            "tokens": self.step * self._tokens_per_step(),
+            "tokens": self._tokens_seen(),
             "train_loss": loss,
             "lr": self.last_lr,
             "grad_norm": float(self.last_grad_norm),
@@ -266,6 +270,11 @@ class Trainer:
         if mfu is not None:
             record["mfu_pct"] = mfu
         self.log.log(record)
+
+    def _tokens_seen(self) -> int:
+        """Training tokens of every rank so far: the global rows consumed (all ranks, every step since the run
+        began, whatever global batch earlier segments of it had) times the context length."""
+        return self.loader.rows * self.c.model.context_length
 
     def _tokens_per_step(self) -> int:
         c = self.c
@@ -295,7 +304,7 @@ class Trainer:
             record = {
                 "event": "eval",
                 "step": self.step,
-                "tokens": self.step * self._tokens_per_step(),
+                "tokens": self._tokens_seen(),
                 "val_loss": score.loss,
                 "val_ppl": score.ppl,
             }
@@ -316,4 +325,3 @@ class Trainer:
             self.log.message(text)
         else:
             print(text, flush=True)
-

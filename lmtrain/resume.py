@@ -9,8 +9,11 @@
   checkpoints a later ``auto`` would pick up).
 
 A fresh start begins a new ``metrics.jsonl``; a resumed one keeps the records up to the checkpoint's step.
-A checkpoint is refused (typed errors, exit 2) if it is not a training checkpoint of this tool, if it lies
-beyond ``--max-steps``, or if the data or settings changed without ``--allow-config-change``.
+A checkpoint is refused (typed errors, exit 2) if it is not a training checkpoint of this tool (or one written
+before the global sample index), if it lies beyond ``--max-steps``, or if the data or settings changed without
+``--allow-config-change``. The world size and the per-rank batch (``--batch-size``, ``--grad-accum-steps``) may
+change freely while the global batch, batch_size x grad_accum_steps x world_size rows per optimizer step, stays
+the same: the loader's position is global rows consumed, so every step still takes the same rows.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ CHECKPOINT_PARTS = {
     "data": dict,
     "loader": dict,
     "rng": dict,
+    "world_size": int,  # of the run that wrote it: with the config's batch fields, its global batch
 }
 
 
@@ -76,6 +80,7 @@ def choose_start(c: TrainConfig, manager: CheckpointManager, writer: bool) -> tu
 
 def check_parts(path: Path, obj: dict) -> None:
     """CheckpointError unless ``obj`` has every part of a training checkpoint, each of the right type."""
+    check_global_index(path, obj)
     problems = [
         f"{key} ({'missing' if key not in obj else type(obj[key]).__name__ + ', expected ' + kind.__name__})"
         for key, kind in CHECKPOINT_PARTS.items()
@@ -87,6 +92,18 @@ def check_parts(path: Path, obj: dict) -> None:
         raise CheckpointError(
             f"{path}: not a training checkpoint of lmtrain.main: " + "; ".join(problems) + ". "
             "To start from its weights alone, train afresh (--resume never) in another --out-dir"
+        )
+
+
+def check_global_index(path: Path, obj: dict) -> None:
+    """CheckpointError for a checkpoint written before the global sample index: its loader position counts the
+    batches of per-rank sampler streams (no "format" key), which the global stream of rows cannot continue."""
+    loader = obj.get("loader")
+    if isinstance(loader, dict) and "format" not in loader and "step" in loader:
+        raise CheckpointError(
+            f"{path}: written before lmtrain's global sample index: its data position counts batches of per-rank "
+            "sampler streams, which this version cannot continue exactly. Start a new run from its weights "
+            "(--init-from PATH in another --out-dir), or keep the lmtrain that wrote it to finish this run"
         )
 
 
@@ -116,8 +133,11 @@ def with_defaults(saved: dict) -> dict:
     return out
 
 
-def check_fits_run(path: Path, obj: dict, c: TrainConfig, data: dict, allow_config_change: bool) -> None:
-    """Refuse a checkpoint beyond --max-steps, or made with other data or settings (unless allowed)."""
+def check_fits_run(
+    path: Path, obj: dict, c: TrainConfig, data: dict, allow_config_change: bool, world_size: int
+) -> None:
+    """Refuse a checkpoint beyond --max-steps, or made with other data, settings or global batch (unless allowed).
+    ``world_size``: this run's."""
     step = obj["iteration"]
     if step > c.run.max_steps:
         raise ConfigError(
@@ -136,3 +156,29 @@ def check_fits_run(path: Path, obj: dict, c: TrainConfig, data: dict, allow_conf
             + "\n  ".join(diff)
             + "\npass --allow-config-change to resume with them, or use a new --out-dir"
         )
+    check_global_batch(path, with_defaults(obj["config"])["run"], obj["world_size"], c, world_size, allow_config_change)
+
+
+def check_global_batch(
+    path: Path, saved_run: dict, saved_world: int, c: TrainConfig, world_size: int, allow_config_change: bool
+) -> None:
+    """ConfigError if the rows of one optimizer step changed, unless allowed: the world size and per-rank batch
+    may change freely at the same batch_size x grad_accum_steps x world_size."""
+    saved = (saved_run.get("batch_size"), saved_run.get("grad_accum_steps"), saved_world)
+    now = (c.run.batch_size, c.run.grad_accum_steps, world_size)
+    if not all(isinstance(v, int) and v > 0 for v in saved):
+        raise CheckpointError(
+            f"{path}: the checkpoint's batch_size, grad_accum_steps and world_size {saved} are not "
+            "positive integers; it was not written by lmtrain.main"
+        )
+    if saved[0] * saved[1] * saved[2] == now[0] * now[1] * now[2] or allow_config_change:
+        return
+
+    def described(b: tuple) -> str:
+        return f"batch_size {b[0]} x grad_accum_steps {b[1]} x world_size {b[2]} = {b[0] * b[1] * b[2]}"
+
+    raise ConfigError(
+        f"{path}: the global batch changed: the run took {described(saved)} rows per optimizer step, this one "
+        f"would take {described(now)}. The world size and per-rank batch may change only at the same product; "
+        "pass --allow-config-change to continue the same stream of rows with the new global batch"
+    )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from numba.typed import List
 
 from lmdata import TokenDataset, gather_batch, get_batch
-from lmdata.sampler import WindowIndex
+from lmdata.gather import BatchFiller
+from lmdata.sampler import WindowIndex, make_sampler
 from tests.conftest import SHARD_BASE, make_shards
 
 
@@ -119,3 +121,22 @@ def test_get_batch_on_cuda():
     torch.testing.assert_close(targets, inputs + 1)
     with pytest.raises((RuntimeError, AssertionError)):
         get_batch(np.arange(100, dtype=np.uint16), 2, 4, f"cuda:{torch.cuda.device_count() + 7}")
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("kind", ["random", "epoch"])
+def test_the_filler_gathers_each_steps_global_rows_from_the_base_row(kind, mixed):
+    """The fused one-call kernel (one shard dtype) and the per-shard path (mixed dtypes) take the same rows:
+    step s on rank 1 of 2, B=3, counted from row 13, is rows 13 + 6s + 3 .. + 3."""
+    T, B = 8, 3
+    shards = [(i * SHARD_BASE + np.arange(n)).astype(np.uint16) for i, n in enumerate([200, 90, 300])]
+    if mixed:
+        shards[1] = shards[1].astype(np.uint32)
+    sampler = make_sampler(kind, np.array([len(s) for s in shards]), T, B, seed=2, rank=1, world_size=2)
+    ring = List([np.empty((2, B, T), np.int64) for _ in range(4)])
+    BatchFiller(sampler, shards).fill(5, 4, ring, base_row=13)
+    for step in range(5, 9):
+        shard_ids, starts = sampler.index.locate(sampler.row_windows(13 + 6 * step + 3, B))
+        want = (shard_ids * SHARD_BASE + starts)[:, None] + np.arange(T)
+        np.testing.assert_array_equal(ring[step % 4][0], want)
+        np.testing.assert_array_equal(ring[step % 4][1], want + 1)

@@ -78,7 +78,7 @@ def test_state_counts_received_batches_not_prefetched(dataset):
         next(loader)
         next(loader)
         wait_until(lambda: loader._producer.step >= 4)  # batches made, handed out or queued
-        assert loader.state_dict()["step"] == 2
+        assert loader.state_dict()["rows"] == 2 * B
 
 
 @pytest.mark.parametrize("sampler", ["epoch", "random"])
@@ -101,26 +101,46 @@ def test_resume_yields_the_next_batches_exactly(dataset, sampler):
 def test_resume_on_the_same_loader_after_iterating(dataset):
     loader = BatchLoader(dataset, B, T)
     first = [next(loader)[0] for _ in range(3)]
-    loader.load_state_dict({**loader.state_dict(), "step": 1})
+    loader.load_state_dict({**loader.state_dict(), "rows": B})
     assert torch.equal(next(loader)[0], first[1])
     loader.close()
 
 
-def test_state_from_another_world_size_is_refused(dataset):
-    state = BatchLoader(dataset, B, T, rank=0, world_size=2).state_dict()
-    with pytest.raises(SamplerStateError, match="saved with world_size=2 but this run has world_size=3"):
-        BatchLoader(dataset, B, T, rank=0, world_size=3).load_state_dict(state)
-    with pytest.raises(SamplerStateError, match="lacks integer values for \\['kind', 'seed'"):
-        BatchLoader(dataset, B, T).load_state_dict({"step": 3, "world_size": 1})
+def test_state_from_another_world_size_loads_and_counts_rows(dataset):
+    with BatchLoader(dataset, B, T, rank=1, world_size=2) as loader:
+        next(loader)
+        next(loader)
+        state = loader.state_dict()
+    assert state == {"format": 2, "kind": 1, "seed": 0, "context_length": T, "num_windows": 59, "rows": 2 * 2 * B}
+    with BatchLoader(dataset, B, T, rank=0, world_size=3) as fresh:
+        fresh.load_state_dict(state)
+        assert fresh.rows == 16 and fresh.step == 0
+        x, _ = next(fresh)
+        assert fresh.rows == 16 + 3 * B
+    shard_ids, starts = fresh.sampler.index.locate(fresh.sampler.row_windows(16, B))
+    assert x[:, 0].tolist() == (shard_ids * SHARD_BASE + starts).tolist()
+    with pytest.raises(SamplerStateError, match="lacks integer values for \\['format', 'kind', 'seed'"):
+        BatchLoader(dataset, B, T).load_state_dict({"rows": 3})
+
+
+def test_state_from_another_dataset_sampler_or_seed_is_refused(dataset, tmp_path):
+    state = BatchLoader(dataset, B, T).state_dict()
+    other = TokenDataset(make_shards(tmp_path / "other", [300, 450]))
+    with pytest.raises(SamplerStateError, match="num_windows: saved 59, now 46"):
+        BatchLoader(other, B, T).load_state_dict(state)
+    with pytest.raises(SamplerStateError, match="kind: saved 1, now 0; seed: saved 0, now 5"):
+        BatchLoader(dataset, B, T, sampler="random", seed=5).load_state_dict(state)
+    with pytest.raises(SamplerStateError, match="has format 3; this lmdata reads 2"):
+        BatchLoader(dataset, B, T).load_state_dict({**state, "format": 3})
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"step": "3"}, "lacks integer values for \\['step'\\]"),
+        ({"rows": "3"}, "lacks integer values for \\['rows'\\]"),
         ({"seed": None}, "lacks integer values for \\['seed'\\]"),
-        ({"world_size": True}, "lacks integer values for \\['world_size'\\]"),
-        ({"step": -1}, "step must be >= 0, got -1"),
+        ({"format": True}, "lacks integer values for \\['format'\\]"),
+        ({"rows": -1}, "rows must be >= 0, got -1"),
     ],
 )
 def test_a_malformed_state_is_a_typed_error(dataset, change, message):
@@ -135,10 +155,10 @@ def test_error_in_the_thread_is_raised_in_the_consumer(dataset, monkeypatch):
     loader = BatchLoader(dataset, B, T, prefetch=1)  # one batch per fill, so batches 0 and 1 arrive
     real_fill = loader._filler.fill
 
-    def fill(first_step, count, ring):
+    def fill(first_step, count, ring, base_row):
         if first_step <= 2 < first_step + count:
             raise ShardFormatError("shard_002.bin: odd byte count 7 (simulated)")
-        real_fill(first_step, count, ring)
+        real_fill(first_step, count, ring, base_row)
 
     monkeypatch.setattr(loader._filler, "fill", fill)
     next(loader)
@@ -223,9 +243,9 @@ def test_the_thread_refills_in_bursts_of_consecutive_steps(dataset, monkeypatch)
     loader = BatchLoader(dataset, B, T, prefetch=8)  # refilled once 2 are left
     real_fill, calls = loader._filler.fill, []
 
-    def fill(first_step, count, ring):
+    def fill(first_step, count, ring, base_row):
         calls.append((first_step, count))
-        real_fill(first_step, count, ring)
+        real_fill(first_step, count, ring, base_row)
 
     monkeypatch.setattr(loader._filler, "fill", fill)
     with loader:

@@ -268,15 +268,51 @@ def test_changed_settings_on_resume_stop_with_a_diff(corpus, tmp_path, capsys):
     assert max(r["step"] for r in records(out, "train")) == 6
 
 
-def test_resume_under_another_world_size_is_refused(corpus, tmp_path, capsys, monkeypatch):
+ELASTIC = ["--eval-interval", "0", "--lr-decay-steps", "8", "--lr", "3e-3"]  # one lr schedule for every segment
+
+
+def test_resume_with_another_per_rank_batch_at_the_same_global_batch_takes_the_same_rows(corpus, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(args(corpus, whole, "--max-steps", "8", *ELASTIC)) == 0  # batch 8 x 1 micro-batch
+    assert main(args(corpus, split, "--max-steps", "4", *ELASTIC)) == 0
+    # 4 x 2 micro-batches x 1 process = 8 rows a step: no flag needed, and the steps take the same rows
+    assert main(args(corpus, split, "--max-steps", "8", *ELASTIC, "--batch-size", "4", "--grad-accum-steps", "2")) == 0
+    # The weights, not the val loss: the fixed validation set is --eval-batches x --batch-size rows, so it changed.
+    diff = max((final_weights(whole, 8)[k] - w).abs().max().item() for k, w in final_weights(split, 8).items())
+    print(f"largest weight difference after 8 steps: {diff:.2e}")
+    assert diff < 1e-4  # float summation order only (two micro-batch means instead of one)
+    assert records(split, "train")[-1]["tokens"] == 8 * 8 * 32
+    state = torch.load(split / "checkpoints" / "step_00000008.pt", weights_only=True)
+    assert state["loader"]["rows"] == 64 and state["world_size"] == 1
+
+
+def test_a_changed_global_batch_needs_the_flag_and_continues_the_rows(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "4", *ELASTIC)) == 0
+    assert main(args(corpus, out, "--max-steps", "6", *ELASTIC, "--batch-size", "4")) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the global batch changed: the run took batch_size 8 x grad_accum_steps 1 x world_size 1 = 8 rows per "
+        "optimizer step, this one would take batch_size 4 x grad_accum_steps 1 x world_size 1 = 4"
+    ) in err
+    assert main(args(corpus, out, "--max-steps", "6", *ELASTIC, "--batch-size", "4", "--allow-config-change")) == 0
+    assert records(out, "train")[-1]["tokens"] == (4 * 8 + 2 * 4) * 32  # rows consumed x context length
+    assert torch.load(out / "checkpoints" / "step_00000006.pt", weights_only=True)["loader"]["rows"] == 40
+
+
+def test_a_checkpoint_from_before_the_global_sample_index_is_refused(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
     ckpt = out / "checkpoints" / "step_00000002.pt"
     obj = torch.load(ckpt, weights_only=True)
-    obj["loader"]["world_size"] = 2
+    del obj["world_size"]
+    obj["loader"] = {"kind": 0, "step": 2, "seed": 0, "world_size": 1, "rank": 0, "batch_size": 8}
+    obj["loader"] |= {"context_length": 32, "num_windows": 1}  # the loader state's keys before the global index
     torch.save(obj, ckpt)
     assert main(args(corpus, out, "--max-steps", "4", "--eval-interval", "0")) == 2
-    assert "saved with world_size=2 but this run has world_size=1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step_00000002.pt: written before lmtrain's global sample index" in err
+    assert "--init-from PATH in another --out-dir" in err
 
 
 def test_torchrun_two_processes_track_one_process_with_the_same_global_batch(corpus, tmp_path):
@@ -304,7 +340,12 @@ def test_torchrun_two_processes_track_one_process_with_the_same_global_batch(cor
     assert one.wait(timeout=300) == 0
     a, b = records(single, "eval")[-1]["val_loss"], records(tmp_path / "ddp", "eval")[-1]["val_loss"]
     print(f"final val loss: 1 process {a:.4f}, 2 processes {b:.4f}")
-    assert abs(a - b) < 0.1 * a, (a, b)
+    assert abs(a - b) < 0.1 * a, (a, b)  # the validation sets differ: --eval-batches x --batch-size rows
+    # The same rows at every step (the global sample index), so the same weights up to float summation order
+    diff = max(
+        (final_weights(single, 40)[k] - w).abs().max().item() for k, w in final_weights(tmp_path / "ddp", 40).items()
+    )
+    assert diff < 1e-5, diff
     first_a, first_b = records(single, "train")[0]["train_loss"], records(tmp_path / "ddp", "train")[0]["train_loss"]
     assert a < first_a - 0.5 and b < first_b - 0.5
     assert records(tmp_path / "ddp", "train")[-1]["tokens"] == 40 * 16 * 32  # global batch 2 x 8

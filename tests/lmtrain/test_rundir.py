@@ -186,7 +186,9 @@ def test_a_disk_that_fills_during_the_run_stops_it_with_exit_2_and_the_checkpoin
     ("part", "value", "message"),
     [
         ("config", {"model": [1, 2]}, "settings changed since this run started"),
-        ("loader", {"step": "x"}, "lacks integer values for"),
+        ("loader", {"rows": "x"}, "lacks integer values for"),
+        ("loader", {"step": 2}, "written before lmtrain's global sample index"),
+        ("world_size", "2", "world_size (str, expected int)"),
         ("iteration", -4, "iteration (-4, expected >= 0)"),
         ("optimizer", [], "optimizer (list, expected dict)"),
         ("rng", {"torch": 3}, "RNG state is malformed"),
