@@ -75,10 +75,11 @@ def load_object(src: Target) -> dict:
             f"code when unpickled ({str(e).splitlines()[0]}). Only load checkpoints from sources you trust, "
             "and re-save them as plain state dicts"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError) as e:
+        # a damaged file, or one that is no checkpoint at all (a text file fails deep in the unpickler: KeyError)
         if isinstance(e, FileNotFoundError):
             raise
-        raise CheckpointError(f"{name}: cannot read the checkpoint ({e}); it is damaged or not a checkpoint") from None
+        raise CheckpointError(f"{name}: cannot read the checkpoint ({e!r}); damaged, or not a checkpoint") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{name}: expected a dict, found {type(obj).__name__}")
     return obj

@@ -18,12 +18,15 @@ The run is only read (safe while it trains). Exit 0 done, 2 a user error (one me
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 from lmdata import LmDataError
 from lmdata.errors import TokenizerError
@@ -52,20 +55,27 @@ def export_run(
     tok, why_not = _tokenizer(config, tokenizer, trained_on)
     eot_id = None if tok is None else tok.eot_id
     m = config["model"]
+    if tok is not None and tok.vocab_size > m["vocab_size"]:
+        raise ConfigError(
+            f"tokenizer {tok.name} has {tok.vocab_size} ids but the model only {m['vocab_size']}: its higher ids "
+            "would fail at the embedding; pass the --tokenizer the model was trained with"
+        )
     kwargs = hf.llama_config_kwargs(m, eot_id, dtype)
-    state = {k: v.to(hf.DTYPES[dtype]) for k, v in model.state_dict().items()}
+    state = _converted(model.state_dict(), dtype)
     heads = m["num_heads"]
     llama = hf.to_llama_state_dict(
         state, m["num_layers"], heads, kwargs["num_key_value_heads"], kwargs["tie_word_embeddings"]
     )
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(out)
     # written beside, then renamed: a failed or killed export leaves no half directory that loads
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         transformers.LlamaConfig(**kwargs).save_pretrained(partial)
         ids = {f"{k}_token_id": eot_id for k in ("bos", "eos", "pad")}
         transformers.GenerationConfig(**ids).save_pretrained(partial)
-        hf.save_weights(llama, partial, max_shard_bytes)
+        for name in hf.save_weights(llama, partial, max_shard_bytes):
+            (partial / name).chmod(0o644)  # safetensors writes 0600; the rest of the directory is 0644
         notes = [why_not or save_tokenizer(tok, partial, m["context_length"])]
         partial.chmod(0o755)  # mkdtemp's 0o700 is for the temporary only
         os.replace(partial, out)  # onto an empty directory too (POSIX rename)
@@ -73,6 +83,36 @@ def export_run(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return notes
+
+
+def _converted(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The weights in ``dtype``; ConfigError naming a weight that is not finite there (NaN in the run, or beyond
+    float16's +-65504), instead of a model that silently gives inf."""
+    out = {}
+    for name, w in state.items():
+        out[name] = w.to(hf.DTYPES[dtype])
+        if not bool(torch.isfinite(out[name]).all()):
+            where = "in the checkpoint" if not bool(torch.isfinite(w).all()) else f"once converted to {dtype}"
+            raise ConfigError(f"weight {name} holds NaN or inf {where}; export in float32 or bfloat16, or another run")
+    return out
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """What an export killed before its rename left beside ``out`` (its directory names its PID)."""
+    for partial in out.parent.glob(f".{glob.escape(out.name)}.partial-*-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)) and partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _tokenizer(config: dict, spec: str | None, trained_on: dict | None):
@@ -142,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         notes = export_run(args.source, args.out, args.dtype, args.tokenizer)
     except (LmTrainError, LmDataError) as e:
         print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out under a file, unwritable, a link, taken by a concurrent export...
+        why = e.strerror or e
+        print(f"export: error: --out {args.out}: cannot write there ({why}); choose another", file=sys.stderr)
         return 2
     for note in notes:
         print(f"export: tokenizer: {note}")

@@ -23,12 +23,14 @@ Supported transformers: >= 4.45 (4.x writes ``rope_theta`` and ``torch_dtype``, 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
+from lmdata.format import is_int
 from lmtrain.errors import CheckpointError, ConfigError
-from lmtrain.model import RMSNorm, TransformerLM
+from lmtrain.model import RMSNorm, TransformerLM, shape_problems
 
 INSTALL_HINT = "pip install 'lmstack[hf]'"
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
@@ -118,7 +120,13 @@ def from_llama_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The inverse of :func:`to_llama_state_dict`; CheckpointError naming missing or unexpected weights."""
     pairs = [(o, t) for o, t in _name_pairs(num_layers) if not (tied and o == "lm_head.weight")]
-    if tied:  # a tied model's file has no lm_head; its state_dict() has one, the embedding itself
+    if tied:  # a tied model's file has no lm_head, or one equal to the embedding (its state_dict() has both names)
+        head, embedding = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+        if head is not None and not (embedding is not None and torch.equal(head, embedding)):
+            raise CheckpointError(
+                "config.json says tie_word_embeddings=true but the weights hold an lm_head.weight of their own, "
+                "other than model.embed_tokens.weight; which is the model? Fix the config (false) or the weights"
+            )
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     expected = {t for _, t in pairs}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -131,6 +139,8 @@ def from_llama_state_dict(
     for ours, theirs in pairs:
         w = state[theirs].float()
         if (heads := _heads_of(ours, num_heads, num_kv_heads)) is not None:
+            if w.ndim != 2 or w.shape[0] % (2 * heads):
+                raise CheckpointError(f"{theirs}: shape {tuple(w.shape)} does not fit {heads} heads of even width")
             w = to_adjacent_pairs(w, heads)
         out[ours] = w
     if tied:
@@ -171,6 +181,8 @@ def _rope_theta(config: dict, path: Path) -> float:
     """RoPE's base from either layout (5: rope_parameters; 4: rope_theta with rope_scaling), refusing scaling."""
     params = config.get("rope_parameters")
     scaling = config.get("rope_scaling")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{path}: rope_parameters {params!r} is not an object")
     if isinstance(params, dict):
         kind = params.get("rope_type", params.get("type", "default"))
         if kind != "default":
@@ -218,11 +230,16 @@ def read_llama_config(directory: Path) -> dict:
     missing += [] if "num_attention_heads" in c else ["num_attention_heads"]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}; is it a Llama model's config.json?")
-    problems = _refusals(c, path)
+    problems = _size_problems(c) or _refusals(c, path)
+    theta = None
     try:
         theta = _rope_theta(c, path)
     except ConfigError as e:
         problems.append(str(e).removeprefix(f"{path}: "))
+    except (TypeError, ValueError):
+        problems.append("rope_theta is not a number")
+    if theta is not None and not (math.isfinite(theta) and theta > 0):
+        problems.append(f"rope_theta {theta} is not a positive number")
     if problems:
         raise ConfigError(f"{path}: cannot import this model: " + "; ".join(problems))
     return {
@@ -236,6 +253,22 @@ def read_llama_config(directory: Path) -> dict:
         "num_kv_heads": _kv_heads(c),
         "tie_embeddings": bool(c.get("tie_word_embeddings", LLAMA_DEFAULTS["tie_word_embeddings"])),
     }
+
+
+MAX_POSITIONS = 1 << 20  # RoPE tables are built for every position: a larger max_position_embeddings is a typo
+
+
+def _size_problems(c: dict) -> list[str]:
+    """What is wrong with the config's sizes (each a positive int; the heads dividing as our model needs)."""
+    sizes = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    sizes += [k for k in ("num_key_value_heads", "max_position_embeddings") if c.get(k) is not None]
+    problems = [f"{k} {c[k]!r} is not a positive integer" for k in sizes if not (is_int(c[k]) and c[k] > 0)]
+    if problems:
+        return problems
+    if c.get("max_position_embeddings", 0) > MAX_POSITIONS:
+        problems.append(f"max_position_embeddings {c['max_position_embeddings']} is above {MAX_POSITIONS:,}")
+    kv = c.get("num_key_value_heads") or c["num_attention_heads"]
+    return problems + shape_problems(c["hidden_size"], c["num_attention_heads"], kv)
 
 
 def _kv_heads(c: dict) -> int | None:
@@ -279,21 +312,39 @@ def save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_byte
 def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of ``model.safetensors`` or of the shards its index names, on the CPU."""
     load_file = import_module("safetensors.torch").load_file
+    damaged = (OSError, ValueError, KeyError, RuntimeError, import_module("safetensors").SafetensorError)
     directory = Path(directory)
     try:
         if (directory / WEIGHTS_NAME).is_file():
-            return load_file(str(directory / WEIGHTS_NAME))
-        if (directory / INDEX_NAME).is_file():
-            files = sorted(set(json.loads((directory / INDEX_NAME).read_text())["weight_map"].values()))
-            return {k: v for f in files for k, v in load_file(str(directory / f)).items()}
-    except (OSError, ValueError, KeyError, RuntimeError) as e:  # safetensors raises SafetensorError (an OSError-like)
+            state = load_file(str(directory / WEIGHTS_NAME))
+        elif (directory / INDEX_NAME).is_file():
+            state = {k: v for f in _shard_files(directory) for k, v in load_file(str(directory / f)).items()}
+        else:
+            raise CheckpointError(
+                f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}; only safetensors weights are read (re-save with "
+                "save_pretrained(..., safe_serialization=True))"
+            )
+    except damaged as e:  # a cut-short download, a header that is not safetensors'
         raise CheckpointError(f"{directory}: cannot read its safetensors weights ({e})") from None
-    raise CheckpointError(
-        f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}; only safetensors weights are read (re-save with "
-        "save_pretrained(..., safe_serialization=True))"
-    )
+    for name, w in state.items():
+        if not w.is_floating_point() or not bool(torch.isfinite(w).all()):
+            raise CheckpointError(f"{directory}: weight {name} is {w.dtype} or holds NaN/inf; not a trained model")
+    return state
 
 
+def _shard_files(directory: Path) -> list[str]:
+    """The shard files an index names: plain names inside ``directory`` (never a path out of it)."""
+    try:
+        weight_map = json.loads((directory / INDEX_NAME).read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{directory / INDEX_NAME}: not a readable safetensors index ({e!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{directory / INDEX_NAME}: weight_map must map weight names to file names")
+    files = sorted(set(weight_map.values()))
+    outside = [f for f in files if Path(f).name != f or f in ("", ".", "..")]
+    if outside:
+        raise CheckpointError(f"{directory / INDEX_NAME}: names {outside[0]!r}, not a file of the directory")
+    return files
 def load_hf(directory: str | Path) -> TransformerLM:
     """Our TransformerLM (float32, on the CPU, eval mode) with the weights of the HF Llama model in ``directory``
     (config.json + safetensors). Raises ConfigError for a Llama feature our model lacks."""

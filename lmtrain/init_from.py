@@ -35,11 +35,18 @@ def source_weights(source: str) -> dict[str, torch.Tensor]:
     """SOURCE's weights under our names, float32 on the CPU."""
     path = Path(source)
     model = hf.load_hf(path) if hf.is_hf_dir(path) else load_run(path)[0]
-    return {k: v.float() for k, v in model.state_dict().items()}
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # training would stop at step 1 as if the learning rate were too high
+        raise CheckpointError(f"--init-from {source}: weight {bad} holds NaN or inf; it is no model to start from")
+    return state
 
 
 def _disagreements(shape: dict, given: dict, source: str) -> list[str]:
     problems = []
+    heads = given.get("num_heads", shape.get("num_heads"))
+    if given.get("num_kv_heads") == heads and shape.get("num_kv_heads") is None:
+        given = {**given, "num_kv_heads": None}  # --num-kv-heads equal to the heads is multi-head, as SOURCE is
     for key, value in given.items():
         flag = "--" + key.replace("_", "-")
         if key == "context_length":

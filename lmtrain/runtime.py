@@ -49,7 +49,10 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {name!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {name}: this PyTorch build or machine has no CUDA device; use --device cpu")

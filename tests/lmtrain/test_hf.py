@@ -15,7 +15,7 @@ import torch
 from lmdata.prepare import prepare
 from lmdata.tokenizer import ByteTokenizer
 from lmtrain import hf, load_hf
-from lmtrain.errors import ConfigError
+from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.export import export_run, save_tokenizer
 from lmtrain.export import main as export_main
 from lmtrain.main import main as train_main
@@ -84,6 +84,7 @@ def test_a_grouped_query_tied_state_dict_converts_both_ways():
     assert (kwargs["num_key_value_heads"], kwargs["tie_word_embeddings"]) == (1, True)
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs))
     state = {hf_name: torch.randn(w.shape) for hf_name, w in llama.state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # as a tied model's state_dict() holds it
     ours = hf.from_llama_state_dict(state, 1, num_heads=4, num_kv_heads=1, tied=True)
     assert ours["layers.0.attn.k_proj.weight"].shape == (4, 16)  # one head of width 4
     assert ours["lm_head.weight"] is ours["token_embeddings.weight"]
@@ -418,3 +419,103 @@ def test_a_run_on_data_without_a_known_tokenizer_still_exports_its_model(tmp_pat
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
     assert json.loads((tmp_path / "hf" / "config.json").read_text()).get("eos_token_id") is None
     assert export_main([str(run), "--out", str(tmp_path / "hf2"), "--tokenizer", "bpe:400"]) == 2  # named: must work
+
+
+def test_a_tied_config_over_weights_with_their_own_head_is_refused(llama_dir, tmp_path):
+    # transformers would load the file's lm_head; tying it to the embedding instead would change every logit
+    untied = edited(llama_dir, tmp_path, tie_word_embeddings=True)
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=true but the weights hold an lm_head.weight"):
+        load_hf(untied)
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"rope_theta": "abc", "rope_parameters": None}, "rope_theta is not a number"),
+        ({"vocab_size": None}, "lacks vocab_size"),
+        ({"hidden_size": "32"}, "hidden_size '32' is not a positive integer"),
+        ({"max_position_embeddings": "24"}, "max_position_embeddings '24' is not a positive integer"),
+        ({"max_position_embeddings": 10**13}, "max_position_embeddings 10000000000000 is above 1,048,576"),
+        ({"num_key_value_heads": 3}, "does not divide num_heads=2"),
+        ({"rope_parameters": "weird"}, "rope_parameters 'weird' is not an object"),
+    ],
+)
+def test_hostile_config_values_are_refused_by_name(llama_dir, tmp_path, changes, named):
+    with pytest.raises((ConfigError, CheckpointError)) as e:
+        load_hf(edited(llama_dir, tmp_path, **changes))
+    assert named in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "nan"])
+def test_damaged_weights_are_one_line_errors(llama_dir, tmp_path, damage):
+    broken = edited(llama_dir, tmp_path)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "nan":
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(weights))
+        state["model.norm.weight"][0] = float("nan")
+        save_file(state, str(weights), metadata={"format": "pt"})
+    else:
+        weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\xff" * 100, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="cannot read its safetensors weights|NaN/inf"):
+        load_hf(broken)
+
+
+def test_export_refuses_weights_float16_cannot_hold_and_nan(bpe_run, tmp_path):
+    ckpt = sorted((bpe_run / "checkpoints").glob("step_*.pt"))[-1]
+    obj = torch.load(ckpt, weights_only=True)
+    obj["model"]["layers.0.ffn.w2.weight"][0, 0] = 1e6  # fine in float32 and bfloat16, inf in float16
+    torch.save(obj, tmp_path / "big.pt")
+    with pytest.raises(ConfigError, match="layers.0.ffn.w2.weight holds NaN or inf once converted to float16"):
+        export_run(tmp_path / "big.pt", tmp_path / "hf16", dtype="float16")
+    export_run(tmp_path / "big.pt", tmp_path / "hfbf", dtype="bfloat16")
+    obj["model"]["layers.0.ffn.w2.weight"][0, 0] = float("nan")
+    torch.save(obj, tmp_path / "nan.pt")
+    with pytest.raises(ConfigError, match="holds NaN or inf in the checkpoint"):
+        export_run(tmp_path / "nan.pt", tmp_path / "hfnan")
+    assert not any(p.name.startswith((".hf16", ".hfnan")) for p in tmp_path.iterdir())  # no partial left
+
+
+def test_export_out_paths_that_cannot_be_written_are_exit_2(bpe_run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert export_main([str(bpe_run), "--out", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export: error: --out") and err.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_export_removes_what_a_killed_export_left_and_writes_readable_files(bpe_run, tmp_path):
+    dead = __import__("subprocess").run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    left = tmp_path / f".hf.partial-{dead.stdout.decode().strip()}-abc"
+    left.mkdir()
+    (left / "model.safetensors.tmp").write_bytes(b"x" * 1000)
+    export_run(bpe_run, tmp_path / "hf")
+    assert not left.exists()
+    assert {oct((tmp_path / "hf" / p.name).stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()} == {"0o644"}
+
+
+def test_export_refuses_a_tokenizer_with_more_ids_than_the_model(bpe_run, tmp_path):
+    from tests.lmdata.tokenizers_kit import write_hf_tokenizer
+
+    big = write_hf_tokenizer(tmp_path / "big", 1000)
+    with pytest.raises(ConfigError, match="has 1257 ids but the model only"):
+        export_run(bpe_run, tmp_path / "hf", tokenizer=f"hf:{big}")
+
+
+def test_a_file_that_is_no_checkpoint_and_a_bad_device_are_one_line_errors(bpe_run, tmp_path, capsys):
+    from lmtrain.evaluate import main as evaluate_main
+
+    (tmp_path / "notes.pt").write_text("hi")
+    assert export_main([str(tmp_path / "notes.pt"), "--out", str(tmp_path / "hf")]) == 2
+    assert "damaged, or not a checkpoint" in capsys.readouterr().err
+    data = bpe_run.parent / "data" / "val"
+    assert evaluate_main([str(bpe_run), "--data", str(data), "--device", "bogus"]) == 2
+    assert "--device 'bogus': not a device" in capsys.readouterr().err
+
+
+def test_init_from_a_multi_head_source_accepts_num_kv_heads_equal_to_the_heads(llama_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    argv = args(corpus, out, "--max-steps", "1", "--init-from", str(llama_dir), "--num-kv-heads", "2")
+    assert train_main(argv) == 0  # 2 kv heads of 2 heads is multi-head attention: no disagreement
