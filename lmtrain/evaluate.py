@@ -172,12 +172,12 @@ def evaluate(
 ) -> Evaluation:
     """Score the model of a run directory (its newest checkpoint) or checkpoint file on ``data``: ``batches``
     fixed batches, or the whole split once when ``batches`` is None. ``batch_size`` defaults to the run's."""
-    model, config, _ = load_run(checkpoint)
+    model, config, trained_fingerprint = load_run(checkpoint)
     T, vocab = config["model"]["context_length"], config["model"]["vocab_size"]
     batch_size = batch_size or config.get("run", {}).get("batch_size") or 8
     dev = resolve_device(device)
     dataset = TokenDataset(data)
-    _check_fits_model(dataset, data, config)
+    _check_fits_model(dataset, data, config, trained_fingerprint)
     token_bytes, no_bpb = token_bytes_on(dataset, vocab, dev)
     if batches is None:
         stream = _to_device(all_windows(dataset, T, batch_size), dev)
@@ -189,7 +189,7 @@ def evaluate(
     return Evaluation(score, no_bpb, batch_size, T, batches)
 
 
-def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict) -> None:
+def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict, fingerprint: dict | None) -> None:
     """ConfigError for data the model cannot score or whose ids mean other tokens than in training: its ids reach
     past the model's vocab, or the manifests of the eval and training data name different tokenizers (checked when
     the training data can still be opened; two bpe:N trained on different text share a name, so pass unnoticed)."""
@@ -202,9 +202,12 @@ def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict) -> 
         )
     train = (config.get("data") or {}).get("train_data")
     try:
-        trained_on = TokenDataset(train).made_by if train else None
-    except LmDataError:  # moved or re-prepared since: nothing to compare with
-        trained_on = None
+        training = TokenDataset(train) if train else None
+    except LmDataError:  # moved since: nothing to compare with
+        training = None
+    if training is not None and fingerprint is not None and training.fingerprint() != fingerprint:
+        training = None  # re-prepared since the model was trained: its tokenizer says nothing of the model's
+    trained_on = training.made_by if training is not None else None
     made_by = dataset.made_by
     known = trained_on is not None and made_by is not None and "unknown" not in (trained_on[0], made_by[0])
     if known and trained_on[0] != made_by[0]:

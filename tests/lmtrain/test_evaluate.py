@@ -220,3 +220,21 @@ def test_no_val_bpb_without_a_tokenizer(corpus, tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r.get("event") == "eval"]
     assert evals and all("val_loss" in r and "val_bpb" not in r for r in evals)
+
+
+def test_data_of_the_models_tokenizer_is_accepted_after_the_training_data_was_re_prepared(tmp_path, capsys):
+    import shutil
+
+    from lmdata.prepare import prepare
+
+    (tmp_path / "text.txt").write_text(TEXT)
+    prepare([str(tmp_path / "text.txt")], tmp_path / "data", "bpe:400", val_fraction=0.2)
+    argv = ["--train-data", str(tmp_path / "data" / "train"), "--val-data", str(tmp_path / "data" / "val")]
+    assert (
+        train_main([*argv, "--out-dir", str(tmp_path / "run"), *TINY, "--max-steps", "2", "--eval-interval", "0"]) == 0
+    )
+    shutil.copytree(tmp_path / "data" / "current", tmp_path / "original", symlinks=False)
+    prepare([str(tmp_path / "text.txt")], tmp_path / "data", "bpe:300", val_fraction=0.2)  # another tokenizer now
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path / "run"), "--data", str(tmp_path / "original" / "val"), "--batches", "1"]) == 0
+    assert "bpb" in capsys.readouterr().out
