@@ -176,6 +176,9 @@ def sample_text(
     tokenizer: str | None = None,
 ) -> str:
     model, config, trained_on = load_run(checkpoint)
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:  # its logits would be NaN: nothing to sample from
+        raise CheckpointError(f"{checkpoint}: weight {bad} holds NaN or inf (a diverged run); use an earlier one")
     tok = tokenizer_for(config, tokenizer, trained_on)
     vocab = config["model"]["vocab_size"]
     if tok.vocab_size > vocab:

@@ -180,3 +180,16 @@ def test_sampling_with_an_hf_tokenizer_uses_the_saved_copy_and_the_manifests_eot
     capsys.readouterr()
     assert sample_main(["--checkpoint", str(out), "--prompt", "line 7", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("line 7")
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_not_sampled(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--train-data", str(corpus / "train"), "--val-data", str(corpus / "val"), "--out-dir", str(out)]
+    assert train_main([*argv, *TINY, "--max-steps", "2", "--eval-interval", "0"]) == 0
+    ckpt = sorted((out / "checkpoints").glob("step_*.pt"))[-1]
+    obj = torch.load(ckpt, weights_only=True)
+    obj["model"]["lm_head.weight"][0, 0] = float("nan")
+    torch.save(obj, tmp_path / "nan.pt")
+    capsys.readouterr()
+    assert sample_main(["--checkpoint", str(tmp_path / "nan.pt"), "--prompt", "x", "--tokenizer", "byte"]) == 2
+    assert "weight lm_head.weight holds NaN or inf" in capsys.readouterr().err
