@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lmdata import LmDataError, TokenDataset, TokenizerError
+from lmdata import DatasetNotFoundError, LmDataError, TokenDataset, TokenizerError
 from lmdata.tokenizer import load_tokenizer, open_tokenizer
 from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
@@ -74,7 +74,15 @@ def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None
     train = Path(str(data.get("train_data") or ""))
     if spec is not None:  # a bpe is only ever the one saved beside the data; the others name their source
         return load_tokenizer(spec, train) if spec.partition(":")[0] == "bpe" else open_tokenizer(spec)
-    dataset = TokenDataset(train)
+    try:
+        dataset = TokenDataset(train)
+    except DatasetNotFoundError as e:
+        if train.is_absolute():
+            raise
+        raise TokenizerError(
+            f"{e}; the run names its data as {str(train)!r}, relative to the directory it was started in: run from "
+            "there, or pass --tokenizer"
+        ) from None
     if dataset.manifest is None:
         raise TokenizerError(f"{train}: no manifest.json names the tokenizer; pass --tokenizer")
     if trained_on is not None and dataset.fingerprint() != trained_on:

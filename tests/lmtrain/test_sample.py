@@ -193,3 +193,14 @@ def test_a_checkpoint_with_nan_weights_is_refused_not_sampled(corpus, tmp_path, 
     capsys.readouterr()
     assert sample_main(["--checkpoint", str(tmp_path / "nan.pt"), "--prompt", "x", "--tokenizer", "byte"]) == 2
     assert "weight lm_head.weight holds NaN or inf" in capsys.readouterr().err
+
+
+def test_a_run_on_relative_data_paths_sampled_from_elsewhere_says_why(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(corpus.parent)
+    out = tmp_path / "run"
+    argv = ["--train-data", f"{corpus.name}/train", "--val-data", f"{corpus.name}/val", "--out-dir", str(out)]
+    assert train_main([*argv, *TINY, "--max-steps", "2", "--eval-interval", "0"]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert sample_main(["--checkpoint", str(out), "--prompt", "x"]) == 2
+    assert "relative to the directory it was started in: run from there, or pass --tokenizer" in capsys.readouterr().err
