@@ -375,8 +375,9 @@ class BatchLoader:
         """Global rows consumed: by every rank together (B*W a step), since the start of the stream."""
         return self._base_row + self._consumed * self.sampler.batch_size * self.sampler.world_size
 
-    def state_dict(self) -> dict[str, int]:
-        """The resume point, global rows consumed, and what identifies the stream: ints only, so it loads under
+    def state_dict(self) -> dict:
+        """The resume point, global rows consumed, and what identifies the stream: ints only (a mixture's adds
+        its names, weights and sources: strings, floats and ints), so it loads under
         ``torch.load(weights_only=True)``. Every rank's loader returns the same state."""
         return {"format": STATE_FORMAT, **self.sampler.identity(), "rows": self.rows}
 
@@ -384,7 +385,8 @@ class BatchLoader:
         """Continue from ``state``: the next batches hold the global rows the saving loaders would have handed
         out next, whatever batch size and world size saved it (each step then takes B*W of them).
 
-        Refuses a state of another sampler, seed, context length or dataset, and one saved before the global
+        Refuses a state of another sampler, seed, context length or dataset (or mixture: names, weights,
+        sources; or a single dataset's state in a mixture's loader, and the reverse), and one saved before the global
         sample index (per-rank streams), whose position the global stream cannot continue.
         """
         rows = check_state(state, self.sampler.identity())
@@ -441,7 +443,8 @@ def _check_same_kind(state: dict, identity: dict) -> None:
 
 def _mixture_diffs(saved, now: dict) -> list[str]:
     """How a saved mixture identity differs from this loader's: names, weights, then each source's sampler."""
-    if not isinstance(saved, dict) or set(saved) != set(now):
+    well_formed = isinstance(saved, dict) and set(saved) == set(now) and isinstance(saved["sources"], list)
+    if not well_formed or not all(isinstance(x, dict) for x in saved["sources"]):
         return [f"mixture: saved {saved!r}, not a mixture identity of this lmdata"]
     diffs = [f"mixture {k}: saved {saved[k]}, now {now[k]}" for k in ("names", "weights") if saved[k] != now[k]]
     if not diffs and saved["sources"] != now["sources"]:

@@ -210,6 +210,16 @@ def test_a_resume_with_other_weights_or_sources_is_refused(tmp_path, three):
         BatchLoader(three, 4, T, prefetch=2).load_state_dict(single)
 
 
+def test_a_malformed_mixture_state_is_refused(three):
+    state = BatchLoader(three, 4, T, prefetch=2).state_dict()
+    for sources in ([1, 2, 3], 5):
+        state["mixture"] = {**state["mixture"], "sources": sources}
+        with pytest.raises(SamplerStateError, match="not a mixture identity of this lmdata"):
+            BatchLoader(three, 4, T, prefetch=2).load_state_dict(state)
+    with pytest.raises(SamplerStateError, match="not a mixture identity of this lmdata"):
+        BatchLoader(three, 4, T, prefetch=2).load_state_dict({**state, "mixture": "web"})
+
+
 def test_a_resume_with_a_changed_source_is_refused(tmp_path, three):
     state = BatchLoader(three, 4, T, prefetch=2).state_dict()
     grown = TokenDataset(make_shards(tmp_path / "grown" / "c", [90, 40, 200]))
