@@ -210,6 +210,16 @@ class Mixture:
         ranges = [ds.token_range(progress) for ds in self.datasets]
         return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
 
+    def fingerprint(self) -> dict[str, list]:
+        """:meth:`TokenDataset.fingerprint` of the sources, concatenated in order, each file named ``name/file``:
+        the same keys as a dataset's, so a trainer refuses a resume on other data the same way."""
+        prints = [ds.fingerprint() for ds in self.datasets]
+        return {
+            "files": [f"{n}/{f}" for n, p in zip(self.names, prints, strict=True) for f in p["files"]],
+            "num_tokens": [t for p in prints for t in p["num_tokens"]],
+            "sha256": [h for p in prints for h in p["sha256"]],
+        }
+
     def sampler(self, name: str, context_length: int, batch_size: int, **kwargs) -> MixtureSampler:
         """The mixture's global stream for sampler ``name`` ("random" or "epoch"); kwargs: seed, rank, world_size."""
         return MixtureSampler(self, name, context_length, batch_size, **kwargs)

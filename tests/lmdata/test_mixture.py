@@ -293,3 +293,51 @@ def test_a_source_without_a_window_is_named(tmp_path):
         pytest.warns(UserWarning),
     ):
         BatchLoader(Mixture([(long, 1), (short, 1)]), 4, T)
+
+
+# -- the trainer takes a mixture where it takes a dataset -----------------------------------------------------
+def test_the_trainer_trains_on_a_mixture_and_resumes_it(tmp_path):
+    from lmtrain.cli import parse_flags
+    from lmtrain.config import build_config
+    from lmtrain.errors import ConfigError
+    from lmtrain.loop import Trainer
+    from lmtrain.runtime import Runtime
+    from tests.conftest import TINY
+
+    rng = np.random.default_rng(0)
+    for name in ("web", "code", "val"):
+        write_shards([rng.integers(0, 64, 3000)], tmp_path / name, vocab_size=64, tokenizer="test")
+    mixture = Mixture([(TokenDataset(tmp_path / "web"), 3), (TokenDataset(tmp_path / "code"), 1)])
+    flags = [
+        "--train-data",
+        str(tmp_path / "web"),
+        "--val-data",
+        str(tmp_path / "val"),
+        "--out-dir",
+        str(tmp_path / "run"),
+        *TINY,
+        "--vocab-size",
+        "64",
+    ]
+
+    (tmp_path / "run").mkdir()  # lmtrain.main makes it (and locks it) before the trainer
+
+    def trainer(max_steps: int, train: Mixture = mixture) -> Trainer:
+        config = build_config({}, parse_flags([*flags, "--max-steps", str(max_steps)])[1])
+        return Trainer(config, Runtime(torch.device("cpu"), torch.float32), (train, TokenDataset(tmp_path / "val")))
+
+    first = trainer(2)
+    first.resume(False)
+    first.train()
+    first.loader.close()
+    rows = first.loader.rows
+    assert rows == 2 * first.c.run.batch_size * first.c.run.grad_accum_steps
+    second = trainer(3)
+    second.resume(False)
+    assert second.step == 2 and second.loader.rows == rows
+    assert second.data_fingerprint()["train"]["files"] == ["web/shard_000000.bin", "code/shard_000000.bin"]
+    second.loader.close()
+    reweighted = trainer(3, Mixture([(ds, 1) for ds in mixture.datasets]))
+    with pytest.raises(ConfigError, match=r"mixture weights: saved \[0.75, 0.25\], now \[0.5, 0.5\]"):
+        reweighted.resume(False)
+    reweighted.loader.close()
