@@ -33,6 +33,7 @@ from lmdata.format import (
 from lmdata.gather import gather_batch, gather_windows
 from lmdata.loader import BatchLoader, LoaderStats
 from lmdata.manifest import Manifest, ShardEntry
+from lmdata.mixture import Mixture, MixtureSampler
 from lmdata.sampler import EpochSampler, RandomSampler, make_sampler
 from lmdata.validate import ShardReport, ValidationResult, validate_shards
 from lmdata.writer import MARKER_NAME, ShardWriter, write_shards
@@ -55,6 +56,8 @@ __all__ = [
     "LmDataError",
     "Manifest",
     "ManifestError",
+    "Mixture",
+    "MixtureSampler",
     "RandomSampler",
     "SamplerStateError",
     "Shard",

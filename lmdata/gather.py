@@ -84,7 +84,7 @@ def sample_and_gather(args, base_row, first_step, count, shards, scratch, ring):
     from global row ``base_row``, batch ``s`` into ``ring[s % len(ring)]``, a (2, B, T) array of inputs and
     targets, in one call that never holds the GIL. Each step's rows come from the global row index.
 
-    scratch: (3, B) int64 workspace for window ids, shard ids and starts.
+    scratch: (3 or more, B) int64 workspace; rows 0-2 hold window ids, shard ids and starts.
     """
     for step in range(first_step, first_step + count):
         window_ids_into(args, base_row, step, scratch[0])
@@ -107,14 +107,17 @@ class BatchFiller:
         self.shards = [np.asarray(s) for s in shards]  # plain ndarrays over the same pages
         same = len({(s.dtype, s.flags.writeable) for s in self.shards}) == 1
         self._typed = List(self.shards) if same else None
-        self._scratch = np.empty((3, sampler.batch_size), dtype=np.int64)
+        # The fused kernel of the sampler: a mixture's also picks each row's source (lmdata.mixture).
+        self._kernel = getattr(sampler, "fill_kernel", sample_and_gather)
+        # (5, B) int64: window ids, shard ids, starts, and a mixture's per-row source and index within it.
+        self._scratch = np.empty((5, sampler.batch_size), dtype=np.int64)
 
     def fill(self, first_step: int, count: int, ring: Sequence[np.ndarray], base_row: int = 0) -> None:
         """Batch ``s`` into ``ring[s % len(ring)]`` ((2, B, T): inputs, targets) for the ``count`` steps from
         ``first_step``, steps counted from global row ``base_row``. ``ring`` is a numba.typed.List of
         C-contiguous int64 or int32 arrays."""
         if self._typed is not None:
-            sample_and_gather(self.sampler.kernel_args, base_row, first_step, count, self._typed, self._scratch, ring)
+            self._kernel(self.sampler.kernel_args, base_row, first_step, count, self._typed, self._scratch, ring)
             return
         for step in range(first_step, first_step + count):
             out = ring[step % len(ring)]

@@ -45,6 +45,7 @@ from lmdata.dataset import TokenDataset
 from lmdata.errors import ArgumentError, SamplerStateError
 from lmdata.format import DTYPE_LIMITS
 from lmdata.gather import BatchFiller
+from lmdata.mixture import Mixture
 from lmdata.sampler import make_sampler
 
 _POLL_S = 0.05  # how often blocked threads look at the stop flag: bounds shutdown time
@@ -132,7 +133,7 @@ class _Producer:
         self.filler, self.base_row, self.step = filler, base_row, start_step  # steps counted from global row base_row
         sampler = filler.sampler
         self.device, self.dtype = device, dtype
-        self.shape = (2, sampler.batch_size, sampler.index.context_length)
+        self.shape = (2, sampler.batch_size, sampler.context_length)
         self.ready = _Channel(prefetch, refill_at=min(prefetch - 1, max(1, prefetch // 4)))
         self.stopping = threading.Event()
         # Ring of prefetch + 2 host buffers; batch s goes into slot s % len(ring). When the thread fills steps
@@ -251,7 +252,7 @@ def _default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, 
     return rank, world_size
 
 
-def _check_ids_fit_int32(dataset: TokenDataset) -> None:
+def _check_ids_fit_int32(dataset: TokenDataset | Mixture) -> None:
     """ArgumentError unless every id of ``dataset`` fits int32 batches: the gather kernels convert without a
     check, so a uint32 id of 2**31 or more would wrap to a negative one. Free for uint16 shards and for uint32
     ones with a vocab size in the manifest; other uint32 (or wider) shards are scanned once for their range."""
@@ -271,6 +272,8 @@ def _check_ids_fit_int32(dataset: TokenDataset) -> None:
 class BatchLoader:
     """Endless iterator of (inputs, targets), each (B, T) ``dtype`` on ``device``, prefetched in the background.
 
+    ``dataset``: a :class:`TokenDataset`, or a :class:`lmdata.Mixture` of them (each row from one source by weight).
+
     ``sampler`` is "epoch" (every window once per epoch, shuffled) or "random" (uniform with replacement); either
     way rank r of W takes rows ``r*B .. r*B + B`` of each step's B*W rows of one global stream (see
     :mod:`lmdata.sampler`). ``rank`` and ``world_size`` default to
@@ -285,7 +288,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        dataset: TokenDataset,
+        dataset: TokenDataset | Mixture,
         batch_size: int,
         context_length: int,
         device: str | torch.device = "cpu",
@@ -307,15 +310,13 @@ class BatchLoader:
         if self.device.type == "cuda":
             torch.cuda.get_device_properties(self.device)  # raises now for a missing or unusable GPU
         self.dataset, self.prefetch, self.dtype = dataset, prefetch, dtype
-        self.sampler = make_sampler(
-            sampler,
-            dataset.usable_lengths(context_length),
-            context_length,
-            batch_size,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        where = {"seed": seed, "rank": rank, "world_size": world_size}
+        if isinstance(dataset, Mixture):  # rows from its sources by weight (lmdata.mixture)
+            self.sampler = dataset.sampler(sampler, context_length, batch_size, **where)
+        else:
+            self.sampler = make_sampler(
+                sampler, dataset.usable_lengths(context_length), context_length, batch_size, **where
+            )
         self._filler = BatchFiller(self.sampler, [s.tokens for s in dataset.shards])
         self._base_row = 0  # global rows consumed (by all ranks) when this loader last loaded a state
         self._consumed = 0  # batches handed to the consumer since then
@@ -374,8 +375,9 @@ class BatchLoader:
         """Global rows consumed: by every rank together (B*W a step), since the start of the stream."""
         return self._base_row + self._consumed * self.sampler.batch_size * self.sampler.world_size
 
-    def state_dict(self) -> dict[str, int]:
-        """The resume point, global rows consumed, and what identifies the stream: ints only, so it loads under
+    def state_dict(self) -> dict:
+        """The resume point, global rows consumed, and what identifies the stream: ints only (a mixture's adds
+        its names, weights and sources: strings, floats and ints), so it loads under
         ``torch.load(weights_only=True)``. Every rank's loader returns the same state."""
         return {"format": STATE_FORMAT, **self.sampler.identity(), "rows": self.rows}
 
@@ -383,7 +385,8 @@ class BatchLoader:
         """Continue from ``state``: the next batches hold the global rows the saving loaders would have handed
         out next, whatever batch size and world size saved it (each step then takes B*W of them).
 
-        Refuses a state of another sampler, seed, context length or dataset, and one saved before the global
+        Refuses a state of another sampler, seed, context length or dataset (or mixture: names, weights,
+        sources; or a single dataset's state in a mixture's loader, and the reverse), and one saved before the global
         sample index (per-rank streams), whose position the global stream cannot continue.
         """
         rows = check_state(state, self.sampler.identity())
@@ -404,8 +407,10 @@ def check_state(state: dict, identity: dict[str, int]) -> int:
             "per-rank sampler streams (step, rank, world_size), which the global stream of rows cannot continue. "
             "Start the data stream afresh (a new run, or train from the saved weights)"
         )
+    _check_same_kind(state, identity)
     expected = {"format": STATE_FORMAT, **identity, "rows": 0}
-    malformed = [k for k in expected if not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]
+    ints = [k for k, v in expected.items() if isinstance(v, int)]
+    malformed = [k for k in ints if not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]
     if malformed:
         raise SamplerStateError(
             f"the loader state lacks integer values for {malformed}; it was not saved by this loader"
@@ -414,10 +419,37 @@ def check_state(state: dict, identity: dict[str, int]) -> int:
         raise SamplerStateError(f"the loader state has format {state['format']}; this lmdata reads {STATE_FORMAT}")
     if state["rows"] < 0:
         raise SamplerStateError(f"the loader state's rows must be >= 0, got {state['rows']}")
-    diffs = [f"{k}: saved {state[k]}, now {v}" for k, v in identity.items() if state[k] != v]
+    diffs = [f"{k}: saved {state[k]}, now {v}" for k, v in identity.items() if k != "mixture" and state[k] != v]
+    if "mixture" in identity:
+        diffs += _mixture_diffs(state["mixture"], identity["mixture"])
     if diffs:
         raise SamplerStateError(
             "the loader state does not match this loader (" + "; ".join(diffs) + "); "
             "resume with the same data, sampler, seed and context length"
         )
     return int(state["rows"])
+
+
+def _check_same_kind(state: dict, identity: dict) -> None:
+    """SamplerStateError unless both or neither of the state and this loader read a mixture."""
+    saved, now = "mixture" in state, "mixture" in identity
+    if saved != now:
+        what = {True: "a mixture of datasets", False: "a single dataset"}
+        raise SamplerStateError(
+            f"the loader state was saved reading {what[saved]}, but this loader reads {what[now]}; "
+            "resume with the same data"
+        )
+
+
+def _mixture_diffs(saved, now: dict) -> list[str]:
+    """How a saved mixture identity differs from this loader's: names, weights, then each source's sampler."""
+    well_formed = isinstance(saved, dict) and set(saved) == set(now) and isinstance(saved["sources"], list)
+    if not well_formed or not all(isinstance(x, dict) for x in saved["sources"]):
+        return [f"mixture: saved {saved!r}, not a mixture identity of this lmdata"]
+    diffs = [f"mixture {k}: saved {saved[k]}, now {now[k]}" for k in ("names", "weights") if saved[k] != now[k]]
+    if not diffs and saved["sources"] != now["sources"]:
+        for name, old, new in zip(now["names"], saved["sources"], now["sources"], strict=False):
+            diffs += [
+                f"mixture source {name} {k}: saved {old.get(k)}, now {v}" for k, v in new.items() if old.get(k) != v
+            ]
+    return diffs

@@ -115,6 +115,16 @@ class StreamArgs(NamedTuple):
 
 
 @njit(nogil=True, cache=True)
+def row_window(kind, seed, row, num_windows, half_bits):
+    """The window id of global row ``row``: :func:`row_windows_into` for one row, for kernels that pick rows one
+    by one (a mixture's sources). The same rule, so a source read alone and inside a mixture agree."""
+    if kind == RANDOM:
+        return np.int64(hash3(seed, _RANDOM_STREAM, row) % np.uint64(num_windows))
+    key = hash3(seed, row // num_windows, 0x5EED)
+    return permute(row % num_windows, num_windows, np.int64(key >> np.uint64(1)), half_bits)
+
+
+@njit(nogil=True, cache=True)
 def row_windows_into(kind, seed, first_row, num_windows, half_bits, out):
     """Window ids of global rows ``first_row .. first_row + len(out) - 1`` into ``out`` (int64): the whole
     sampling rule, a pure function of (seed, row) and the dataset's window count."""
@@ -222,6 +232,10 @@ class _Sampler:
     @property
     def num_windows(self) -> int:
         return self.index.num_windows
+
+    @property
+    def context_length(self) -> int:
+        return self.index.context_length
 
     @property
     def kernel_args(self) -> StreamArgs:
