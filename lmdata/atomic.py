@@ -87,3 +87,14 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = No
             stale.unlink()
             removed.append(stale)
     return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts): a leftover named by a dead PID may be removed."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

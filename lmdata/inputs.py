@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmdata.atomic import TMP_PREFIX
+from lmdata.atomic import TMP_PREFIX, pid_alive
 from lmdata.commit import GEN_PREFIX, LOCK_NAME, OLD_PREFIX
 from lmdata.documents import Piece, decode
 from lmdata.errors import InputError
@@ -204,20 +204,10 @@ def read_inputs(files: list[Path], options: SourceOptions) -> Iterator[Inputs]:
 def _remove_dead_spools(tmp: Path) -> None:
     for spool in tmp.glob(f"{SPOOL_PREFIX}*-*"):
         pid = spool.name.removeprefix(SPOOL_PREFIX).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)) and spool.is_dir() and not spool.is_symlink():
+        if pid.isdigit() and not pid_alive(int(pid)) and spool.is_dir() and not spool.is_symlink():
             with contextlib.suppress(OSError):
                 (spool / "standard-input").unlink(missing_ok=True)
                 spool.rmdir()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _refuse_compressed_stdin(spooled: Path, options: SourceOptions) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lmdata import LmDataError
+from lmdata.atomic import pid_alive
 from lmdata.errors import TokenizerError
 from lmdata.tokenizer import EOT_TEXT, ByteTokenizer, HFTokenizer, byte_level_chars
 from lmtrain import hf
@@ -101,18 +102,8 @@ def _remove_dead_partials(out: Path) -> None:
     """What an export killed before its rename left beside ``out`` (its directory names its PID)."""
     for partial in out.parent.glob(f".{glob.escape(out.name)}.partial-*-*"):
         pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)) and partial.is_dir() and not partial.is_symlink():
+        if pid.isdigit() and not pid_alive(int(pid)) and partial.is_dir() and not partial.is_symlink():
             shutil.rmtree(partial, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tokenizer(config: dict, spec: str | None, trained_on: dict | None):
