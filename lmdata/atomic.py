@@ -12,6 +12,7 @@ the process is killed with SIGKILL at any instant or the machine loses power aft
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -98,3 +99,12 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def dead_pid_dirs(parent: Path, prefix: str) -> Iterator[Path]:
+    """The real directories in ``parent`` named ``{prefix}{pid}-...`` whose process is gone: what a killed process
+    left (a spool, a partial export) and nothing else ever removes."""
+    for path in parent.glob(f"{glob.escape(prefix)}*-*"):
+        pid = path.name.removeprefix(prefix).split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
+            yield path

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmdata.atomic import TMP_PREFIX, pid_alive
+from lmdata.atomic import TMP_PREFIX, dead_pid_dirs
 from lmdata.commit import GEN_PREFIX, LOCK_NAME, OLD_PREFIX
 from lmdata.documents import Piece, decode
 from lmdata.errors import InputError
@@ -161,13 +161,13 @@ class Inputs:
     def pieces(self, limit: int, counts: RecordCounts | None = None) -> Iterator[Piece]:
         """Every file's documents in pieces of at most ``limit`` bytes; ``counts`` collects skipped records."""
         for path in self.files:
-            yield from read_pieces(path, limit, self.options, counts, self.labels.get(path))
+            yield from self._file_pieces(path, limit, counts)
 
     def decoded(self, limit: int, counts: RecordCounts | None = None, warn: bool = True) -> Iterator[tuple[str, Piece]]:
         """:meth:`pieces` with their text; a warning per file whose bytes were not all UTF-8."""
         for path in self.files:
             invalid = 0
-            for piece in read_pieces(path, limit, self.options, counts, self.labels.get(path)):
+            for piece in self._file_pieces(path, limit, counts):
                 text, bad = decode(piece.data)
                 invalid += bad
                 yield text, piece
@@ -175,6 +175,9 @@ class Inputs:
                 name = self.labels.get(path, path)
                 message = f"{name}: {invalid} bytes are not valid UTF-8 (each invalid sequence became U+FFFD)"
                 print(f"prepare: warning: {message}", file=sys.stderr)
+
+    def _file_pieces(self, path: Path, limit: int, counts: RecordCounts | None) -> Iterator[Piece]:
+        return read_pieces(path, limit, self.options, counts, self.labels.get(path))
 
 
 SPOOL_PREFIX = "lmdata-stdin-"
@@ -202,12 +205,10 @@ def read_inputs(files: list[Path], options: SourceOptions) -> Iterator[Inputs]:
 
 
 def _remove_dead_spools(tmp: Path) -> None:
-    for spool in tmp.glob(f"{SPOOL_PREFIX}*-*"):
-        pid = spool.name.removeprefix(SPOOL_PREFIX).split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)) and spool.is_dir() and not spool.is_symlink():
-            with contextlib.suppress(OSError):
-                (spool / "standard-input").unlink(missing_ok=True)
-                spool.rmdir()
+    for spool in dead_pid_dirs(tmp, SPOOL_PREFIX):
+        with contextlib.suppress(OSError):
+            (spool / "standard-input").unlink(missing_ok=True)
+            spool.rmdir()
 
 
 def _refuse_compressed_stdin(spooled: Path, options: SourceOptions) -> None:

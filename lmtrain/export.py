@@ -18,7 +18,6 @@ The run is only read (safe while it trains). Exit 0 done, 2 a user error (one me
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lmdata import LmDataError
-from lmdata.atomic import pid_alive
+from lmdata.atomic import dead_pid_dirs
 from lmdata.errors import TokenizerError
 from lmdata.tokenizer import EOT_TEXT, ByteTokenizer, HFTokenizer, byte_level_chars
 from lmtrain import hf
@@ -100,10 +99,8 @@ def _converted(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Te
 
 def _remove_dead_partials(out: Path) -> None:
     """What an export killed before its rename left beside ``out`` (its directory names its PID)."""
-    for partial in out.parent.glob(f".{glob.escape(out.name)}.partial-*-*"):
-        pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)) and partial.is_dir() and not partial.is_symlink():
-            shutil.rmtree(partial, ignore_errors=True)
+    for partial in dead_pid_dirs(out.parent, f".{out.name}.partial-"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _tokenizer(config: dict, spec: str | None, trained_on: dict | None):
