@@ -16,7 +16,8 @@ with a mean of several T). Tokens "twice" are the price of starting at documents
 alignment loses.
 
 Speed: the Numba eot scan (``eot_positions``) against ``np.flatnonzero(tokens == eot)`` on the same chunks and a
-plain memcpy of the same bytes, on a 200M-token file in page cache.
+plain memcpy of the same bytes, on a 200M-token file in page cache (sparse documents) and on 50M tokens in memory
+with a document every ~256 tokens (dense).
 """
 
 from __future__ import annotations
@@ -111,10 +112,15 @@ def test_target_coverage(benchmark, corpora, corpus):
                 benchmark.extra_info[f"T{T}_{name}_{field}"] = value
 
 
-@pytest.fixture(scope="module")
-def tokens_200m_docs():
-    """The bench's 200M-token file (random ids below 50257) read with eot 50256: a document every ~50K tokens."""
-    return np.memmap(token_file(200_000_000), dtype=np.uint16, mode="r"), 50256
+@pytest.fixture(scope="module", params=["sparse", "dense"])
+def scan_case(request):
+    """The bench's 200M-token file (random ids below 50257) read with eot 50256: a document every ~50K tokens;
+    and its first 50M tokens modulo 256 in memory with eot 0: a document every ~256 tokens, so most blocks of
+    the Numba scan hold one."""
+    tokens = np.memmap(token_file(200_000_000), dtype=np.uint16, mode="r")
+    if request.param == "sparse":
+        return request.param, tokens, 50256
+    return request.param, np.asarray(tokens[:50_000_000]) % np.uint16(256), 0
 
 
 def numpy_scan(tokens, eot):
@@ -136,26 +142,26 @@ def _record(benchmark, tokens, what):
     print(f"\n{what}: {mbps:,.0f} MB/s")
 
 
-def test_scan_numba(benchmark, tokens_200m_docs):
-    tokens, eot = tokens_200m_docs
-    benchmark.group = "documents: scan 400 MB"
+def test_scan_numba(benchmark, scan_case):
+    name, tokens, eot = scan_case
+    benchmark.group = f"documents: scan {tokens.nbytes / 1e6:.0f} MB, {name}"
     found = benchmark.pedantic(eot_positions, args=(tokens, eot), rounds=5, warmup_rounds=1)
     assert np.array_equal(found, numpy_scan(tokens, eot))
-    _record(benchmark, tokens, "numba eot scan")
+    _record(benchmark, tokens, f"{name}: numba eot scan ({len(found):,} documents)")
 
 
-def test_scan_numpy_flatnonzero(benchmark, tokens_200m_docs):
-    tokens, eot = tokens_200m_docs
-    benchmark.group = "documents: scan 400 MB"
+def test_scan_numpy_flatnonzero(benchmark, scan_case):
+    name, tokens, eot = scan_case
+    benchmark.group = f"documents: scan {tokens.nbytes / 1e6:.0f} MB, {name}"
     benchmark.extra_info["role"] = "baseline"
     benchmark.pedantic(numpy_scan, args=(tokens, eot), rounds=5, warmup_rounds=1)
-    _record(benchmark, tokens, "np.flatnonzero(tokens == eot)")
+    _record(benchmark, tokens, f"{name}: np.flatnonzero(tokens == eot)")
 
 
-def test_scan_memcpy(benchmark, tokens_200m_docs):
-    tokens, _ = tokens_200m_docs
-    benchmark.group = "documents: scan 400 MB"
+def test_scan_memcpy(benchmark, scan_case):
+    name, tokens, _ = scan_case
+    benchmark.group = f"documents: scan {tokens.nbytes / 1e6:.0f} MB, {name}"
     benchmark.extra_info["role"] = "memcpy"
     buffer = np.empty(SCAN_CHUNK, np.uint16)
     benchmark.pedantic(copy, args=(tokens, buffer), rounds=5, warmup_rounds=1)
-    _record(benchmark, tokens, "memcpy")
+    _record(benchmark, tokens, f"{name}: memcpy")

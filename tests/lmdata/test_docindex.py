@@ -158,9 +158,26 @@ def test_a_bad_delimiter_is_an_argument_error():
         window_starts(np.empty(0, np.int64), 100, T, "middle")
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32, np.int64])
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 1.0])
+def test_the_scan_finds_exactly_the_eot_positions_in_blocks(dtype, density):
+    rng = np.random.default_rng(2)
+    for n in (1, 127, 128, 129, 256, 1000, 5000):
+        tokens = np.where(rng.random(n) < density, 3, rng.integers(4, 9, n)).astype(dtype)
+        tokens[[0, -1]] = 3  # eot at both ends, and at block edges below
+        tokens[128 * np.arange(n // 128) + 127] = 3
+        assert eot_positions(tokens, 3).tolist() == np.flatnonzero(tokens == 3).tolist()
+
+
+def test_an_eot_id_the_dtype_cannot_hold_is_never_found():
+    tokens = np.array([4464, 0, 1], dtype=np.uint16)  # 70000 would wrap to 4464 in uint16
+    assert eot_positions(tokens, 70_000).tolist() == []
+    assert eot_positions(np.array([-1, 5], dtype=np.int64), -1).tolist() == [0]
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int64])
 def test_the_scan_finds_exactly_the_eot_positions_across_chunks(monkeypatch, dtype):
-    monkeypatch.setattr(docindex, "SCAN_CHUNK", 7)  # many chunk boundaries, matches on them
+    monkeypatch.setattr(docindex, "SCAN_CHUNK", 300)  # many chunk boundaries, matches on them
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 4, size=1000).astype(dtype)
     assert eot_positions(tokens, 3).tolist() == np.flatnonzero(tokens == 3).tolist()
