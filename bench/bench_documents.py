@@ -69,9 +69,9 @@ def long_documents(tmp: str) -> TokenDataset:
 
 
 @pytest.fixture(scope="module")
-def corpora(tmp_path_factory) -> dict[str, tuple[TokenDataset, list[int]]]:
+def corpora(tmp_path_factory) -> dict[str, TokenDataset]:
     tmp = str(tmp_path_factory.mktemp("documents"))
-    return {"demo": (demo_dataset(tmp), [128, 1024]), "long documents": (long_documents(tmp), [LONG_T])}
+    return {"demo": demo_dataset(tmp), "long documents": long_documents(tmp)}
 
 
 def coverage_table(dataset: TokenDataset, T: int) -> dict[str, tuple[Coverage, int]]:
@@ -91,25 +91,24 @@ def coverage_table(dataset: TokenDataset, T: int) -> dict[str, tuple[Coverage, i
     return {name: (Coverage(*map(int, t[:4])), int(t[4])) for name, t in totals.items()}
 
 
-@pytest.mark.parametrize("corpus", ["demo", "long documents"])
-def test_target_coverage(benchmark, corpora, corpus):
-    dataset, lengths = corpora[corpus]
-    benchmark.group = f"documents: coverage, {corpus}"
+@pytest.mark.parametrize(("corpus", "T"), [("demo", 128), ("demo", 1024), ("long documents", LONG_T)])
+def test_target_coverage(benchmark, corpora, corpus, T):
+    dataset = corpora[corpus]
+    benchmark.group = f"documents: coverage, {corpus}, T={T}"
     eot = dataset.manifest.eot_id
     docs = sum(int((np.asarray(s.tokens) == eot).sum()) for s in dataset.shards)
     n = dataset.num_tokens
     print(f"\n{corpus}: {n:,} tokens, {len(dataset)} shards, {docs:,} documents (mean {n / max(docs, 1):,.0f} tokens)")
     heads = ("T", "windows", "count", "once", "twice", "3+ times", "never", "per token")
     print(" ".join(f"{h:>{w}}" for h, w in zip(heads, (6, 8, 10, 12, 12, 10, 12, 9), strict=True)))
-    for T in lengths:
-        table = benchmark.pedantic(coverage_table, args=(dataset, T), rounds=1, iterations=1)
-        for name, (c, windows) in table.items():
-            print(
-                f"{T:>6} {name:>8} {windows:>10,} {c.once:>12,} {c.twice:>12,} {c.more:>10,} {c.never:>12,} "
-                f"{windows * T / n:>9.3f}"
-            )  # per token: targets per epoch over tokens (1.0: each token once)
-            for field, value in {**c._asdict(), "windows": windows}.items():
-                benchmark.extra_info[f"T{T}_{name}_{field}"] = value
+    table = benchmark.pedantic(coverage_table, args=(dataset, T), rounds=1, iterations=1)
+    for name, (c, windows) in table.items():
+        print(
+            f"{T:>6} {name:>8} {windows:>10,} {c.once:>12,} {c.twice:>12,} {c.more:>10,} {c.never:>12,} "
+            f"{windows * T / n:>9.3f}"
+        )  # per token: targets per epoch over tokens (1.0: each token once)
+        for field, value in {**c._asdict(), "windows": windows}.items():
+            benchmark.extra_info[f"{name}_{field}"] = value
 
 
 @pytest.fixture(scope="module", params=["sparse", "dense"])

@@ -348,7 +348,7 @@ def test_data_without_a_manifest_needs_both_eot_id_and_delimiter(tmp_path):
     assert starts[0].tolist() == reference_starts(docs, len(tokens), T)
 
 
-@pytest.mark.parametrize("bad", [-1, 1 << 16, 1.0, "0"])
+@pytest.mark.parametrize("bad", [-1, 1 << 16, 1.0, "0", True])
 def test_a_bad_eot_id_is_an_argument_error(tmp_path, bad):
     write_llmc(tmp_path / "a.bin", shard_of([30], "after")[0])
     with pytest.raises(ArgumentError, match="eot_id must be a token id in"):
