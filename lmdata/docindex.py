@@ -38,8 +38,9 @@ The index is found by :func:`eot_positions`, a Numba scan (blockwise, at memory 
 
 A sidecar is trusted only if its header matches the shard as it is now (size and mtime from one ``stat``, the
 manifest entry's sha256 where there is one, the eot id and delimiter asked for) and the file is exactly as long
-as the header says; anything else (a shard rewritten, a sidecar copied from an earlier dataset, a truncated file)
-is *stale*: never read, the index is built in memory instead. Sidecars are written atomically
+as the header says (and, used for an opened shard, its positions increase and stay inside it); anything else
+(a shard rewritten, a sidecar copied from an earlier dataset, a truncated file) is *stale*: never used, the
+index is built in memory instead. Sidecars are written atomically
 (:func:`lmdata.atomic.atomic_write`): a killed writer leaves at most a ``.tmp-*`` file, which nothing reads.
 Copying a dataset without keeping mtimes (``cp`` without ``-p``) makes its sidecars stale; rerun
 ``python -m lmdata.index DIR`` on the copy.
@@ -319,6 +320,14 @@ def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey) -> s
     return ""
 
 
+def shard_index(shard: Shard, key: IndexKey) -> tuple[np.ndarray | None, str]:
+    """:func:`read_index` for an opened shard, also refusing positions that cannot be the shard's."""
+    positions, why = read_index(shard.path, key)
+    if positions is not None and not _plausible(positions, shard.num_tokens):
+        return None, "damaged: its positions are not increasing, or run past the shard's end"
+    return positions, why
+
+
 def shard_positions(
     shards: Sequence[Shard], keys: Sequence[IndexKey], on_chunk: Callable[[int], None] | None = None
 ) -> tuple[list[np.ndarray], list[tuple[Path, str]]]:
@@ -326,11 +335,17 @@ def shard_positions(
     memory); and, for each shard scanned, (its path, why its sidecar was not used). Reads, never writes."""
     found, scanned = [], []
     for shard, key in zip(shards, keys, strict=True):
-        positions, why = read_index(shard.path, key)
-        if positions is not None and positions.size and int(positions[-1]) >= shard.num_tokens:
-            positions, why = None, "stale: it names positions past the shard's end"
+        positions, why = shard_index(shard, key)
         if positions is None:
             scanned.append((shard.path, why))
             positions = eot_positions(shard.tokens, key.eot_id, on_chunk)
         found.append(positions)
     return found, scanned
+
+
+def _plausible(positions: np.ndarray, num_tokens: int) -> bool:
+    """Strictly increasing and below ``num_tokens``: what a sidecar with a matching header must also hold (a
+    damaged or hand-made one need not). Reads the whole sidecar (4 bytes per document, far less than the shard)."""
+    if positions.size == 0:
+        return True
+    return int(positions[-1]) < num_tokens and bool(np.all(positions[1:] > positions[:-1]))

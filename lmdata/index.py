@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from lmdata.dataset import TokenDataset
-from lmdata.docindex import DELIMITERS, eot_positions, read_index, write_index
+from lmdata.docindex import DELIMITERS, eot_positions, shard_index, write_index
 from lmdata.errors import LmDataError, OutputError
 from lmdata.manifest import MANIFEST_NAME
 from lmdata.progress import Progress
@@ -56,7 +56,7 @@ def _datasets(directory: Path) -> list[Path]:
 def _index_one(directory: Path, eot_id: int | None, delimiter: str | None) -> int:
     dataset = TokenDataset(directory)
     keys = dataset.document_keys(eot_id, delimiter)
-    todo = [(s, k) for s, k in zip(dataset.shards, keys, strict=True) if read_index(s.path, k)[0] is None]
+    todo = [(s, k) for s, k in zip(dataset.shards, keys, strict=True) if shard_index(s, k)[0] is None]
     if not todo:
         print(f"index: {directory}: all {len(dataset.shards)} shards have a valid document index; nothing to do")
         return 0

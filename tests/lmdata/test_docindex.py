@@ -260,6 +260,19 @@ def test_a_damaged_sidecar_is_not_used(tmp_path, damage, why):
     assert os.stat(out / entry.file).st_mtime_ns == st.st_mtime_ns
 
 
+@pytest.mark.parametrize("positions", [[5, 3], [2, 2], [2, 40]])
+def test_a_sidecar_with_a_matching_header_but_impossible_positions_is_not_used(tmp_path, positions):
+    tokens, docs = shard_of([3, 8, 20, 5], "after")
+    shard = write_llmc(tmp_path / "a.bin", tokens)
+    write_index(shard, np.array(positions), IndexKey(EOT, "after"))  # header right, positions wrong
+    dataset = TokenDataset(tmp_path)
+    with pytest.warns(UserWarning, match="damaged: its positions are not increasing, or run past the shard's end"):
+        starts = dataset.document_starts(T, eot_id=EOT, delimiter="after")
+    assert starts[0].tolist() == reference_starts(docs, len(tokens), T)
+    assert index_main([str(tmp_path), "--eot-id", "0", "--delimiter", "after"]) == 0  # the CLI rewrites it
+    assert read_index(shard, IndexKey(EOT, "after"))[0].tolist() == [2, 10, 30, 35]
+
+
 def test_a_sidecar_for_another_eot_or_delimiter_is_not_used(tmp_path):
     out, manifest, _ = written(tmp_path)
     entry = manifest.shards[0]
