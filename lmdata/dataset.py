@@ -432,8 +432,7 @@ def _no_index_note(scanned: list[tuple[Path, str]], num_shards: int, key: IndexK
     """One warning for every shard whose document index was built in memory, saying how to write it once."""
     directories = sorted({str(path.parent) for path, _ in scanned})
     path, why = scanned[0]
-    flags = "" if key.sha256 else f" --eot-id {key.eot_id} --delimiter {key.delimiter}"
-    command = f"python -m lmdata.index {directories[0]}{flags}"
+    command = f"python -m lmdata.index {directories[0]} --eot-id {key.eot_id} --delimiter {key.delimiter}"
     more = f" (and likewise for {len(directories) - 1} more directories)" if len(directories) > 1 else ""
     return (
         f"{len(scanned)} of {num_shards} shards have no valid document index (e.g. {path}: {why}), so it was built "

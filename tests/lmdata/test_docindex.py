@@ -324,7 +324,7 @@ def test_without_sidecars_the_index_is_built_in_memory_with_one_warning(tmp_path
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "4 of 4 shards have no valid document index" in message
-    assert f"python -m lmdata.index {os.path.realpath(out)}" in message
+    assert f"python -m lmdata.index {os.path.realpath(out)} --eot-id 0 --delimiter after" in message
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # positions kept: no second scan, no second warning
@@ -486,6 +486,14 @@ def test_the_cli_on_data_without_a_manifest_needs_the_flags(tmp_path, capsys):
         warnings.simplefilter("error")
         starts = TokenDataset(bare).document_starts(T, eot_id=EOT, delimiter="before")
     assert starts[0].tolist() == reference_starts(shard_of([3, 8, 20, 5], "before")[1], 36, T)
+
+
+def test_the_cli_help_explains_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        index_main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--eot-id N" in text and "before" in text and "BOS" in text and "read-only" in text
 
 
 def test_the_cli_indexes_only_stale_shards(tmp_path, capsys):
