@@ -427,6 +427,15 @@ def test_sidecars_are_ignored_by_listing_validation_and_prepare_inputs(tmp_path,
         expand_inputs([str(text / "a.bin.docidx")])
 
 
+def test_prepare_counts_the_sidecars_of_its_shards_as_its_own(tmp_path):
+    from lmdata.commit import foreign_files
+
+    out, _, _ = written(tmp_path)  # shards listed in the manifest, with their sidecars
+    (out / "stray.bin.docidx").write_bytes(b"x")  # the sidecar of no shard of ours
+    (out / "manifest.json.docidx").write_bytes(b"x")
+    assert [p.name for p in foreign_files(out)] == ["manifest.json.docidx", "stray.bin.docidx"]
+
+
 DOCS = [f"Document {i}: {'words ' * (i * 3 % 17)}the end.\n" for i in range(30)]
 
 
