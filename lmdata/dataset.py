@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmdata.docindex import IndexKey, check_delimiter, shard_positions, window_starts
+from lmdata.docindex import IndexKey, check_delimiter, document_key, no_index_note, shard_positions, window_starts
 from lmdata.errors import ArgumentError, DatasetNotFoundError, LmDataError, ManifestError, UnfinishedWriteError
 from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, is_int, open_shard
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
@@ -357,7 +357,7 @@ class TokenDataset:
             raise ArgumentError(f"eot_id must be a token id in [0, {self.dtype_limit}), got {eot_id!r}")
         if delimiter is not None:
             check_delimiter(delimiter)
-        return [_document_key(s, x, eot_id, delimiter) for s, x in zip(self.shards, self._listings, strict=True)]
+        return [document_key(s, x, eot_id, delimiter) for s, x in zip(self.shards, self._listings, strict=True)]
 
     def _load_positions(self, indices: list[int], keys: list[IndexKey]) -> None:
         if not indices:
@@ -374,7 +374,7 @@ class TokenDataset:
         for i, positions in zip(indices, found, strict=True):
             self._positions[i] = (keys[i], positions)
         if scanned:
-            warnings.warn(_no_index_note(scanned, len(self.shards), keys[indices[0]]), stacklevel=3)
+            warnings.warn(no_index_note(scanned, len(self.shards), keys[indices[0]]), stacklevel=3)
 
     def fingerprint(self) -> dict[str, list]:
         """What identifies the data, to refuse a resume on different data: names, sizes and checksums.
@@ -403,38 +403,3 @@ class TokenDataset:
 
 
 PROGRESS_BYTES = 1 << 30  # an in-memory document scan of this much shows progress (lmdata.progress)
-
-
-def _document_key(shard: Shard, listing: Listing | None, eot_id: int | None, delimiter: str | None) -> IndexKey:
-    """The IndexKey of one shard: its manifest's eot id and delimiter, checked against the explicit ones."""
-    flags = "pass both eot_id and delimiter (--eot-id N --delimiter before|after)"
-    if listing is None:
-        if eot_id is None or delimiter is None:
-            raise ArgumentError(
-                f"{shard.path}: no manifest says where its documents start; {flags}: 'after' if the eot id ends each "
-                "document, 'before' if it begins each (llm.c and modded-nanogpt shards)"
-            )
-        return IndexKey(eot_id, delimiter)
-    where = listing.manifest_path
-    if listing.eot_id is None and eot_id is None:
-        raise ArgumentError(f"{where}: records no eot_id, so documents cannot be found; pass eot_id (--eot-id N)")
-    if eot_id is not None and listing.eot_id is not None and eot_id != listing.eot_id:
-        raise ArgumentError(f"eot_id {eot_id} contradicts eot_id {listing.eot_id} of {where}; drop the argument")
-    if delimiter is not None and delimiter != listing.delimiter:
-        raise ArgumentError(
-            f"delimiter {delimiter!r} contradicts delimiter {listing.delimiter!r} of {where}; drop the argument"
-        )
-    chosen = listing.eot_id if listing.eot_id is not None else eot_id
-    return IndexKey(chosen, listing.delimiter, listing.entry.sha256)
-
-
-def _no_index_note(scanned: list[tuple[Path, str]], num_shards: int, key: IndexKey) -> str:
-    """One warning for every shard whose document index was built in memory, saying how to write it once."""
-    directories = sorted({str(path.parent) for path, _ in scanned})
-    path, why = scanned[0]
-    command = f"python -m lmdata.index {directories[0]} --eot-id {key.eot_id} --delimiter {key.delimiter}"
-    more = f" (and likewise for {len(directories) - 1} more directories)" if len(directories) > 1 else ""
-    return (
-        f"{len(scanned)} of {num_shards} shards have no valid document index (e.g. {path}: {why}), so it was built "
-        f"in memory; to write it once beside the shards (by someone who may write there), run {command}{more}"
-    )

@@ -57,7 +57,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from numba import njit
@@ -65,6 +65,9 @@ from numba import njit
 from lmdata.atomic import atomic_write
 from lmdata.errors import ArgumentError
 from lmdata.format import Shard, is_int
+
+if TYPE_CHECKING:
+    from lmdata.dataset import Listing  # lmdata.dataset imports this module
 
 INDEX_SUFFIX = ".docidx"
 DELIMITERS = ("after", "before")  # code 0, 1 in the sidecar header
@@ -349,3 +352,43 @@ def _plausible(positions: np.ndarray, num_tokens: int) -> bool:
     if positions.size == 0:
         return True
     return int(positions[-1]) < num_tokens and bool(np.all(positions[1:] > positions[:-1]))
+
+
+# --- which key a dataset's shard needs, and what to say when it has no sidecar -----------------------------
+
+
+def document_key(shard: Shard, listing: Listing | None, eot_id: int | None, delimiter: str | None) -> IndexKey:
+    """The IndexKey of one shard: its manifest's eot id and delimiter (``listing``: what vouches for it, see
+    :class:`lmdata.dataset.Listing`), checked against the explicit ones; ArgumentError as
+    :meth:`lmdata.TokenDataset.document_keys` says."""
+    flags = "pass both eot_id and delimiter (--eot-id N --delimiter before|after)"
+    if listing is None:
+        if eot_id is None or delimiter is None:
+            raise ArgumentError(
+                f"{shard.path}: no manifest says where its documents start; {flags}: 'after' if the eot id ends each "
+                "document, 'before' if it begins each (llm.c and modded-nanogpt shards)"
+            )
+        return IndexKey(eot_id, delimiter)
+    where = listing.manifest_path
+    if listing.eot_id is None and eot_id is None:
+        raise ArgumentError(f"{where}: records no eot_id, so documents cannot be found; pass eot_id (--eot-id N)")
+    if eot_id is not None and listing.eot_id is not None and eot_id != listing.eot_id:
+        raise ArgumentError(f"eot_id {eot_id} contradicts eot_id {listing.eot_id} of {where}; drop the argument")
+    if delimiter is not None and delimiter != listing.delimiter:
+        raise ArgumentError(
+            f"delimiter {delimiter!r} contradicts delimiter {listing.delimiter!r} of {where}; drop the argument"
+        )
+    chosen = listing.eot_id if listing.eot_id is not None else eot_id
+    return IndexKey(chosen, listing.delimiter, listing.entry.sha256)
+
+
+def no_index_note(scanned: list[tuple[Path, str]], num_shards: int, key: IndexKey) -> str:
+    """One warning for every shard whose document index was built in memory, saying how to write it once."""
+    directories = sorted({str(path.parent) for path, _ in scanned})
+    path, why = scanned[0]
+    command = f"python -m lmdata.index {directories[0]} --eot-id {key.eot_id} --delimiter {key.delimiter}"
+    more = f" (and likewise for {len(directories) - 1} more directories)" if len(directories) > 1 else ""
+    return (
+        f"{len(scanned)} of {num_shards} shards have no valid document index (e.g. {path}: {why}), so it was built "
+        f"in memory; to write it once beside the shards (by someone who may write there), run {command}{more}"
+    )
