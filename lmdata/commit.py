@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmdata.atomic import DIR_MODE, TMP_PREFIX, fsync_dir
+from lmdata.docindex import INDEX_SUFFIX
 from lmdata.errors import LmDataError, OutputBusyError, OutputError
 from lmdata.manifest import MANIFEST_NAME, Manifest
 from lmdata.writer import MARKER_NAME, shard_name_pattern
@@ -123,7 +124,9 @@ def _check_entry(path: Path) -> None:
 def foreign_files(split: Path) -> list[Path]:
     """What in a split directory (``train`` or ``val``) prepare did not write: anything but its manifest, the
     shards the manifest lists, the write marker and temporary files, and, while the marker says a write of
-    ours did not finish, shards named as that write names them (``train_000012.bin`` in ``train/``)."""
+    ours did not finish, shards named as that write names them (``train_000012.bin`` in ``train/``); the
+    document index of any of these shards (``NAME.docidx``, which prepare or ``lmdata.index`` wrote) counts as
+    ours too, so a re-prepare removes it with the generation."""
     listed: set[str] = set()
     with contextlib.suppress(LmDataError):
         if (split / MANIFEST_NAME).is_file():
@@ -133,7 +136,9 @@ def foreign_files(split: Path) -> list[Path]:
     def ours(child: Path) -> bool:
         if not (child.is_file() or child.is_symlink()):
             return False
-        name = child.name
+        name = child.name.removesuffix(INDEX_SUFFIX)
+        if name != child.name and name in (MANIFEST_NAME, MARKER_NAME):
+            return False  # manifest.json.docidx is no sidecar of ours
         return (
             name in listed
             or name in (MANIFEST_NAME, MARKER_NAME)
@@ -163,8 +168,9 @@ def _remove_written(root: Path) -> None:
     with contextlib.suppress(OSError):
         root.rmdir()
     if kept:
-        print(f"prepare: warning: left {root} in place: it holds {kept[0]}, which prepare did not write",
-              file=sys.stderr)
+        print(
+            f"prepare: warning: left {root} in place: it holds {kept[0]}, which prepare did not write", file=sys.stderr
+        )
 
 
 @contextlib.contextmanager
@@ -191,9 +197,11 @@ def current_generation(out: Path) -> str | None:
 
 def _is_run_dir(directory: Path) -> bool:
     """An lmtrain run directory (lmdata knows it only by its layout): a run's files must not be mixed with data."""
-    return (directory / "checkpoints").is_dir() and (directory / "config.json").is_file() or (
-        directory / "metrics.jsonl"
-    ).is_file()
+    return (
+        (directory / "checkpoints").is_dir()
+        and (directory / "config.json").is_file()
+        or (directory / "metrics.jsonl").is_file()
+    )
 
 
 def is_prepared(directory: Path) -> bool:

@@ -24,9 +24,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmdata.errors import DatasetNotFoundError, LmDataError, ManifestError, UnfinishedWriteError
-from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, open_shard
+from lmdata.docindex import IndexKey, check_delimiter, document_key, no_index_note, shard_positions, window_starts
+from lmdata.errors import ArgumentError, DatasetNotFoundError, LmDataError, ManifestError, UnfinishedWriteError
+from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, is_int, open_shard
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from lmdata.progress import Progress as ProgressBar
 from lmdata.writer import MARKER_NAME
 
 PathLike = str | os.PathLike
@@ -42,6 +44,8 @@ class Listing(NamedTuple):
     dtype: str
     vocab_size: int | None
     tokenizer: str
+    eot_id: int | None = None
+    delimiter: str = "after"
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ def _resolve_directory(path: Path) -> ResolvedSource:
     listed = {e.file for e in manifest.shards}
     unlisted = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES and p.name not in listed and p.is_file())
     m, source = manifest, path / MANIFEST_NAME
-    listings = tuple(Listing(e, source, m.dtype, m.vocab_size, m.tokenizer) for e in m.shards)
+    listings = tuple(Listing(e, source, m.dtype, m.vocab_size, m.tokenizer, m.eot_id, m.delimiter) for e in m.shards)
     return ResolvedSource([path / e.file for e in manifest.shards], manifest, path, listings, tuple(unlisted))
 
 
@@ -170,9 +174,11 @@ def _resolve_files(paths: list[Path], allow_unlisted: bool) -> ResolvedSource:
             unlisted.append(path)
             continue
         kept.append(path)
-        listings.append(Listing(
-                by_name[path.name], directory / MANIFEST_NAME, manifest.dtype, manifest.vocab_size, manifest.tokenizer
-            ))
+        m = manifest
+        listings.append(
+            Listing(by_name[path.name], directory / MANIFEST_NAME, m.dtype, m.vocab_size, m.tokenizer, m.eot_id,
+                    m.delimiter)
+        )  # fmt: skip
     return ResolvedSource(kept, listings=tuple(listings), unlisted=tuple(unlisted))
 
 
@@ -238,6 +244,7 @@ class TokenDataset:
         self.lengths = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
         self._token_range: tuple[int, int] | None = None
         self._fingerprint: dict[str, list] | None = None
+        self._positions: dict[int, tuple[IndexKey, np.ndarray]] = {}  # shard -> (key, eot positions) found so far
 
     @property
     def num_tokens(self) -> int:
@@ -314,6 +321,61 @@ class TokenDataset:
                 lengths[i] = 0
         return lengths
 
+    def document_starts(
+        self, context_length: int, *, eot_id: int | None = None, delimiter: str | None = None
+    ) -> list[np.ndarray]:
+        """Per shard, the sorted int64 window starts of document-aware training (:func:`lmdata.docindex.
+        window_starts`): every document start, every ``context_length`` tokens inside longer documents, and the
+        shard-end window. Empty for a shard shorter than ``context_length + 1`` (what :meth:`usable_lengths`
+        skips; that warning is its, not repeated here).
+
+        ``eot_id`` and ``delimiter`` ("after" or "before") come from the manifest; explicit ones must agree with
+        it, and shards without a manifest need both (:meth:`document_keys`). A shard's eot positions come from
+        its sidecar when that is valid (memory-mapped, 4 bytes per document); otherwise they are found by a scan
+        and held in memory (8 bytes per document), with one warning for the whole dataset saying how to write
+        the sidecars. The starts themselves cost 8 bytes per window. Positions are kept, so a second call
+        (another context length) reads nothing.
+        """
+        keys = self.document_keys(eot_id, delimiter)
+        T = int(context_length) if is_int(context_length) and context_length > 0 else 0
+        if not T:
+            raise ArgumentError(f"context_length must be a positive int, got {context_length!r}")
+        wanted = [i for i, s in enumerate(self.shards) if s.num_tokens >= T + 1]
+        self._load_positions([i for i in wanted if self._positions.get(i, (None,))[0] != keys[i]], keys)
+        starts = [np.empty(0, dtype=np.int64) for _ in self.shards]
+        for i in wanted:
+            starts[i] = window_starts(self._positions[i][1], self.shards[i].num_tokens, T, keys[i].delimiter)
+        return starts
+
+    def document_keys(self, eot_id: int | None = None, delimiter: str | None = None) -> list[IndexKey]:
+        """Per shard, the eot id, delimiter and manifest sha256 its document index is made for.
+
+        ArgumentError if an explicit ``eot_id`` or ``delimiter`` contradicts a shard's manifest (naming both), if
+        a manifest records no eot id and none is given, or if a shard without a manifest lacks either.
+        """
+        if eot_id is not None and not (is_int(eot_id) and 0 <= eot_id < self.dtype_limit):
+            raise ArgumentError(f"eot_id must be a token id in [0, {self.dtype_limit}), got {eot_id!r}")
+        if delimiter is not None:
+            check_delimiter(delimiter)
+        return [document_key(s, x, eot_id, delimiter) for s, x in zip(self.shards, self._listings, strict=True)]
+
+    def _load_positions(self, indices: list[int], keys: list[IndexKey]) -> None:
+        if not indices:
+            return
+        shards = [self.shards[i] for i in indices]
+        total = sum(s.tokens.nbytes for s in shards)
+        bar = ProgressBar(total, doing="finding documents", unit="B") if total >= PROGRESS_BYTES else None
+        on_chunk = None if bar is None else (lambda nbytes: bar.update(nbytes, nbytes))
+        try:
+            found, scanned = shard_positions(shards, [keys[i] for i in indices], on_chunk)
+        finally:
+            if bar is not None:
+                bar.close()
+        for i, positions in zip(indices, found, strict=True):
+            self._positions[i] = (keys[i], positions)
+        if scanned:
+            warnings.warn(no_index_note(scanned, len(self.shards), keys[indices[0]]), stacklevel=3)
+
     def fingerprint(self) -> dict[str, list]:
         """What identifies the data, to refuse a resume on different data: names, sizes and checksums.
 
@@ -338,3 +400,6 @@ class TokenDataset:
 
     def __repr__(self) -> str:
         return f"TokenDataset({len(self.shards)} shards, {self.num_tokens:,} tokens)"
+
+
+PROGRESS_BYTES = 1 << 30  # an in-memory document scan of this much shows progress (lmdata.progress)

@@ -1,7 +1,8 @@
 """What ``lmdata.prepare`` reads: the files its INPUT arguments name, and what messages call them.
 
 A directory or glob is walked in name order. A walk leaves out, with a note: files inside the output directory,
-files lmdata writes (shards, manifests, tokenizers, locks, another dataset's generations), and, below a
+files lmdata writes (shards and their document indexes, manifests, tokenizers, locks, another dataset's
+generations), and, below a
 directory, hidden files and directories (``.git``, ``.cache``) and the ``_``-prefixed bookkeeping files of
 Hadoop, Spark and Dask (``_SUCCESS``, ``_metadata``, ``_common_metadata``); naming such a file on its own is an
 error. A walk that finds record files (JSON Lines, Parquet) and text files says how many are read as text.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from lmdata.atomic import TMP_PREFIX, dead_pid_dirs
 from lmdata.commit import GEN_PREFIX, LOCK_NAME, OLD_PREFIX
+from lmdata.docindex import INDEX_SUFFIX
 from lmdata.documents import Piece, decode
 from lmdata.errors import InputError
 from lmdata.format import SHARD_SUFFIXES
@@ -80,7 +82,7 @@ def _once(files: list[Path]) -> list[Path]:
 
 _SKIPPED = {
     "inside": "files inside the output directory",
-    "ours": "files that lmdata writes (.bin, .npy, manifest.json, tokenizer.json)",
+    "ours": "files that lmdata writes (.bin, .npy, .docidx, manifest.json, tokenizer.json)",
     "hidden": "hidden files (names starting with '.')",
     "bookkeeping": "bookkeeping files (names starting with '_', as _SUCCESS and _metadata)",
 }
@@ -141,9 +143,10 @@ def _note_text_among_records(item: str, files: list[Path], options: SourceOption
 
 
 def _written_by_lmdata(path: Path) -> bool:
-    """Shards, manifests, tokenizers, locks and temporaries, and anything in another dataset's generation."""
+    """Shards and their document indexes, manifests, tokenizers, locks and temporaries, and anything in another
+    dataset's generation."""
     return (
-        path.suffix in SHARD_SUFFIXES
+        path.suffix in (*SHARD_SUFFIXES, INDEX_SUFFIX)
         or path.name in LMDATA_NAMES
         or path.name.startswith(TMP_PREFIX)
         or any(part.startswith((GEN_PREFIX, OLD_PREFIX)) for part in path.parent.parts)

@@ -3,9 +3,14 @@
 Example::
 
     {"format": "lmdata.manifest", "version": 1, "tokenizer": "byte", "vocab_size": 257, "eot_id": 256,
-     "dtype": "uint16", "counts": {"bad_records_skipped": 3, "empty_records_skipped": 2},
+     "delimiter": "after", "dtype": "uint16", "counts": {"bad_records_skipped": 3, "empty_records_skipped": 2},
      "shards": [{"file": "shard_000000.bin", "num_tokens": 100000000, "sha256": "9f2c...",
                  "min_token": 0, "max_token": 256}, ...]}
+
+``delimiter`` says where the end-of-text id ``eot_id`` stands: ``"after"`` each document (what lmdata's writer
+and prepare write) or ``"before"`` it (a BOS, as llm.c and modded-nanogpt shards); a manifest written before the
+field existed was written by our prepare, so a missing ``delimiter`` reads as ``"after"``. ``lmdata.docindex``
+finds document starts from it.
 
 ``dtype`` is the shards' token dtype: ``uint16`` (llm.c v1 shards) or ``uint32`` (v7, for vocabularies above
 65,536); opening a listed shard checks that the file holds it. ``counts`` (optional) is what the preparation
@@ -31,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmdata.atomic import write_bytes_atomic
+from lmdata.docindex import DELIMITERS
 from lmdata.errors import ManifestError
 from lmdata.format import DTYPE_LIMITS, SHARD_SUFFIXES, is_int
 
@@ -62,6 +68,8 @@ class Manifest:
     """Every token id is below this; None when unknown."""
     eot_id: int | None = None
     """The end-of-text id placed between documents; None when unknown."""
+    delimiter: str = "after"
+    """Where ``eot_id`` stands: "after" each document (ours) or "before" it (llm.c's BOS); see the docstring."""
     dtype: str = "uint16"
     """The shards' token dtype, a key of ``lmdata.format.DTYPE_LIMITS`` (the writer makes uint16 or uint32)."""
     counts: dict[str, int] | None = None
@@ -134,6 +142,7 @@ _TOP_FIELDS: dict[str, _Rule] = {
     "tokenizer": (False, lambda v: isinstance(v, str), "must be a string"),
     "vocab_size": (False, lambda v: v is None or (is_int(v) and v > 0), "must be a positive int or null"),
     "eot_id": (False, lambda v: v is None or is_int(v), "must be an int or null"),
+    "delimiter": (False, lambda v: isinstance(v, str) and v in DELIMITERS, "must be 'after' or 'before'"),
     "dtype": (False, lambda v: isinstance(v, str) and v in DTYPE_LIMITS, f"must be one of {', '.join(DTYPE_LIMITS)}"),
     "counts": (False, is_counts, "must be an object of names to counts (ints >= 0), or null"),
 }

@@ -19,9 +19,11 @@ Tokenizers: ``byte`` (256 bytes and end-of-text), ``bpe:N`` (trains a byte-level
 (any encoding tiktoken builds offline, plugins included). The end-of-text id goes after each document: for
 ``hf:`` and ``tiktoken:`` it is ``--eot-token``, else the ``eos_token`` of a ``tokenizer_config.json`` beside
 the ``tokenizer.json``, else ``<|endoftext|>``. Shards are llm.c's: uint16 tokens (v1 header) when the
-vocabulary fits 65,536 ids, else uint32 (v7 header), plus manifest.json, in DIR/train and DIR/val. A walk skips
-what lmdata writes (.bin, .npy, manifest.json, tokenizer.json) and everything inside DIR, with a note; naming
-such a file is an error. Bytes that are not UTF-8 become U+FFFD, with a warning per file saying how many.
+vocabulary fits 65,536 ids, else uint32 (v7 header), plus manifest.json (which records ``"delimiter": "after"``)
+and beside each shard its document index (``NAME.bin.docidx``, see lmdata/docindex.py), in DIR/train and
+DIR/val. A walk skips what lmdata writes (.bin, .npy, .docidx, manifest.json, tokenizer.json) and everything
+inside DIR, with a note; naming such a file is an error. Bytes that are not UTF-8 become U+FFFD, with a warning
+per file saying how many.
 
 The dataset is committed as a whole: everything is written into a hidden generation directory in DIR, then one
 symlink is switched, so prepare killed at any moment leaves the previous dataset in DIR untouched and readable,

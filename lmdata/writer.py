@@ -12,9 +12,13 @@ manifest is normal for nanoGPT and llm.c data, so the absence of a manifest alon
 
 1. create the marker ``.lmdata-writing`` (holding the writer's PID), fsynced;
 2. delete an existing ``manifest.json``, so an old manifest never sits beside new shards;
-3. write the shards, each atomically (a shard of an earlier write with the same name is replaced whole);
+3. write the shards, each atomically (a shard of an earlier write with the same name is replaced whole), and
+   after each its document index (``lmdata.docindex``: a sidecar ``NAME.bin.docidx`` holding the positions of
+   the eot id, found as the tokens stream past; stamped with the new shard's size, mtime and sha256, so a
+   sidecar of an earlier write is never trusted for it); without an eot id, a sidecar of that name is removed;
 4. at :meth:`ShardWriter.close`: write the manifest, delete the writer's own ``{prefix}_NNNNNN.bin`` files
-   that it does not list (leftovers of an earlier, larger write), then remove the marker and fsync.
+   that it does not list (leftovers of an earlier, larger write) and their sidecars, then remove the marker
+   and fsync.
 
 A crash or :meth:`ShardWriter.abort` at any step leaves the marker, and readers refuse a directory holding it
 (:class:`lmdata.UnfinishedWriteError`) until a fresh write into it completes.
@@ -32,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from lmdata.atomic import fsync_dir, mkstemp_public, remove_stale_temporaries, write_bytes_atomic
-from lmdata.errors import ShardFormatError, ShardWriterError
+from lmdata.docindex import INDEX_SUFFIX, IndexKey, check_delimiter, eot_positions, sidecar_path, write_index
+from lmdata.errors import ArgumentError, ShardFormatError, ShardWriterError
 from lmdata.format import DTYPE_LIMITS, SHARD_DTYPES, dtype_limit, is_int, make_header, token_dtype_for
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry, is_counts
 
@@ -99,6 +104,9 @@ class ShardWriter:
 
     ``dtype`` is the tokens' dtype on disk, "uint16" (v1 shards) or "uint32" (v7); None picks the narrower that
     holds ``vocab_size`` (``lmdata.format.token_dtype_for``), so a vocabulary above 65,536 gets uint32 shards.
+
+    ``delimiter`` says where ``eot_id`` stands in the tokens written: "after" each document (as prepare writes
+    them) or "before" it (a BOS, as llm.c's shards); it goes into the manifest and the document indexes.
     """
 
     def __init__(
@@ -111,14 +119,24 @@ class ShardWriter:
         vocab_size: int | None = None,
         eot_id: int | None = None,
         dtype: str | np.dtype | None = None,
+        delimiter: str = "after",
     ):
         self.dtype = _check_arguments(shard_tokens, prefix, vocab_size, eot_id, dtype)
+        try:
+            check_delimiter(delimiter)
+        except ArgumentError as e:
+            raise ShardWriterError(str(e)) from None
         self.out_dir = Path(out_dir)
         self.shard_tokens = int(shard_tokens)
         self.prefix = prefix
         self._vocab_size = vocab_size
         self._limit = dtype_limit(self.dtype) if vocab_size is None else int(vocab_size)
-        self._meta = {"tokenizer": tokenizer, "vocab_size": vocab_size, "eot_id": eot_id, "dtype": self.dtype.name}
+        self._meta = {
+            "tokenizer": tokenizer, "vocab_size": vocab_size, "eot_id": eot_id, "delimiter": delimiter,
+            "dtype": self.dtype.name,
+        }  # fmt: skip
+        self._eot_id = eot_id
+        self._eot_found: list[np.ndarray] = []  # int64 eot positions in the current shard, per piece written
         self._entries: list[ShardEntry] = []
         self._file = None  # the open temporary file of the current shard
         self._count = 0  # tokens in the current shard
@@ -172,6 +190,8 @@ class ShardWriter:
             # the whole array's range, found above, is the piece's when the piece is the whole array (usual)
             p_lo, p_hi = (lo, hi) if take == whole else (int(piece.min()), int(piece.max()))
             self._lo, self._hi = (p_lo, p_hi) if self._count == 0 else (min(self._lo, p_lo), max(self._hi, p_hi))
+            if self._eot_id is not None:
+                self._eot_found.append(eot_positions(piece, self._eot_id) + self._count)
             data = piece.tobytes()
             self._file.write(data)
             self._hash.update(data)
@@ -187,6 +207,7 @@ class ShardWriter:
         self._file.write(make_header(0, self.dtype))  # placeholder: the count is patched in when the shard is finished
         self._hash = hashlib.sha256()
         self._count = 0
+        self._eot_found = []
 
     def _shard_name(self) -> str:
         return f"{self.prefix}_{len(self._entries):06d}.bin"
@@ -202,7 +223,19 @@ class ShardWriter:
         name = self._shard_name()
         os.replace(self._tmp_path, self.out_dir / name)
         fsync_dir(self.out_dir)
-        self._entries.append(ShardEntry(name, self._count, self._hash.hexdigest(), self._lo, self._hi))
+        entry = ShardEntry(name, self._count, self._hash.hexdigest(), self._lo, self._hi)
+        self._write_index(entry)
+        self._entries.append(entry)
+
+    def _write_index(self, entry: ShardEntry) -> None:
+        """The finished shard's sidecar (after the shard's rename: it is stamped with the final file's mtime)."""
+        path = self.out_dir / entry.file
+        if self._eot_id is None:
+            sidecar_path(path).unlink(missing_ok=True)  # one of an earlier write would only ever be stale
+            return
+        found = np.concatenate(self._eot_found) if self._eot_found else np.empty(0, np.int64)
+        write_index(path, found, IndexKey(self._eot_id, self._meta["delimiter"], entry.sha256))
+        self._eot_found = []
 
     def close(self, counts: dict[str, int] | None = None) -> Manifest:
         """Finish the last shard, write ``manifest.json``, drop stale shards, unmark; returns the manifest.
@@ -245,11 +278,13 @@ class ShardWriter:
             ) from None
 
     def _remove_unlisted_shards(self, manifest: Manifest) -> None:
-        """Delete ``{prefix}_NNNNNN.bin`` files the manifest does not list: leftovers of an earlier, larger write."""
+        """Delete ``{prefix}_NNNNNN.bin`` files the manifest does not list, and their sidecars: leftovers of an
+        earlier, larger write."""
         pattern = shard_name_pattern(self.prefix)
         listed = {e.file for e in manifest.shards}
         for path in self.out_dir.iterdir():
-            if pattern.fullmatch(path.name) and path.name not in listed and not path.is_dir():
+            shard_name = path.name.removesuffix(INDEX_SUFFIX)
+            if pattern.fullmatch(shard_name) and shard_name not in listed and not path.is_dir():
                 path.unlink()
 
     def abort(self) -> None:
@@ -274,7 +309,8 @@ def write_shards(
 ) -> Manifest:
     """Stream an iterable of token arrays into ``out_dir`` as shards plus a manifest; returns the manifest.
 
-    ``meta`` is passed to :class:`ShardWriter` (``prefix``, ``tokenizer``, ``vocab_size``, ``eot_id``, ``dtype``).
+    ``meta`` is passed to :class:`ShardWriter` (``prefix``, ``tokenizer``, ``vocab_size``, ``eot_id``, ``dtype``,
+    ``delimiter``).
     """
     writer = ShardWriter(out_dir, shard_tokens=shard_tokens, **meta)
     try:

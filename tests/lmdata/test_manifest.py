@@ -82,6 +82,9 @@ BAD_MANIFESTS = {
     "eot-over-vocab": (manifest_body(eot_id=257), "eot_id 257: must be an int in [0, vocab_size 257)"),
     "eot-str": (manifest_body(eot_id="256"), "eot_id '256': must be an int"),
     "dtype-unknown": (manifest_body(dtype="float32"), "dtype 'float32': must be one of"),
+    "delimiter-unknown": (manifest_body(delimiter="between"), "delimiter 'between': must be 'after' or 'before'"),
+    "delimiter-null": (manifest_body(delimiter=None), "delimiter None: must be 'after' or 'before'"),
+    "delimiter-number": (manifest_body(delimiter=1), "delimiter 1: must be 'after' or 'before'"),
     "dtype-list": (manifest_body(dtype=["uint16"]), "dtype ['uint16']: must be one of"),
     "vocab-over-uint32": (
         manifest_body(dtype="uint32", vocab_size=2**32 + 1),
@@ -140,6 +143,15 @@ def test_an_older_manifest_without_token_range_loads_as_unknown(tmp_path):
     assert loaded.shards == [ShardEntry("shard_000000.bin", 10, "ab" * 32)]
     assert (loaded.shards[0].min_token, loaded.shards[0].max_token) == (None, None)
     assert (loaded.vocab_size, loaded.eot_id, loaded.dtype, loaded.counts) == (257, 256, "uint16", None)
+    assert loaded.delimiter == "after"  # written by our prepare before the field existed: eot after each document
+
+
+@pytest.mark.parametrize("delimiter", ["after", "before"])
+def test_the_delimiter_round_trips(tmp_path, delimiter):
+    manifest = Manifest(shards=[ShardEntry("a.bin", 10, "ff")], eot_id=0, vocab_size=257, delimiter=delimiter)
+    manifest.save(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["delimiter"] == delimiter
+    assert Manifest.load(tmp_path) == manifest
 
 
 @pytest.mark.parametrize("counts", [{"bad_records_skipped": 3, "empty_records_skipped": 0}, {}, None])

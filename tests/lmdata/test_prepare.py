@@ -155,7 +155,7 @@ def test_output_inside_the_input_is_not_read_back(corpus, capsys):
     second = prepare([str(corpus)], out, "byte", val_fraction=0.1)
     assert second == first
     err = capsys.readouterr().err
-    assert f"skipped 4 files inside the output directory {out}" in err  # 2 shards, 2 manifests
+    assert f"skipped 6 files inside the output directory {out}" in err  # 2 shards, their indexes, 2 manifests
 
 
 def test_a_walk_skips_shards_and_manifests_and_naming_one_is_refused(corpus, tmp_path, capsys):

@@ -1,0 +1,394 @@
+"""Where documents start in a shard, and the window starts of ``--windows document`` training.
+
+A *document index* is the list of positions p of a shard where ``tokens[p] == eot_id`` (the delimiter). It
+depends on the token bytes and the eot id only; the *delimiter convention* says what the positions mean:
+
+* ``"after"`` (ours: ``lmdata.prepare`` writes eot after each document): documents start at 0 and at every
+  p + 1 < N;
+* ``"before"`` (llm.c and modded-nanogpt shards: eot is a BOS before each document): documents start at 0 and at
+  every p.
+
+A shard's first token always starts a document (a shard is cut from the stream, so what it begins with is
+treated as a document's beginning). From the document starts d_0 = 0 < d_1 < ... < d_{m-1} (d_m = N) and the
+context length T, :func:`window_starts` makes the windows (T + 1 tokens: inputs s..s+T-1, targets s+1..s+T):
+every d_i, and d_i + k*T while below d_{i+1} (a document longer than T continues in the next window), plus the
+shard-end window N - T - 1; a start whose window would run past N is dropped (the shard-end window covers that
+tail). So every token but the shard's first is a target at least once per epoch, and no window starts inside a
+document except to continue that document.
+
+The index is found by :func:`eot_positions`, a Numba scan (blockwise, at memory speed; see
+``bench/bench_documents.py``), and kept in a *sidecar* file beside each shard, ``SHARD + INDEX_SUFFIX`` (e.g.
+``train_000000.bin.docidx``), so training does not rescan the data. Sidecar layout, little-endian::
+
+    offset  size  field
+    0       8     magic b"LMDOCIDX"
+    8       4     uint32 version (1)
+    12      4     uint32 header bytes (128): where the positions begin
+    16      8     int64  byte size of the shard file when indexed
+    24      8     int64  st_mtime_ns of the shard file when indexed
+    32      8     int64  eot id
+    40      8     int64  count: number of positions
+    48      1     uint8  position itemsize: 4 (uint32, shards of at most 2**32 tokens) or 8 (int64)
+    49      1     uint8  delimiter: 0 "after", 1 "before" (what the writer assumed; part of the key)
+    50      1     uint8  1 if the sha256 field holds the manifest's sha256 of the shard's tokens, else 0
+    51      5     zero
+    56      32    sha256 (raw bytes), or zeros
+    88      40    zero
+    128     count x itemsize   the positions, strictly increasing, each below the shard's token count
+
+A sidecar is trusted only if its header matches the shard as it is now (size and mtime from one ``stat``, the
+manifest entry's sha256 where there is one, the eot id and delimiter asked for) and the file is exactly as long
+as the header says (and, used for an opened shard, its positions increase and stay inside it); anything else
+(a shard rewritten, a sidecar copied from an earlier dataset, a truncated file) is *stale*: never used, the
+index is built in memory instead. Sidecars are written atomically
+(:func:`lmdata.atomic.atomic_write`): a killed writer leaves at most a ``.tmp-*`` file, which nothing reads.
+Copying a dataset without keeping mtimes (``cp`` without ``-p``) makes its sidecars stale; rerun
+``python -m lmdata.index DIR`` on the copy.
+
+Memory: a sidecar costs 4 bytes per document (8 for shards over 2**32 tokens), memory-mapped (clean page-cache
+pages); an index built in memory costs 8 bytes per document; the window starts cost 8 bytes (int64) per window,
+at least one per document plus one per T tokens of long documents.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+from numba import njit
+
+from lmdata.atomic import atomic_write
+from lmdata.errors import ArgumentError
+from lmdata.format import Shard, is_int
+
+if TYPE_CHECKING:
+    from lmdata.dataset import Listing  # lmdata.dataset imports this module
+
+INDEX_SUFFIX = ".docidx"
+DELIMITERS = ("after", "before")  # code 0, 1 in the sidecar header
+_MAGIC = b"LMDOCIDX"
+_VERSION = 1
+HEADER_BYTES = 128
+_HEADER = struct.Struct("<8sIIqqqqBBB5x32s40x")
+assert _HEADER.size == HEADER_BYTES
+SCAN_CHUNK = 1 << 20  # tokens per kernel call: bounds the scratch buffer (8 MB) and the time between GIL releases
+
+
+def sidecar_path(shard_path: str | os.PathLike) -> Path:
+    """Where the document index of ``shard_path`` lives: beside it, the shard's name plus ``INDEX_SUFFIX``."""
+    path = Path(shard_path)
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def check_delimiter(delimiter: object) -> str:
+    """``delimiter`` if it is "after" or "before"; ArgumentError otherwise."""
+    if delimiter not in DELIMITERS:
+        raise ArgumentError(f"delimiter must be 'after' or 'before', got {delimiter!r}")
+    return delimiter  # type: ignore[return-value]
+
+
+# --- the scan ------------------------------------------------------------------------------------------------
+
+
+SCAN_BLOCK = 128  # tokens tested together before any position is stored
+
+
+@njit(nogil=True, cache=True)
+def _eot_positions_into(tokens, eot_id, out):
+    """Write the positions i with ``tokens[i] == eot_id`` into ``out`` (int64, len >= len(tokens)); return how many.
+
+    ``eot_id`` has the tokens' dtype, so the comparison stays at their width. Each block of SCAN_BLOCK tokens is
+    first tested with a branch-free OR of comparisons (which LLVM vectorises, so the scan runs at memory speed);
+    only a block holding an eot is walked again to store its positions (one block in many for documents of
+    hundreds of tokens or more).
+    """
+    n = tokens.shape[0]
+    full = n - n % SCAN_BLOCK
+    k = 0
+    for begin in range(0, full, SCAN_BLOCK):
+        hit = 0
+        for j in range(begin, begin + SCAN_BLOCK):
+            hit |= tokens[j] == eot_id
+        if hit:
+            for j in range(begin, begin + SCAN_BLOCK):
+                if tokens[j] == eot_id:
+                    out[k] = j
+                    k += 1
+    for j in range(full, n):
+        if tokens[j] == eot_id:
+            out[k] = j
+            k += 1
+    return k
+
+
+def eot_positions(tokens: np.ndarray, eot_id: int, on_chunk=None) -> np.ndarray:
+    """Sorted int64 positions of ``eot_id`` in a 1-D integer token array (a shard's memmap), scanned in chunks.
+
+    ``on_chunk(nbytes)`` is called after each chunk so a long scan can report progress. Only the scratch of one
+    chunk and the positions found are held, never a copy of the tokens.
+    """
+    n = tokens.shape[0]
+    info = np.iinfo(tokens.dtype)
+    if not info.min <= eot_id <= info.max:  # no token can be it (and it would wrap in the tokens' dtype)
+        if on_chunk is not None:
+            on_chunk(tokens.nbytes)
+        return np.empty(0, dtype=np.int64)
+    eot = tokens.dtype.type(eot_id)
+    scratch = np.empty(min(n, SCAN_CHUNK), dtype=np.int64)
+    found = []
+    for begin in range(0, n, SCAN_CHUNK):
+        chunk = tokens[begin : begin + SCAN_CHUNK]
+        k = _eot_positions_into(chunk, eot, scratch)
+        if k:
+            found.append(scratch[:k] + begin)
+        if on_chunk is not None:
+            on_chunk(chunk.nbytes)
+    return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
+
+# --- document and window starts (pure) -----------------------------------------------------------------------
+
+
+def document_starts_of(positions: np.ndarray, num_tokens: int, delimiter: str) -> np.ndarray:
+    """Sorted unique int64 document starts d_0 = 0 < d_1 < ... of a shard of ``num_tokens`` tokens whose
+    delimiter (eot) positions are ``positions`` (sorted), under ``delimiter`` "after" or "before"."""
+    check_delimiter(delimiter)
+    p = np.asarray(positions, dtype=np.int64)
+    if num_tokens <= 0:
+        return np.empty(0, dtype=np.int64)
+    starts = p + 1 if delimiter == "after" else p
+    starts = starts[(starts > 0) & (starts < num_tokens)]
+    return np.concatenate([np.zeros(1, dtype=np.int64), starts])
+
+
+def window_starts(positions: np.ndarray, num_tokens: int, context_length: int, delimiter: str) -> np.ndarray:
+    """The window starts of one shard (see the module docstring): sorted, unique int64, each with
+    ``start + context_length + 1 <= num_tokens``; empty for a shard shorter than ``context_length + 1``.
+
+    ``positions``: the shard's sorted eot positions (any integer dtype, a sidecar's memmap included).
+    """
+    T = _check_context_length(context_length)
+    n = int(num_tokens)
+    if n < T + 1:
+        return np.empty(0, dtype=np.int64)
+    docs = document_starts_of(positions, n, delimiter)
+    ends = np.append(docs[1:], n)
+    per_doc = (ends - docs + T - 1) // T  # windows d_i + k*T below d_{i+1}: ceil(length / T), >= 1
+    first = np.cumsum(per_doc) - per_doc  # index of each document's first window
+    k = np.arange(int(per_doc.sum()), dtype=np.int64) - np.repeat(first, per_doc)
+    starts = np.repeat(docs, per_doc) + k * T
+    last = n - T - 1  # the shard-end window: its targets are the shard's last T tokens
+    starts = starts[starts <= last]  # already sorted and unique: documents in order, steps of T inside each
+    if starts.size == 0 or starts[-1] != last:
+        starts = np.append(starts, np.int64(last))
+    return starts
+
+
+def crop_starts(positions: np.ndarray, num_tokens: int, context_length: int, delimiter: str) -> np.ndarray:
+    """Crop-style alignment, for comparison: one window per document start that fits the shard (a document
+    longer than T is cropped to its first T targets)."""
+    T = _check_context_length(context_length)
+    docs = document_starts_of(positions, int(num_tokens), delimiter)
+    return docs[docs + T + 1 <= num_tokens]
+
+
+def stride_starts(num_tokens: int, context_length: int) -> np.ndarray:
+    """The windows of the epoch sampler ("any" alignment): every multiple of T whose window fits the shard."""
+    T = _check_context_length(context_length)
+    count = (num_tokens - T - 1) // T + 1 if num_tokens >= T + 1 else 0
+    return np.arange(count, dtype=np.int64) * T
+
+
+class Coverage(NamedTuple):
+    """How many of a shard's tokens are targets how often in one epoch over some window starts."""
+
+    once: int
+    twice: int
+    more: int
+    """Targets three times or more."""
+    never: int
+    """Never a target (a shard's first token always is one of these)."""
+
+
+def target_coverage(starts: np.ndarray, num_tokens: int, context_length: int) -> Coverage:
+    """Count the tokens of a shard of ``num_tokens`` tokens by how often they are a target (token s + 1 .. s + T)
+    of the windows at ``starts``. Memory: one int32 per token (a bench and test helper, not for training)."""
+    T = _check_context_length(context_length)
+    s = np.asarray(starts, dtype=np.int64)
+    if s.size and (s.min() < 0 or s.max() + T + 1 > num_tokens):
+        raise ArgumentError(f"a window start runs past the shard's {num_tokens} tokens (T = {T})")
+    delta = np.zeros(num_tokens + 1, dtype=np.int32)
+    np.add.at(delta, s + 1, 1)
+    np.add.at(delta, s + T + 1, -1)
+    times = np.cumsum(delta[:num_tokens], dtype=np.int32)
+    counts = np.bincount(times, minlength=3)
+    return Coverage(int(counts[1]), int(counts[2]), int(counts[3:].sum()), int(counts[0]))
+
+
+def _check_context_length(context_length: object) -> int:
+    if not is_int(context_length) or context_length <= 0:
+        raise ArgumentError(f"context_length must be a positive int, got {context_length!r}")
+    return int(context_length)
+
+
+# --- sidecars ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexKey:
+    """What a sidecar must match to be trusted for a shard: the eot id and delimiter asked for, and the
+    manifest's sha256 of the shard's tokens where there is one ("" otherwise)."""
+
+    eot_id: int
+    delimiter: str
+    sha256: str = ""
+
+
+def write_index(
+    shard_path: str | os.PathLike, positions: np.ndarray, key: IndexKey, stat: os.stat_result | None = None
+) -> Path:
+    """Write the sidecar of ``shard_path`` atomically, stamped with ``stat`` (taken before ``positions`` were
+    found, so a shard changed meanwhile leaves a sidecar that is stale, never a wrong one trusted), else with
+    the shard's size and mtime as they are now (for a writer that has just renamed the shard into place).
+
+    Raises OSError (e.g. a read-only directory) for the caller to turn into its own error.
+    """
+    shard_path = Path(shard_path)
+    check_delimiter(key.delimiter)
+    st = stat if stat is not None else os.stat(shard_path)
+    positions = np.asarray(positions)
+    wide = positions.size and int(positions[-1]) >= 1 << 32
+    data = positions.astype("<i8" if wide else "<u4", copy=False)
+    sha = bytes.fromhex(key.sha256) if key.sha256 else b""
+    header = _HEADER.pack(
+        _MAGIC, _VERSION, HEADER_BYTES, st.st_size, st.st_mtime_ns, int(key.eot_id), data.size,
+        data.itemsize, DELIMITERS.index(key.delimiter), 1 if sha else 0, sha.ljust(32, b"\0"),
+    )  # fmt: skip
+    path = sidecar_path(shard_path)
+    with atomic_write(path) as f:
+        f.write(header)
+        f.write(data.tobytes())
+    return path
+
+
+def read_index(shard_path: str | os.PathLike, key: IndexKey) -> tuple[np.ndarray | None, str]:
+    """The positions of a valid sidecar of ``shard_path`` (memory-mapped, read-only) and "", or (None, why not).
+
+    Reads the 128-byte header and two ``stat`` calls; the positions themselves are not read.
+    """
+    shard_path = Path(shard_path)
+    path = sidecar_path(shard_path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+            size = os.fstat(f.fileno()).st_size
+        st = os.stat(shard_path)
+    except FileNotFoundError:
+        return None, "no index"
+    except OSError as e:
+        return None, f"cannot read it ({e.strerror})"
+    why = _stale_reason(raw, size, st, key)
+    if why:
+        return None, why
+    fields = _HEADER.unpack(raw)
+    count, itemsize = fields[6], fields[7]
+    if count == 0:
+        return np.empty(0, dtype=np.uint32), ""
+    dtype = "<u4" if itemsize == 4 else "<i8"
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,)), ""
+
+
+def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey) -> str:
+    """Why a sidecar's header does not vouch for the shard as it is now ("" if it does)."""
+    if len(raw) < HEADER_BYTES or raw[:8] != _MAGIC:
+        return "not a document index (bad magic)"
+    magic, version, header_bytes, shard_bytes, mtime_ns, eot_id, count, itemsize, delim, has_sha, sha, = (
+        _HEADER.unpack(raw)
+    )  # fmt: skip
+    if version != _VERSION or header_bytes != HEADER_BYTES or itemsize not in (4, 8) or delim > 1:
+        return f"unknown index version {version}"
+    if size != HEADER_BYTES + count * itemsize:
+        return "truncated or padded (its size disagrees with its header)"
+    if shard_bytes != st.st_size or mtime_ns != st.st_mtime_ns:
+        return "stale: the shard changed since it was indexed (size or mtime)"
+    if (sha.hex() if has_sha else "") != key.sha256:
+        return "stale: the shard's sha256 in the manifest differs from the index's"
+    if eot_id != key.eot_id or DELIMITERS[delim] != key.delimiter:
+        return f"made for eot id {eot_id}, delimiter {DELIMITERS[delim]!r}, not {key.eot_id}, {key.delimiter!r}"
+    return ""
+
+
+def shard_index(shard: Shard, key: IndexKey) -> tuple[np.ndarray | None, str]:
+    """:func:`read_index` for an opened shard, also refusing positions that cannot be the shard's."""
+    positions, why = read_index(shard.path, key)
+    if positions is not None and not _plausible(positions, shard.num_tokens):
+        return None, "damaged: its positions are not increasing, or run past the shard's end"
+    return positions, why
+
+
+def shard_positions(
+    shards: Sequence[Shard], keys: Sequence[IndexKey], on_chunk: Callable[[int], None] | None = None
+) -> tuple[list[np.ndarray], list[tuple[Path, str]]]:
+    """Per shard, the eot positions of its valid sidecar (memory-mapped), else of a scan of its tokens (held in
+    memory); and, for each shard scanned, (its path, why its sidecar was not used). Reads, never writes."""
+    found, scanned = [], []
+    for shard, key in zip(shards, keys, strict=True):
+        positions, why = shard_index(shard, key)
+        if positions is None:
+            scanned.append((shard.path, why))
+            positions = eot_positions(shard.tokens, key.eot_id, on_chunk)
+        found.append(positions)
+    return found, scanned
+
+
+def _plausible(positions: np.ndarray, num_tokens: int) -> bool:
+    """Strictly increasing and below ``num_tokens``: what a sidecar with a matching header must also hold (a
+    damaged or hand-made one need not). Reads the whole sidecar (4 bytes per document, far less than the shard)."""
+    if positions.size == 0:
+        return True
+    return int(positions[-1]) < num_tokens and bool(np.all(positions[1:] > positions[:-1]))
+
+
+# --- which key a dataset's shard needs, and what to say when it has no sidecar -----------------------------
+
+
+def document_key(shard: Shard, listing: Listing | None, eot_id: int | None, delimiter: str | None) -> IndexKey:
+    """The IndexKey of one shard: its manifest's eot id and delimiter (``listing``: what vouches for it, see
+    :class:`lmdata.dataset.Listing`), checked against the explicit ones; ArgumentError as
+    :meth:`lmdata.TokenDataset.document_keys` says."""
+    flags = "pass both eot_id and delimiter (--eot-id N --delimiter before|after)"
+    if listing is None:
+        if eot_id is None or delimiter is None:
+            raise ArgumentError(
+                f"{shard.path}: no manifest says where its documents start; {flags}: 'after' if the eot id ends each "
+                "document, 'before' if it begins each (llm.c and modded-nanogpt shards)"
+            )
+        return IndexKey(eot_id, delimiter)
+    where = listing.manifest_path
+    if listing.eot_id is None and eot_id is None:
+        raise ArgumentError(f"{where}: records no eot_id, so documents cannot be found; pass eot_id (--eot-id N)")
+    if eot_id is not None and listing.eot_id is not None and eot_id != listing.eot_id:
+        raise ArgumentError(f"eot_id {eot_id} contradicts eot_id {listing.eot_id} of {where}; drop the argument")
+    if delimiter is not None and delimiter != listing.delimiter:
+        raise ArgumentError(
+            f"delimiter {delimiter!r} contradicts delimiter {listing.delimiter!r} of {where}; drop the argument"
+        )
+    chosen = listing.eot_id if listing.eot_id is not None else eot_id
+    return IndexKey(chosen, listing.delimiter, listing.entry.sha256)
+
+
+def no_index_note(scanned: list[tuple[Path, str]], num_shards: int, key: IndexKey) -> str:
+    """One warning for every shard whose document index was built in memory, saying how to write it once."""
+    directories = sorted({str(path.parent) for path, _ in scanned})
+    path, why = scanned[0]
+    command = f"python -m lmdata.index {directories[0]} --eot-id {key.eot_id} --delimiter {key.delimiter}"
+    more = f" (and likewise for {len(directories) - 1} more directories)" if len(directories) > 1 else ""
+    return (
+        f"{len(scanned)} of {num_shards} shards have no valid document index (e.g. {path}: {why}), so it was built "
+        f"in memory; to write it once beside the shards (by someone who may write there), run {command}{more}"
+    )
