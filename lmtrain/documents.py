@@ -118,8 +118,9 @@ def flex_attend(
 
 def check_doc_ids(ids: torch.Tensor, tokens: torch.Tensor) -> None:
     """ValueError unless ``ids`` fits token ids ``tokens`` (B, T): an integer tensor of the same shape and device.
-    That ids are non-decreasing along each row is checked on the CPU only (elsewhere it would cost a host sync):
-    a decreasing id would restart positions as a new document without masking it from the earlier one."""
+    That ids are non-decreasing along each row is checked on the CPU only, outside torch.compile (elsewhere it
+    would cost a host sync, or a graph break): a decreasing id would restart positions as a new document without
+    masking it from the earlier one."""
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"doc_ids must be a torch.Tensor of document numbers, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -130,7 +131,9 @@ def check_doc_ids(ids: torch.Tensor, tokens: torch.Tensor) -> None:
         )
     if ids.device != tokens.device:
         raise ValueError(f"doc_ids on {ids.device} for token ids on {tokens.device}: put them on the same device")
-    if ids.device.type == "cpu" and bool((ids[:, 1:] < ids[:, :-1]).any()):
+    if ids.device.type != "cpu" or torch.compiler.is_compiling():  # would sync, or break the compiled graph
+        return
+    if bool((ids[:, 1:] < ids[:, :-1]).any()):
         raise ValueError("doc_ids must be non-decreasing along each row (document numbers, as lmtrain.doc_ids gives)")
 
 
