@@ -107,9 +107,10 @@ def flex_attend(
 ) -> torch.Tensor:
     """FlexAttention of q (B, H, T, d) over k, v (B, Hkv, T, d) under ``block_mask`` -> (B, H, T, d). On CUDA
     compiled (once, on first use; a new T recompiles), whatever ``--compile`` says: the eager form is an unfused
-    reference. On the CPU eager (forward only: FlexAttention has no CPU backward), for the tests."""
+    reference; inside a model under torch.compile, traced into its graph. On the CPU eager (forward only:
+    FlexAttention has no CPU backward), for the tests."""
     global _compiled_flex
-    if not q.is_cuda:
+    if not q.is_cuda or torch.compiler.is_compiling():  # CPU: eager; in a compiled model: fused into its graph
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)

@@ -300,7 +300,7 @@ def test_a_prompt_of_only_eots_starts_a_document(delimiter):
 @pytest.mark.parametrize("variant", ["mha", "gqa"])
 def test_flex_attention_on_cuda_equals_each_document_alone_and_trains(variant):
     """Compiled FlexAttention with the BlockMask, float32: forward against each document alone, and backward."""
-    model = build(**VARIANTS[variant]).cuda()
+    model = build(**VARIANTS[variant], d_model=64).cuda()  # d_head 16: FlexAttention's smallest tile
     x = packed([window([5, 1, 9, 12, 5], 1, "after"), window([20, 12], 4, "after")]).cuda()
     ids = doc_ids(x, EOT)
     assert not isinstance(document_attention(ids).mask, torch.Tensor)  # a BlockMask on CUDA
