@@ -21,6 +21,7 @@ compiled (its eager form materialises the whole score matrix, an unfused referen
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
@@ -43,11 +44,17 @@ def doc_ids(x: torch.Tensor, eot_id: int, delimiter: str = "after") -> torch.Ten
         raise ValueError(f"doc_ids needs integer token ids, got a {x.dtype} tensor")
     if x.dim() == 0:
         raise ValueError("doc_ids needs token ids of shape (..., T), got a scalar")
-    is_eot = (x == eot_id).long()  # (..., T)
+    try:
+        eot = operator.index(eot_id)  # an int (numpy's too), not a float, None or a bool
+    except TypeError:
+        raise ValueError(f"eot_id must be an integer token id, got {eot_id!r}") from None
+    if isinstance(eot_id, bool):
+        raise ValueError(f"eot_id must be an integer token id, got {eot_id!r}")
+    is_eot = (x == eot).long()  # (..., T)
     if delimiter == "after":  # a token's id: the eots strictly before it
         return is_eot.cumsum(-1) - is_eot
     starts = is_eot.clone()
-    starts[..., 0] = 0  # the row's first token is document 0, an eot or not
+    starts[..., :1] = 0  # the row's first token is document 0, an eot or not (T = 0: nothing)
     return starts.cumsum(-1)
 
 

@@ -16,7 +16,7 @@ from tests.conftest import cuda
 
 EOT = 0
 CFG = dict(vocab_size=101, context_length=32, d_model=48, num_layers=2, num_heads=4, d_ff=96, rope_theta=10000.0)
-VARIANTS = {"mha": {}, "gqa": {"num_kv_heads": 2}, "tied": {"tie_embeddings": True}, "mqa_tied": {"num_kv_heads": 1}}
+VARIANTS = {"mha": {}, "gqa": {"num_kv_heads": 2}, "tied": {"tie_embeddings": True}, "mqa_tied": {"num_kv_heads": 1, "tie_embeddings": True}}
 TOL = dict(rtol=0, atol=1e-5)  # float32
 
 
@@ -75,6 +75,21 @@ def test_doc_ids_refuses_a_bad_delimiter_and_non_integer_tokens():
         doc_ids(torch.zeros(1, 3), EOT)
     with pytest.raises(ValueError, match="got a scalar"):
         doc_ids(torch.tensor(3), EOT)
+    for bad in (None, 0.0, True, "0"):
+        with pytest.raises(ValueError, match="eot_id must be an integer token id"):
+            doc_ids(packed([[1, 2]]), bad)
+
+
+@pytest.mark.parametrize("delimiter", ["after", "before"])
+def test_doc_ids_of_empty_windows_and_other_integer_dtypes(delimiter):
+    assert doc_ids(torch.zeros(2, 0, dtype=torch.int64), EOT, delimiter).shape == (2, 0)
+    x = packed([[5, E, 7, E, 9]])
+    expected = doc_ids(x, EOT, delimiter)
+    for dtype in (torch.int32, torch.uint8, torch.int16):
+        assert torch.equal(doc_ids(x.to(dtype), EOT, delimiter), expected)
+    model = build()
+    with torch.no_grad():  # int32 doc ids: the same logits
+        assert torch.equal(model(x, doc_ids=expected.int()), model(x, doc_ids=expected))
 
 
 def test_positions_restart_at_each_document_start_and_the_mask_is_block_causal():
