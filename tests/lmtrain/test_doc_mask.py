@@ -16,7 +16,12 @@ from tests.conftest import cuda
 
 EOT = 0
 CFG = dict(vocab_size=101, context_length=32, d_model=48, num_layers=2, num_heads=4, d_ff=96, rope_theta=10000.0)
-VARIANTS = {"mha": {}, "gqa": {"num_kv_heads": 2}, "tied": {"tie_embeddings": True}, "mqa_tied": {"num_kv_heads": 1, "tie_embeddings": True}}
+VARIANTS = {
+    "mha": {},
+    "gqa": {"num_kv_heads": 2},
+    "tied": {"tie_embeddings": True},
+    "mqa_tied": {"num_kv_heads": 1, "tie_embeddings": True},
+}
 TOL = dict(rtol=0, atol=1e-5)  # float32
 
 
