@@ -292,14 +292,21 @@ def test_each_step_of_the_window_equals_the_full_masked_forward(delimiter, use_c
     torch.testing.assert_close(win.logits, masked_reference(model, stream, delimiter), **TOL)
 
 
-@pytest.mark.parametrize("delimiter", ["after", "before"])
-def test_generation_after_an_eot_in_the_prompt_is_generation_from_the_last_document(delimiter):
+@pytest.mark.parametrize(
+    ("delimiter", "tail", "alone_length"),
+    [
+        ("after", [3, 4, 5], 3),  # mid-document: the tokens after the last eot
+        ("after", [3, 4, E], 3),  # a final eot ends the current document: it stays, the next token starts anew
+        ("before", [E, 3, 4, 5], 4),  # from the last eot on
+        ("before", [E], 1),
+    ],
+)
+def test_generation_after_an_eot_in_the_prompt_is_generation_from_the_last_document(delimiter, tail, alone_length):
     model = build()
     doc_mask = DocMask(EOT, delimiter)
-    earlier, last = window([9, 7], 1, delimiter), window([2, 6], 2, delimiter)[2:] if delimiter == "after" else []
-    prompt = earlier + (last or [EOT, 3, 4, 5])  # "after": [.., eot, 6 tokens]; "before": [.., eot, 3, 4, 5]
+    prompt = window([9, 7], 1, delimiter) + tail
     alone = current_document(prompt, doc_mask)
-    assert len(alone) < len(prompt) - 5
+    assert alone == tail[-alone_length:]
     kwargs = dict(temperature=0.9, top_p=0.95, seed=3, doc_mask=doc_mask)
     got = generate(model, prompt, 40, **kwargs)  # past the context: the policy's refills inside the document
     assert got == generate(model, alone, 40, **kwargs) == generate(model, alone, 40, **{**kwargs, "use_cache": False})
