@@ -276,8 +276,9 @@ class TransformerLM(nn.Module):
             self.lm_head.weight = self.token_embeddings.weight
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+        self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """``positions`` (keyword only; default arange(T)): each token's RoPE position, without doc_ids."""
         T = ids.shape[-1]
         if T > self.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")

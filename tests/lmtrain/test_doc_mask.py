@@ -197,6 +197,7 @@ def test_without_doc_ids_the_model_runs_todays_kernels_bitwise(monkeypatch):
     hand the way the model ran before masking existed."""
     model = build(**VARIANTS["gqa"])
     x = packed([window([10, 15], 1, "after")] * 2)
+    assert torch.equal(model(x, torch.zeros_like(x)), model(x, doc_ids=torch.zeros_like(x)))  # its 2nd argument
     calls = []
     real_sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(
@@ -237,7 +238,7 @@ def test_bad_doc_ids_are_refused_with_what_to_do(bad, message):
 def test_positions_and_doc_ids_together_are_refused():
     model, x = build(), packed([[1, 2, 3]])
     with pytest.raises(ValueError, match="pass positions or doc_ids, not both"):
-        model(x, torch.arange(3), doc_ids=torch.zeros_like(x))
+        model(x, torch.zeros_like(x), positions=torch.arange(3))
 
 
 def test_a_one_dimensional_batch_with_doc_ids_is_refused():
