@@ -11,6 +11,8 @@
 #   flags      every lmtrain.main flag this script passes exists in `python -m lmtrain.main --help`
 #   pytest     pytest -m cuda: the loader's CUDA tests and the trainer's (tests/lmtrain/test_cuda.py: bf16, fused
 #              AdamW, kill -9 then resume, SIGTERM, non-finite stop, a CUDA checkpoint loaded on a CPU-only process)
+#              and the document mask's (tests/lmtrain/test_doc_mask.py: compiled FlexAttention, float32, against each
+#              document alone, and its backward)
 #   gpu_check  python -m bench.gpu_check: the Trainer's step with and without the loader, pinned vs pageable H2D
 #   flex       python -m bench.gpu_flex: document masking with compiled FlexAttention, its logits against each
 #              document run alone (bf16) and its speed against unmasked SDPA at B=8, T=2048, d_model 768, 12 heads
