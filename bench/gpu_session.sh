@@ -11,7 +11,11 @@
 #   flags      every lmtrain.main flag this script passes exists in `python -m lmtrain.main --help`
 #   pytest     pytest -m cuda: the loader's CUDA tests and the trainer's (tests/lmtrain/test_cuda.py: bf16, fused
 #              AdamW, kill -9 then resume, SIGTERM, non-finite stop, a CUDA checkpoint loaded on a CPU-only process)
+#              and the document mask's (tests/lmtrain/test_doc_mask.py: compiled FlexAttention, float32, against each
+#              document alone, and its backward)
 #   gpu_check  python -m bench.gpu_check: the Trainer's step with and without the loader, pinned vs pageable H2D
+#   flex       python -m bench.gpu_flex: document masking with compiled FlexAttention, its logits against each
+#              document run alone (bf16) and its speed against unmasked SDPA at B=8, T=2048, d_model 768, 12 heads
 #   run        GPT-2-small shape (d_model 768, 12 layers, 12 heads, d_ff 2048, T 1024, vocab 50257: 124M
 #              parameters besides the embedding), 60 steps with --async-checkpoint: tokens/s, MFU, data stall
 #   resume     the same command to 70 steps: must resume at step 60
@@ -204,6 +208,11 @@ if ((SMOKE)); then
   step gpu_check 60 "$PY" -m bench.gpu_check --smoke --out "$OUT_DIR/gpu_check.json"
 else
   step gpu_check 120 "$PY" -m bench.gpu_check --out "$OUT_DIR/gpu_check.json"
+fi
+if ((SMOKE)); then
+  step flex 60 "$PY" -m bench.gpu_flex --smoke --out "$OUT_DIR/gpu_flex.json"
+else
+  step flex 150 "$PY" -m bench.gpu_flex --out "$OUT_DIR/gpu_flex.json"
 fi
 step data 60 bash -c "$(declare -f make_data); make_data"
 step run 120 bash -c train_run

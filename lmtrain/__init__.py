@@ -5,6 +5,7 @@ lmtrain knows of data only what lmdata exposes (TokenDataset, BatchLoader).
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes, unwrap
 from lmtrain.checkpoint_manager import CheckpointManager
+from lmtrain.documents import DocMask, doc_ids
 from lmtrain.errors import (
     CheckpointError,
     ConfigError,
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "ConfigError",
+    "DocMask",
     "InsufficientDiskError",
     "LmTrainError",
     "NonFiniteLossError",
@@ -42,6 +44,7 @@ __all__ = [
     "Score",
     "TransformerLM",
     "capture_rng_state",
+    "doc_ids",
     "load_checkpoint",
     "load_hf",
     "lr_cosine_schedule",

@@ -16,6 +16,13 @@ holds nothing else: weights trained with the reference code load as they are.
 Initialisation (the course's): every linear weight ~ N(0, 2 / (d_in + d_out)) truncated at 3 standard
 deviations; the embedding ~ N(0, 1) truncated at [-3, 3] (tied: the head's init instead); RMSNorm gains 1.
 
+Document masking (``--doc-mask``): ``forward(ids, doc_ids)`` with document numbers (B, T) from
+:func:`lmtrain.doc_ids` makes attention causal *and* confined to each token's document, and restarts RoPE positions
+at 0 at each document's first token, so that a token's logits depend on its own document only. The mask and the
+positions are built once per forward (:func:`lmtrain.documents.document_attention`) and shared by every layer:
+dense for SDPA on the CPU, a FlexAttention BlockMask on CUDA. Without doc_ids the model is the course's, with
+SDPA's ``is_causal`` kernels.
+
 Sampling has its own entry point, ``forward_cached(ids, cache)``, which keeps each layer's keys and values in a
 :class:`KVCache` so that a prompt is processed once and then one token per step; ``forward`` is the training
 path and knows nothing of it.
@@ -29,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmtrain.documents import DocumentAttention, check_doc_ids, document_attention, flex_attend
 from lmtrain.errors import ConfigError
 
 
@@ -132,14 +140,26 @@ class CausalSelfAttention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> torch.Tensor:
         """q: (B, H, T, C/H); k, v: (B, Hkv, S, C/H) -> (B, T, C) through output_proj. With fewer kv heads, SDPA's
         enable_gqa has query head h read kv head h // (H / Hkv), as ``k.repeat_interleave(H / Hkv, dim=1)``
-        would, without materialising the repeats (the tests check it gives the same numbers)."""
+        would, without materialising the repeats (the tests check it gives the same numbers). ``block_mask``
+        (a FlexAttention BlockMask) goes to FlexAttention, which groups heads the same way."""
         gqa = self.num_kv_heads != self.num_heads
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)  # (B, H, T, C/H), flash/fused kernel
+        if "block_mask" in mask:
+            y = flex_attend(q, k, v, mask["block_mask"], enable_gqa=gqa)  # (B, H, T, C/H), compiled on CUDA
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **mask)  # (B, H, T, C/H), flash/fused
         return self.output_proj(y.transpose(1, 2).flatten(-2))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, documents: DocumentAttention | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C). ``documents`` (its positions are the ones passed): attention confined to
+        each token's document; None: plain causal."""
         q, k, v = self._qkv(x, positions)
-        return self._attend(q, k, v, is_causal=True)
+        if documents is None:
+            return self._attend(q, k, v, is_causal=True)
+        if isinstance(documents.mask, torch.Tensor):
+            return self._attend(q, k, v, attn_mask=documents.mask)  # bool (B, 1, T, T)
+        return self._attend(q, k, v, block_mask=documents.mask)
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """x: (B, T, C), the tokens at positions cache.length..cache.length+T-1; they attend to every cached
@@ -172,8 +192,10 @@ class TransformerBlock(nn.Module):
         self.attn = CausalSelfAttention(d_model, num_heads, rope, num_kv_heads)
         self.ffn = SwiGLU(d_model, d_ff)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), positions)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, documents: DocumentAttention | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), positions, documents)
         return x + self.ffn(self.ln2(x))
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
@@ -199,6 +221,9 @@ def shape_problems(d_model: int, num_heads: int, num_kv_heads: int | None = None
 
 class TransformerLM(nn.Module):
     """``forward(ids)``: int64 (B, T) token ids, T <= context_length -> float logits (B, T, vocab_size).
+
+    ``forward(ids, doc_ids)``: the same with document masking; doc_ids integer (B, T), non-decreasing along each
+    row (:func:`lmtrain.doc_ids`): each token's logits are those of its document run alone from position 0.
 
     ``forward_cached(ids, cache)``: the same logits for ``ids`` placed after the ``cache.length`` tokens already
     in ``cache`` (from ``new_cache``), at their absolute positions."""
@@ -250,15 +275,25 @@ class TransformerLM(nn.Module):
                 self.token_embeddings.weight.copy_(self.lm_head.weight)
             self.lm_head.weight = self.token_embeddings.weight
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``positions`` (keyword only; default arange(T)): each token's RoPE position, without doc_ids."""
         T = ids.shape[-1]
         if T > self.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
-        if positions is None:
+        documents = None
+        if doc_ids is not None:
+            if positions is not None:
+                raise ValueError("pass positions or doc_ids, not both: doc_ids sets each document's positions")
+            check_doc_ids(doc_ids, ids)
+            documents = document_attention(doc_ids)  # once per forward, shared by every layer
+            positions = documents.positions  # (B, 1, T)
+        elif positions is None:
             positions = torch.arange(T, device=ids.device)
         x = self.token_embeddings(ids)  # (B, T, C)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, positions, documents)
         return self.lm_head(self.ln_final(x))  # (B, T, V)
 
     def new_cache(self, batch_size: int = 1) -> KVCache:

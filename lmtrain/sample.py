@@ -24,6 +24,7 @@ from lmdata.tokenizer import load_tokenizer, open_tokenizer
 from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED
+from lmtrain.documents import DocMask, current_document
 from lmtrain.errors import CheckpointError, LmTrainError
 from lmtrain.model import TransformerLM
 
@@ -99,20 +100,28 @@ class ContextWindow:
 
     With ``use_cache`` each appended token is one ``forward_cached`` step; without, every step recomputes the
     whole window with ``forward`` (positions 0.. as after a refill), the reference the cached path must equal.
+
+    With ``doc_mask`` (a document-masked model) an end-of-text is a document boundary: the window holds the current
+    document only (``current_document``), from position 0, and starts anew at each new document. The model's
+    output at a token depends on nothing else, so the cache needs no mask: the tests check the logits against the
+    masked ``forward`` of the whole prompt and continuation.
     """
 
-    def __init__(self, model: TransformerLM, ids: list[int], use_cache: bool = True):
+    def __init__(self, model: TransformerLM, ids: list[int], use_cache: bool = True, doc_mask: DocMask | None = None):
         if not ids:
             raise ValueError("generation needs at least one token of context (an empty prompt is [eot_id])")
-        self.model, self.size = model, model.context_length
+        self.model, self.size, self.doc_mask = model, model.context_length, doc_mask
         self.keep = max(1, self.size // 2)
         self.cache = model.new_cache() if use_cache else None
-        self.tokens = list(ids[-self.size :])
+        self.tokens = list((ids if doc_mask is None else current_document(ids, doc_mask))[-self.size :])
         self.logits = self._refill()
 
     def append(self, token: int) -> torch.Tensor:
         """Adds ``token``; returns the float32 logits (V,) for the one after it."""
-        if len(self.tokens) == self.size:  # full: keep the newest half and fill the cache from them
+        if self.doc_mask is not None and self.doc_mask.starts_document(self.tokens[-1], token):
+            self.tokens = [token]  # a new document: nothing before it is seen, positions restart at 0
+            self.logits = self._refill()
+        elif len(self.tokens) == self.size:  # full: keep the newest half and fill the cache from them
             self.tokens = [*self.tokens, token][-self.keep :]
             self.logits = self._refill()
         else:
@@ -157,12 +166,15 @@ def generate(
     seed: int = 0,
     eot_id: int | None = None,
     use_cache: bool = True,
+    doc_mask: DocMask | None = None,
 ) -> list[int]:
     """Sampled continuation of ``ids`` (without them), as ``pick`` chooses, stopping at ``eot_id``. The context
     follows ``CONTEXT_POLICY``: past the context length the newest half is kept. ``use_cache=False``
-    recomputes the whole context every token (the same tokens, slower; for tests and the bench)."""
+    recomputes the whole context every token (the same tokens, slower; for tests and the bench). ``doc_mask``:
+    for a model trained with document masking, an end-of-text in the context is a document boundary (the
+    continuation depends on the last document only, see ``ContextWindow``)."""
     generator = torch.Generator().manual_seed(seed)
-    window = ContextWindow(model, ids, use_cache) if max_new_tokens > 0 else None
+    window = ContextWindow(model, ids, use_cache, doc_mask) if max_new_tokens > 0 else None
     out: list[int] = []
     for _ in range(max_new_tokens):
         token = pick(window.logits, temperature, top_p, generator)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["env", "flags", "pytest", "gpu_check", "data", "run", "resume", "options", "compile"]
+STEPS = ["env", "flags", "pytest", "gpu_check", "flex", "data", "run", "resume", "options", "compile"]
 
 
 @pytest.mark.slow  # about 30 s on a 2-core machine
@@ -35,6 +35,7 @@ def test_gpu_session_smoke_runs_every_step_and_writes_the_summary(tmp_path):
     assert "resumed from" in log and "at step 6" in log  # the resume step resumed the run step's checkpoint
     assert "tokens/s" in log and "data stall" in log
     assert json.loads((tmp_path / "gpu_check.json").read_text())["device"] == "cpu"
+    assert json.loads((tmp_path / "gpu_flex.json").read_text())["smoke"] is True
 
 
 def test_gpu_session_counts_failed_steps_in_its_exit_status(tmp_path):
@@ -48,5 +49,5 @@ def test_gpu_session_counts_failed_steps_in_its_exit_status(tmp_path):
     )
     status = {line.split()[0]: line.split()[1] for line in (tmp_path / "summary.txt").read_text().splitlines()}
     failed = [name for name, s in status.items() if s == "FAIL"]
-    assert failed == ["env", "flags", "pytest", "gpu_check", "data", "run", "resume", "options"]
+    assert failed == ["env", "flags", "pytest", "gpu_check", "flex", "data", "run", "resume", "options"]
     assert proc.returncode == len(failed) and f"gpu_session: {len(failed)} NOT PASSED" in proc.stdout
