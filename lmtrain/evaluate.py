@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from lmdata import BatchLoader, LmDataError, Manifest, TokenDataset, TokenizerError
 from lmdata.tokenizer import load_tokenizer, token_byte_lengths
+from lmtrain.datasources import made_by, open_train
 from lmtrain.errors import ConfigError, LmTrainError
 from lmtrain.runtime import resolve_device
 from lmtrain.sample import load_run
@@ -202,17 +203,17 @@ def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict, fin
         )
     train = (config.get("data") or {}).get("train_data")
     try:
-        training = TokenDataset(train) if train else None
-    except LmDataError:  # moved since: nothing to compare with
+        training = open_train(train) if train else None
+    except (LmDataError, ConfigError):  # moved since, or not a spec of this lmtrain: nothing to compare with
         training = None
     if training is not None and fingerprint is not None and training.fingerprint() != fingerprint:
         training = None  # re-prepared since the model was trained: its tokenizer says nothing of the model's
-    trained_on = training.made_by if training is not None else None
-    made_by = dataset.made_by
-    known = trained_on is not None and made_by is not None and "unknown" not in (trained_on[0], made_by[0])
-    if known and trained_on[0] != made_by[0]:
+    trained_on = made_by(training) if training is not None else None
+    scored = dataset.made_by
+    known = trained_on is not None and scored is not None and "unknown" not in (trained_on[0], scored[0])
+    if known and trained_on[0] != scored[0]:
         raise ConfigError(
-            f"{data}: made by tokenizer {made_by[0]}, but the model was trained on {train}, made by {trained_on[0]}; "
+            f"{data}: made by tokenizer {scored[0]}, but the model was trained on {train}, made by {trained_on[0]}; "
             "evaluate on data prepared with the model's tokenizer"
         )
 
