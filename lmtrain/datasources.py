@@ -120,7 +120,7 @@ def _parse(value: str | Sequence[str], weighted: bool) -> tuple[list[DataSource]
     if any(weights) and not all(weights):
         unweighted = [spec for spec, w in zip(specs, weights, strict=True) if not w]
         problems.append(f"a weight on some sources but not all (none on {unweighted}): give @WEIGHT to each")
-    elif len(sources) > 1 and not any(weights):
+    elif weighted and len(sources) > 1 and not any(weights):
         problems.append(
             f"{len(sources)} training sources without weights: give @WEIGHT to each (such as "
             f"{sources[0].path}@0.5), @1 on each for equal shares"

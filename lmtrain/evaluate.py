@@ -1,11 +1,13 @@
 """``python -m lmtrain.evaluate``: loss, perplexity and bits per byte of a trained model on a data split.
 
-    python -m lmtrain.evaluate RUN_DIR|CHECKPOINT --data PATH [--batches N | --all] [--batch-size B] [--device D]
+    python -m lmtrain.evaluate RUN_DIR|CHECKPOINT --data [NAME=]PATH [--data ...] [--batches N | --all]
+                               [--batch-size B] [--device D]
 
-PATH is anything lmdata.TokenDataset opens (a split directory, a shard, a glob). By default the model sees
-``--batches`` batches of windows drawn by the epoch sampler with a fixed seed: the same windows for two runs
-and two models with the same data, context length and batch size. ``--all`` scores the whole split once (see
-:func:`all_windows`).
+PATH is anything lmdata.TokenDataset opens (a split directory, a shard, a glob); several ``--data`` are scored
+one after the other, each reported under its name (named as ``--val-data`` of lmtrain.main names them). By
+default the model sees ``--batches`` batches of windows drawn by the epoch sampler with a fixed seed: the same
+windows for two runs and two models with the same data, context length and batch size. ``--all`` scores the
+whole split once (see :func:`all_windows`).
 
 Bits per byte divides the summed loss, in bits, by the number of UTF-8 bytes of text the target tokens stand for
 (:func:`lmdata.tokenizer.token_byte_lengths`; end-of-text is 0 bytes). Unlike the loss per token it does not
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 from lmdata import BatchLoader, LmDataError, Manifest, TokenDataset, TokenizerError
 from lmdata.tokenizer import load_tokenizer, token_byte_lengths
-from lmtrain.datasources import made_by, open_train
+from lmtrain.datasources import made_by, open_train, parse_sources, source_problems
 from lmtrain.errors import ConfigError, LmTrainError
 from lmtrain.runtime import resolve_device
 from lmtrain.sample import load_run
@@ -240,7 +242,14 @@ def report(ev: Evaluation) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmtrain.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run directory (newest checkpoint) or file")
-    parser.add_argument("--data", required=True, help="a split directory, shard file or glob")
+    parser.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        metavar="[NAME=]PATH",
+        help="a split directory, shard file or glob; repeat it to score several, each reported under its name "
+        "(as --val-data of lmtrain.main: --data data/web/val --data data/code/val)",
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="fixed batches to score")
     which.add_argument("--all", action="store_true", help="score every token of the split once")
@@ -252,14 +261,17 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--batches must be >= 1, got {args.batches}")
     if args.batch_size is not None and args.batch_size < 1:
         problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
+    problems += [f"--data {p}" for p in source_problems(args.data, weighted=False)]
     if problems:
         parser.error("; ".join(problems))
-    try:
-        ev = evaluate(args.checkpoint, args.data, None if args.all else args.batches, args.batch_size, args.device)
-    except (LmTrainError, LmDataError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    print(report(ev))
+    sets = parse_sources(args.data, weighted=False)
+    for s in sets:
+        try:
+            ev = evaluate(args.checkpoint, s.path, None if args.all else args.batches, args.batch_size, args.device)
+        except (LmTrainError, LmDataError) as e:
+            print(f"evaluate: error: {e}", file=sys.stderr)
+            return 2
+        print(report(ev) if len(sets) == 1 else f"== {s.name} ({s.path})\n{report(ev)}", flush=True)
     return 0
 
 

@@ -114,7 +114,7 @@ def same_data(saved: dict, now: dict) -> bool:
         return False
     for split, fingerprint in now.items():
         old = saved[split]
-        if isinstance(old, dict) and old.get("sha256") == [] and fingerprint["sha256"] != []:
+        if isinstance(old, dict) and old.get("sha256") == [] and fingerprint.get("sha256", []) != []:
             old = {**old, "sha256": fingerprint["sha256"]}
         if old != fingerprint:
             return False

@@ -73,10 +73,13 @@ def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None
     checks it), if the training data is still the data the model was trained on (a re-prepare may have brought
     another tokenizer)."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    sources = parse_sources(data.get("train_data") or "", weighted=True)
-    first = Path(sources[0].path)
+    value = data.get("train_data")
+    sources = parse_sources(value, weighted=True) if value else []
+    first = Path(sources[0].path) if sources else Path()
     if spec is not None:  # a bpe is only ever the one saved beside the data; the others name their source
         return load_tokenizer(spec, first) if spec.partition(":")[0] == "bpe" else open_tokenizer(spec)
+    if not sources:
+        raise TokenizerError("the run's config names no training data ([data] train_data); pass --tokenizer")
     datasets = [_open_training(Path(s.path)) for s in sources]
     named = next(((Path(s.path), ds) for s, ds in zip(sources, datasets, strict=True) if ds.manifest), None)
     if named is None:
