@@ -8,6 +8,12 @@ batch_size x grad_accum_steps x world_size rows of one global sample stream (ran
 B consecutive rows of that step's), so a run resumed under another world size or per-rank batch at the same
 product takes the same rows at every step, and matches the uninterrupted run up to float summation order.
 
+Mixtures (``--train-data`` with weights, :class:`lmdata.Mixture`): train records carry ``tokens/NAME``, the
+training tokens read from each source so far, computed from the mixture's tree for the global rows consumed
+(:meth:`lmdata.mixture.MixtureSampler.rows_per_source`, no replay) and saved in the checkpoint
+(``source_tokens``), so they add up across resumes, also across an allowed change of the mixture. Several val
+sets are each scored on their own fixed batches; see :meth:`Trainer.evaluate` for what is logged.
+
 Sync points (host waits for the GPU) per step: one, in :func:`lmtrain.runtime.agree_on_step`, reading the loss
 plus the gradient norm (to stop *before* a non-finite update) together with the stop flag (SIGTERM/SIGINT).
 Under torchrun both travel in ONE all_reduce of a (2,) tensor, so a non-finite value or a signal on any rank
@@ -152,8 +158,8 @@ class Trainer:
         if obj.get("scaler"):
             self.scaler.load_state_dict(obj["scaler"])
         restore_rng_state(obj["rng"], self.rt.device)
-        try:  # allowed changes of data or sampler: this run's stream continues from the rows consumed
-            self.loader.load_state_dict(obj["loader"], new_stream=allow_config_change)
+        try:
+            self.loader.load_state_dict(obj["loader"], new_stream=self._new_data(obj["loader"], allow_config_change))
         except SamplerStateError as e:
             raise ConfigError(f"{path}: {e}") from None
         self.step = obj["iteration"]
@@ -161,6 +167,25 @@ class Trainer:
         if writer:
             trim_metrics(self.out_dir, self.step)
         self._say(f"resumed from {path} at step {self.step}")
+
+    def _new_data(self, saved: dict, allow_config_change: bool) -> bool:
+        """Whether the loader starts its own stream at the saved rows: with --allow-config-change, the data may
+        change (other sources or weights of a mixture, a dataset for a mixture, other windows), and this run's
+        data then continues from the rows consumed, the rows before staying as they were. The sampler, seed and
+        context length may not (the loader refuses those, saying which): they are not new data but another
+        order of the same rows, whose position the saved one is not."""
+        if not allow_config_change:
+            return False
+        now = self.loader.sampler.identity()
+        keys = ("kind", "seed", "context_length")
+        diffs = [f"{k}: saved {saved.get(k)}, now {now[k]}" for k in keys if saved.get(k) != now[k]]
+        if diffs:
+            raise SamplerStateError(
+                f"the order of rows changed ({'; '.join(diffs)}), which even --allow-config-change cannot continue: "
+                "resume with the run's --sampler, --seed and --context-length, or start a new run from its "
+                "weights (--init-from PATH in another --out-dir)"
+            )
+        return True
 
     def _resume_source_tokens(self, path: Path, obj: dict) -> None:
         """The per-source token counts of the checkpoint; a checkpoint written before they were saved resumes

@@ -14,6 +14,12 @@ before the global sample index), if it lies beyond ``--max-steps``, or if the da
 ``--allow-config-change``. The world size and the per-rank batch (``--batch-size``, ``--grad-accum-steps``) may
 change freely while the global batch, batch_size x grad_accum_steps x world_size rows per optimizer step, stays
 the same: the loader's position is global rows consumed, so every step still takes the same rows.
+
+Data (``--train-data``: its sources, their weights, their shards) changes only with ``--allow-config-change``
+(a changed list of specs is a changed setting; changed shards a changed fingerprint). The rows consumed stay as
+they were (and so do the per-source token counts the checkpoint saved), and the new data's own stream continues
+from global row ``rows``: a mixture reweighted at step s reads rows ``rows..`` of the new mixture's assignment.
+The sampler, seed and context length never change (another order of rows has no position to continue from).
 """
 
 from __future__ import annotations

@@ -395,3 +395,20 @@ def test_evaluate_scores_several_sets_each_under_its_name(two, tmp_path, capsys)
     with pytest.raises(SystemExit):
         evaluate_main([str(out), "--data", f"{two}/web/val@2"])
     assert f"--data '{two}/web/val@2': a val set takes no @WEIGHT" in capsys.readouterr().err
+
+
+def test_with_the_flag_new_data_continues_but_another_order_of_rows_is_refused(two, tmp_path, capsys):
+    out = tmp_path / "run"
+    one = ["--train-data", f"{two}/web/train", "--val-data", f"{two}/web/val", "--out-dir", str(out), *TINY]
+    assert main([*one, "--max-steps", "2", "--eval-interval", "0"]) == 0
+    capsys.readouterr()
+    again = mix_args(two, out, "0.5", "0.5", "--max-steps", "4", "--eval-interval", "0", "--allow-config-change")
+    assert main([*again, "--seed", "1"]) == 2
+    assert (
+        "the order of rows changed (seed: saved 0, now 1), which even --allow-config-change" in capsys.readouterr().err
+    )
+    assert main(again) == 0  # one dataset, then a mixture: its stream from row 16 on
+    last = records(out, "train")[-1]
+    new = brute_force_tokens(out, 2 * 8, 2 * 8)
+    assert (last["tokens/web"], last["tokens/code"]) == (new["web"], new["code"])  # counted since the change
+    assert last["tokens"] == 4 * 8 * T
