@@ -47,7 +47,7 @@ def default_name(path: str) -> str:
     p = Path(os.path.abspath(path))
     if glob.has_magic(p.name) or p.is_file():
         p = p.parent
-    if p.name in SPLIT_DIRS:
+    if p.name in SPLIT_DIRS and p.parent.name:
         p = p.parent
     return p.name
 
@@ -75,13 +75,10 @@ def parse_spec(spec: str, weighted: bool) -> tuple[DataSource | None, list[str]]
         weight, path = number, before
     if path == "":
         return None, [f"{spec!r}: no path"]
-    if name is None:
-        name = default_name(path)
-        if name == "" or "=" in name:
-            return None, [f"{spec!r}: its directory gives no usable name ({name!r}); write NAME=PATH"]
-    elif name == "":
+    if name == "":
         return None, [f"{spec!r}: the name before '=' is empty; write NAME=PATH or just PATH"]
-    return DataSource(name, path, weight), []
+    # a default name that cannot be a metric key is a problem only where names are used (_name_problems)
+    return DataSource(default_name(path) if name is None else name, path, weight), []
 
 
 def as_specs(value: str | Sequence[str] | None) -> list[str]:
@@ -115,7 +112,8 @@ def _parse(value: str | Sequence[str], weighted: bool) -> tuple[list[DataSource]
             sources.append(source)
     if problems:
         return [], problems
-    problems += _name_problems(specs, sources)
+    if len(sources) > 1 or is_mixture(sources):  # one plain source needs no name, as before mixtures
+        problems += _name_problems(specs, sources)
     weights = [s.weight is not None for s in sources]
     if any(weights) and not all(weights):
         unweighted = [spec for spec, w in zip(specs, weights, strict=True) if not w]
@@ -131,8 +129,8 @@ def _parse(value: str | Sequence[str], weighted: bool) -> tuple[list[DataSource]
 def _name_problems(specs: list[str], sources: list[DataSource]) -> list[str]:
     problems, seen = [], {}
     for spec, source in zip(specs, sources, strict=True):
-        if "/" in source.name or "=" in source.name:
-            problems.append(f"{spec!r}: the name {source.name!r} holds '/' or '='")
+        if source.name == "" or "=" in source.name:  # only a default name can be so ("/" never is)
+            problems.append(f"{spec!r}: its directory gives no usable name ({source.name!r}); write NAME=PATH")
         if source.name in seen:
             problems.append(
                 f"{seen[source.name]!r} and {spec!r} are both named {source.name!r}: names must be unique "

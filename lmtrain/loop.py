@@ -192,7 +192,8 @@ class Trainer:
         with the counts its rows give (exact when it read this same mixture; else unknown, so not counted)."""
         self.resumed_row = self.loader.rows
         saved = obj.get("source_tokens")
-        if isinstance(saved, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in saved.values()):
+        counts = saved.values() if isinstance(saved, dict) else [None]
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
             self.source_tokens_before = {str(k): v for k, v in saved.items()}
         elif isinstance(self.train_data, Mixture):
             if obj["loader"].get("mixture") == self.loader.sampler.identity()["mixture"]:

@@ -99,8 +99,6 @@ def test_a_shard_file_is_named_by_its_directory(tmp_path):
         ("@1", "'@1': no path"),
         ("web=", "'web=': no path"),
         ("=data/x", "'=data/x': the name before '=' is empty; write NAME=PATH or just PATH"),
-        ("data/k=v", "'data/k=v': its directory gives no usable name ('k=v'); write NAME=PATH"),
-        ("/", "'/': its directory gives no usable name (''); write NAME=PATH"),
     ],
 )
 def test_a_bad_spec_names_the_value(spec, message):
@@ -127,6 +125,13 @@ def test_sources_must_agree_on_weights_and_names():
         "keys); write NAME=PATH for each"
     ]
     assert source_problems(["x/web/train@1", "web2=y/web/train@1"], weighted=True) == []
+    assert source_problems(["data/k=v@1", "/@1"], weighted=True) == [
+        "'data/k=v@1': its directory gives no usable name ('k=v'); write NAME=PATH",
+        "'/@1': its directory gives no usable name (''); write NAME=PATH",
+    ]
+    # one plain source needs no name, as before mixtures: any path that worked still does
+    assert source_problems("data/k=v/train", weighted=True) == source_problems("/", weighted=False) == []
+    assert parse_spec("/train", weighted=True)[0].name == "train"
     assert source_problems(["x/web/val", "y/code/val"], weighted=False) == []  # val sets take no weights
     assert source_problems(["x/web/val", "y/web/val"], weighted=False)[0].startswith("'x/web/val' and 'y/web/val'")
 
