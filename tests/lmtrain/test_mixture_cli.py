@@ -330,14 +330,16 @@ def test_bad_specs_from_the_command_line_exit_2_naming_them(two, tmp_path, capsy
 
 def test_resume_on_other_weights_is_refused_and_with_the_flag_continues_from_the_resume_row(two, tmp_path):
     out = tmp_path / "run"
-    common = ["--max-steps", "12", "--checkpoint-interval", "4", "--eval-interval", "0", "--log-interval", "1"]
+    common = ["--max-steps", "16", "--checkpoint-interval", "4", "--eval-interval", "0", "--log-interval", "1"]
     proc = run_cli(mix_args(two, out, "0.75", "0.25", *common))
     wait_for_step(out, 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {r["step"]: r for r in records(out, "train")}
-    saved = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=True)
-    assert saved["source_tokens"] == {"web": before[4]["tokens/web"], "code": before[4]["tokens/code"]}
+    c = max(int(p.stem.split("_")[1]) for p in (out / "checkpoints").glob("step_*.pt"))  # the resume step
+    assert 4 <= c < 16
+    saved = torch.load(out / "checkpoints" / f"step_{c:08d}.pt", weights_only=True)
+    assert saved["source_tokens"] == {"web": before[c]["tokens/web"], "code": before[c]["tokens/code"]}
 
     refused = run_cli(mix_args(two, out, "0.25", "0.75", *common))
     _, err = refused.communicate(timeout=120)
@@ -348,18 +350,19 @@ def test_resume_on_other_weights_is_refused_and_with_the_flag_continues_from_the
     again = run_cli(mix_args(two, out, "0.25", "0.75", *common, "--allow-config-change"))
     stdout, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
-    assert "resumed from" in stdout and "at step 4" in stdout
+    assert "resumed from" in stdout and f"at step {c}" in stdout
     after = {r["step"]: r for r in records(out, "train")}
-    assert [after[s] for s in range(1, 5)] == [before[s] for s in range(1, 5)]  # the rows before: unchanged
-    rows_at_resume, rows_per_step = 4 * 8, 8
-    for step in range(5, 13):  # since the resume: the new weights' stream, from global row 32 on
-        new = brute_force_tokens(out, rows_at_resume, (step - 4) * rows_per_step)
-        assert after[step]["tokens/web"] == before[4]["tokens/web"] + new["web"]
-        assert after[step]["tokens/code"] == before[4]["tokens/code"] + new["code"]
+    assert [after[s] for s in range(1, c + 1)] == [before[s] for s in range(1, c + 1)]  # the rows before: kept
+    rows_per_step = 8
+    for step in range(c + 1, 17):  # since the resume: the new weights' stream, from global row c * 8 on
+        new = brute_force_tokens(out, c * rows_per_step, (step - c) * rows_per_step)
+        assert after[step]["tokens/web"] == before[c]["tokens/web"] + new["web"]
+        assert after[step]["tokens/code"] == before[c]["tokens/code"] + new["code"]
         assert after[step]["tokens"] == step * rows_per_step * T
-    # the new weights show: the code share since the resume is about 0.75 (within the tree depth of 1 row)
-    share = (after[12]["tokens/code"] - before[4]["tokens/code"]) / (8 * rows_per_step * T)
-    assert abs(share - 0.75) <= 1 / (8 * rows_per_step)
+    # the new weights show: the code share since the resume is 0.75 within the tree depth (1 row)
+    rows = (16 - c) * rows_per_step
+    share = (after[16]["tokens/code"] - before[c]["tokens/code"]) / (rows * T)
+    assert abs(share - 0.75) < 1 / rows
 
 
 def test_a_checkpoint_without_source_tokens_resumes_with_counts_from_its_rows(two, tmp_path):
