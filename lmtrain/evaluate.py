@@ -115,6 +115,18 @@ def score_batches(
     return Score(windows, tokens, nats, None if nbytes is None else int(nbytes))
 
 
+def weighted_mean(scores: dict[str, Score], weights: dict[str, float]) -> tuple[float, float | None]:
+    """(loss, bits per byte or None unless every set has one) of several sets' scores, each the mean by
+    ``weights`` (summing to 1); one set's own values, exactly."""
+    if len(scores) == 1:
+        (score,) = scores.values()
+        return score.loss, score.bpb
+    loss = math.fsum(weights[n] * s.loss for n, s in scores.items())
+    bpbs = {n: s.bpb for n, s in scores.items()}
+    bpb = None if None in bpbs.values() else math.fsum(weights[n] * b for n, b in bpbs.items())
+    return loss, bpb
+
+
 def fixed_batches(
     dataset: TokenDataset, batch_size: int, context_length: int, num_batches: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -41,11 +41,11 @@ from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED, TrainConfig
 from lmtrain.datasources import as_val_sets, open_train, open_val, val_weights
 from lmtrain.errors import ConfigError, NonFiniteLossError
-from lmtrain.evaluate import Score, score_batches, token_bytes_on
+from lmtrain.evaluate import score_batches, token_bytes_on, weighted_mean
 from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
-from lmtrain.resume import check_fits_run, choose_start
+from lmtrain.resume import check_fits_run, choose_start, starts_new_stream
 from lmtrain.rng import capture_rng_state, restore_rng_state
 from lmtrain.rundir import trim_metrics
 from lmtrain.runtime import Runtime, agree_on_step
@@ -159,7 +159,8 @@ class Trainer:
             self.scaler.load_state_dict(obj["scaler"])
         restore_rng_state(obj["rng"], self.rt.device)
         try:
-            self.loader.load_state_dict(obj["loader"], new_stream=self._new_data(obj["loader"], allow_config_change))
+            new_data = starts_new_stream(obj["loader"], self.loader.sampler.identity(), allow_config_change)
+            self.loader.load_state_dict(obj["loader"], new_stream=new_data)
         except SamplerStateError as e:
             raise ConfigError(f"{path}: {e}") from None
         self.step = obj["iteration"]
@@ -167,25 +168,6 @@ class Trainer:
         if writer:
             trim_metrics(self.out_dir, self.step)
         self._say(f"resumed from {path} at step {self.step}")
-
-    def _new_data(self, saved: dict, allow_config_change: bool) -> bool:
-        """Whether the loader starts its own stream at the saved rows: with --allow-config-change, the data may
-        change (other sources or weights of a mixture, a dataset for a mixture, other windows), and this run's
-        data then continues from the rows consumed, the rows before staying as they were. The sampler, seed and
-        context length may not (the loader refuses those, saying which): they are not new data but another
-        order of the same rows, whose position the saved one is not."""
-        if not allow_config_change:
-            return False
-        now = self.loader.sampler.identity()
-        keys = ("kind", "seed", "context_length")
-        diffs = [f"{k}: saved {saved.get(k)}, now {now[k]}" for k in keys if saved.get(k) != now[k]]
-        if diffs:
-            raise SamplerStateError(
-                f"the order of rows changed ({'; '.join(diffs)}), which even --allow-config-change cannot continue: "
-                "resume with the run's --sampler, --seed and --context-length, or start a new run from its "
-                "weights (--init-from PATH in another --out-dir)"
-            )
-        return True
 
     def _resume_source_tokens(self, path: Path, obj: dict) -> None:
         """The per-source token counts of the checkpoint; a checkpoint written before they were saved resumes
@@ -375,7 +357,7 @@ class Trainer:
             name: score_batches(self.model, batches, self.val_token_bytes[name], self.rt.autocast)
             for name, batches in self.val_batches.items()
         }
-        loss, bpb = _weighted(scores, self.val_weights)
+        loss, bpb = weighted_mean(scores, self.val_weights)
         if self.log is not None:
             record = {
                 "event": "eval",
@@ -406,15 +388,3 @@ class Trainer:
             self.log.message(text)
         else:
             print(text, flush=True)
-
-
-def _weighted(scores: dict[str, Score], weights: dict[str, float]) -> tuple[float, float | None]:
-    """(the val sets' loss, their bits per byte or None unless every set has one), each the mean by ``weights``;
-    one set's own values, exactly."""
-    if len(scores) == 1:
-        (score,) = scores.values()
-        return score.loss, score.bpb
-    loss = math.fsum(weights[n] * s.loss for n, s in scores.items())
-    bpbs = {n: s.bpb for n, s in scores.items()}
-    bpb = None if None in bpbs.values() else math.fsum(weights[n] * b for n, b in bpbs.items())
-    return loss, bpb
