@@ -381,15 +381,19 @@ class BatchLoader:
         ``torch.load(weights_only=True)``. Every rank's loader returns the same state."""
         return {"format": STATE_FORMAT, **self.sampler.identity(), "rows": self.rows}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int], *, new_stream: bool = False) -> None:
         """Continue from ``state``: the next batches hold the global rows the saving loaders would have handed
         out next, whatever batch size and world size saved it (each step then takes B*W of them).
 
         Refuses a state of another sampler, seed, context length or dataset (or mixture: names, weights,
         sources; or a single dataset's state in a mixture's loader, and the reverse), and one saved before the global
         sample index (per-rank streams), whose position the global stream cannot continue.
+
+        ``new_stream=True``: the data or sampler changed on purpose (a trainer's ``--allow-config-change``): only the
+        state's format and ``rows`` are checked, not that it identifies this stream, and this loader's own stream
+        continues from global row ``rows`` (its rows before that are never read: those were the old stream's).
         """
-        rows = check_state(state, self.sampler.identity())
+        rows = check_state(state, self.sampler.identity(), new_stream=new_stream)
         self.close()  # batches prefetched from the old position are dropped
         self._base_row, self._consumed = rows, 0
 
@@ -397,8 +401,9 @@ class BatchLoader:
 STATE_FORMAT = 2  # the global sample index; states without "format" are per-rank streams (format 1)
 
 
-def check_state(state: dict, identity: dict[str, int]) -> int:
-    """The rows consumed of a loader state, after SamplerStateError checks that it continues this stream."""
+def check_state(state: dict, identity: dict[str, int], *, new_stream: bool = False) -> int:
+    """The rows consumed of a loader state, after SamplerStateError checks that it continues this stream (with
+    ``new_stream``, only that it is a well-formed state of this format: see :meth:`BatchLoader.load_state_dict`)."""
     if not isinstance(state, dict):
         raise SamplerStateError(f"the loader state must be a dict, got {type(state).__name__}")
     if "format" not in state and "step" in state:
@@ -407,7 +412,10 @@ def check_state(state: dict, identity: dict[str, int]) -> int:
             "per-rank sampler streams (step, rank, world_size), which the global stream of rows cannot continue. "
             "Start the data stream afresh (a new run, or train from the saved weights)"
         )
-    _check_same_kind(state, identity)
+    if new_stream:
+        identity = {}  # only the format and rows are checked below
+    else:
+        _check_same_kind(state, identity)
     expected = {"format": STATE_FORMAT, **identity, "rows": 0}
     ints = [k for k, v in expected.items() if isinstance(v, int)]
     malformed = [k for k in ints if not isinstance(state.get(k), int) or isinstance(state.get(k), bool)]

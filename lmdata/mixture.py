@@ -386,3 +386,20 @@ class MixtureSampler:
                 "sources": [s.identity() for s in self.sources],
             },
         }
+
+    def rows_per_source(self, n: int) -> list[int]:
+        """How many of global rows ``0 .. n-1`` come from each source: the counts :meth:`assign` would give, found
+        by one walk over the tree (each node splits its first k rows into ``C(k)`` left and ``k - C(k)`` right,
+        see :func:`source_of_row`), so O(sources) whatever ``n``, with no replay of the rows."""
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
+            raise ArgumentError(f"need a row count n >= 0, got {n!r}")
+        counts = [0] * len(self.sources)
+        pending = [(self.root, int(n))]  # (node, rows it received); a leaf is -(source + 1)
+        while pending:
+            node, k = pending.pop()
+            if node < 0:
+                counts[-node - 1] = k
+                continue
+            left = int(_left_count(np.uint64(k), self.shares[node], self.offsets[node]))
+            pending += [(int(self.children[node, 0]), left), (int(self.children[node, 1]), k - left)]
+        return counts

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs = {"dest": f"{section}.{spec.name}", "help": spec.help, "default": argparse.SUPPRESS}
             if spec.kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
+            elif spec.many:  # each flag given adds one value; the config keeps one alone as a plain value
+                kwargs["action"] = "append"
+                kwargs["metavar"] = "SPEC"
             else:
                 kwargs["type"] = spec.kind
                 # choices are checked with every other rule by config.validate, so argparse only shows them
@@ -74,6 +77,7 @@ def _accepts_text(spec) -> str:
     rules += [f"{symbol} {getattr(a, attr)}" for attr, symbol in _SYMBOLS if getattr(a, attr) is not None]
     rules += ["one of " + ", ".join(a.choices)] if a.choices else []
     kind = spec.kind.__name__ + (", finite" if spec.kind is float else "")
+    kind += f" or list of {spec.kind.__name__}" if spec.many else ""
     return "; ".join([kind, *rules])
 
 

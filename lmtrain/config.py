@@ -17,11 +17,13 @@ import operator
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmdata.atomic import write_bytes_atomic
+from lmtrain.datasources import source_problems
 from lmtrain.errors import ConfigError
 from lmtrain.model import shape_problems
 
@@ -44,15 +46,41 @@ class Accepts:
     lt: float | None = None
     choices: tuple[str, ...] | None = None
     required: bool = False  # None (not given) is a problem
-    nonempty: bool = False  # for strings: "" is a problem
+    nonempty: bool = False  # for strings: "" is a problem (for a list of strings: any "", or no string)
+    rule: Callable[[Any], list[str]] | None = None  # the value's own problems, once its type is right
+
+
+def _train_rule(value: str | list[str]) -> list[str]:
+    return source_problems(value, weighted=True)
+
+
+def _val_rule(value: str | list[str]) -> list[str]:
+    return source_problems(value, weighted=False)
 
 
 @dataclass
 class DataConfig:
-    train_data: str | None = doc(
-        None, "training shards: a file, a directory of shards, or a quoted glob", required=True, nonempty=True
+    # A list of specs is a list in TOML and config.json; each flag given adds one (lmtrain.cli). One spec is kept
+    # as a string, as before mixtures, so that a run resumed with the same data shows no change.
+    train_data: str | list[str] | None = doc(
+        None,
+        "training shards, [NAME=]PATH[@WEIGHT]: PATH a file, a directory of shards, or a quoted glob. Repeat it "
+        "for a mixture, a weight on each (normalised): --train-data web=data/web/train@0.7 --train-data "
+        "data/code/train@0.3 (NAME defaults to the directory's, or for train/val to its parent's: code). TOML: "
+        'train_data = ["web=data/web/train@0.7", "data/code/train@0.3"]',
+        required=True,
+        nonempty=True,
+        rule=_train_rule,
     )
-    val_data: str | None = doc(None, "validation shards, same forms as --train-data", required=True, nonempty=True)
+    val_data: str | list[str] | None = doc(
+        None,
+        "validation shards, [NAME=]PATH (no weight); repeat it for several: each is logged as val_loss/NAME and "
+        "val_loss is their mean weighted by the train weights of the same names (equal if not all match): "
+        "--val-data data/web/val --val-data data/code/val",
+        required=True,
+        nonempty=True,
+        rule=_val_rule,
+    )
     out_dir: str | None = doc(None, "run directory: config, metrics, checkpoints", required=True, nonempty=True)
 
 
@@ -102,7 +130,11 @@ class RunConfig:
         "autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
-    compile: bool = doc(False, "torch.compile the model (on CPU here: about 7 percent faster after a 20 s compile)")
+    compile: bool = doc(
+        False,
+        "torch.compile the model: fused kernels pay off on long runs, after a compile at start (and again at each "
+        "resume) that a short run does not win back",
+    )
     prefetch: int = doc(16, "batches the loader prepares ahead, refilled in bursts of three quarters", gt=0)
     init_from: str | None = doc(
         None,
@@ -170,6 +202,7 @@ class FieldSpec:
     name: str
     kind: type  # bool, int, float or str
     optional: bool
+    many: bool  # a list of ``kind`` is accepted too (declared as ``str | list[str]``)
     default: Any
     help: str
     accepts: Accepts
@@ -182,7 +215,10 @@ class FieldSpec:
 def _spec(section: str, f: dataclasses.Field, annotation) -> FieldSpec:
     args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
     kind = next((a for a in args if a is not type(None)), annotation)
-    return FieldSpec(section, f.name, kind, type(None) in args, f.default, f.metadata["help"], f.metadata["accepts"])
+    many = any(typing.get_origin(a) is list for a in args)
+    return FieldSpec(
+        section, f.name, kind, type(None) in args, many, f.default, f.metadata["help"], f.metadata["accepts"]
+    )
 
 
 # Every field's spec, by section, in declaration order; get_type_hints resolves the postponed annotations.
@@ -217,9 +253,14 @@ def _type_problem(spec: FieldSpec, value: Any) -> str | None:
     if value is None:
         return None if spec.optional else f"{spec.label}: expected {spec.kind.__name__}, got None"
     exact = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[spec.kind]
-    if isinstance(value, exact) and (spec.kind is bool or not isinstance(value, bool)):
+
+    def fits(v: Any) -> bool:
+        return isinstance(v, exact) and (spec.kind is bool or not isinstance(v, bool))
+
+    if fits(value) or (spec.many and isinstance(value, list) and all(fits(v) for v in value)):
         return None
-    return f"{spec.label}: expected {spec.kind.__name__}, got {value!r} ({type(value).__name__})"
+    expected = spec.kind.__name__ + (f" or a list of {spec.kind.__name__}" if spec.many else "")
+    return f"{spec.label}: expected {expected}, got {value!r} ({type(value).__name__})"
 
 
 _BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
@@ -235,10 +276,12 @@ def field_problems(spec: FieldSpec, value: Any) -> list[str]:
         return [bad_type]
     if spec.kind is float and not math.isfinite(value):
         return [f"{label} must be a finite number, got {value}"]
-    if a.nonempty and value == "":
-        return [f"{label} must not be empty"]
+    if a.nonempty and (value == "" or value == [] or (isinstance(value, list) and "" in value)):
+        return [f"{label} must not be empty" + (f", got {value!r}" if isinstance(value, list) else "")]
     if a.choices is not None and value not in a.choices:
         return [f"{label} must be one of {', '.join(a.choices)}, got {value!r}"]
+    if a.rule is not None and (found := a.rule(value)):
+        return [f"{label}: {p}" for p in found]
     return [
         f"{label} must be {symbol} {limit}, got {value}"
         for attr, symbol, holds in _BOUNDS
@@ -323,11 +366,19 @@ def collect(
                     problems.append(wrong)
                     bad.add(f"{section}.{key}")
                 else:
-                    merged[key] = float(value) if spec.kind is float and value is not None else value
+                    merged[key] = _normalised(spec, value)
         sections[section] = cls(**merged)
     config = TrainConfig(**sections)
     found, bad = validate(config, frozenset(bad))
     return config, problems + found, bad
+
+
+def _normalised(spec: FieldSpec, value: Any) -> Any:
+    """A well-typed value as the config holds it: ints of a float field as floats; a list of one value of a
+    field that takes lists as that value (the same data as before lists, so a resumed run sees no change)."""
+    if spec.many and isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return float(value) if spec.kind is float and value is not None else value
 
 
 def raise_problems(problems: list[str]) -> None:

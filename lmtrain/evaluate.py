@@ -1,11 +1,13 @@
 """``python -m lmtrain.evaluate``: loss, perplexity and bits per byte of a trained model on a data split.
 
-    python -m lmtrain.evaluate RUN_DIR|CHECKPOINT --data PATH [--batches N | --all] [--batch-size B] [--device D]
+    python -m lmtrain.evaluate RUN_DIR|CHECKPOINT --data [NAME=]PATH [--data ...] [--batches N | --all]
+                               [--batch-size B] [--device D]
 
-PATH is anything lmdata.TokenDataset opens (a split directory, a shard, a glob). By default the model sees
-``--batches`` batches of windows drawn by the epoch sampler with a fixed seed: the same windows for two runs
-and two models with the same data, context length and batch size. ``--all`` scores the whole split once (see
-:func:`all_windows`).
+PATH is anything lmdata.TokenDataset opens (a split directory, a shard, a glob); several ``--data`` are scored
+one after the other, each reported under its name (named as ``--val-data`` of lmtrain.main names them). By
+default the model sees ``--batches`` batches of windows drawn by the epoch sampler with a fixed seed: the same
+windows for two runs and two models with the same data, context length and batch size. ``--all`` scores the
+whole split once (see :func:`all_windows`).
 
 Bits per byte divides the summed loss, in bits, by the number of UTF-8 bytes of text the target tokens stand for
 (:func:`lmdata.tokenizer.token_byte_lengths`; end-of-text is 0 bytes). Unlike the loss per token it does not
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from lmdata import BatchLoader, LmDataError, Manifest, TokenDataset, TokenizerError
 from lmdata.tokenizer import load_tokenizer, token_byte_lengths
+from lmtrain.datasources import made_by, open_train, parse_sources, source_problems
 from lmtrain.errors import ConfigError, LmTrainError
 from lmtrain.runtime import resolve_device
 from lmtrain.sample import load_run
@@ -110,6 +113,18 @@ def score_batches(
             nbytes += token_bytes[y].sum()  # (B, T) gather, on the device
     model.train(was_training)
     return Score(windows, tokens, nats, None if nbytes is None else int(nbytes))
+
+
+def weighted_mean(scores: dict[str, Score], weights: dict[str, float]) -> tuple[float, float | None]:
+    """(loss, bits per byte or None unless every set has one) of several sets' scores, each the mean by
+    ``weights`` (summing to 1); one set's own values, exactly."""
+    if len(scores) == 1:
+        (score,) = scores.values()
+        return score.loss, score.bpb
+    loss = math.fsum(weights[n] * s.loss for n, s in scores.items())
+    bpbs = {n: s.bpb for n, s in scores.items()}
+    bpb = None if None in bpbs.values() else math.fsum(weights[n] * b for n, b in bpbs.items())
+    return loss, bpb
 
 
 def fixed_batches(
@@ -202,17 +217,17 @@ def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict, fin
         )
     train = (config.get("data") or {}).get("train_data")
     try:
-        training = TokenDataset(train) if train else None
-    except LmDataError:  # moved since: nothing to compare with
+        training = open_train(train) if train else None
+    except (LmDataError, ConfigError):  # moved since, or not a spec of this lmtrain: nothing to compare with
         training = None
     if training is not None and fingerprint is not None and training.fingerprint() != fingerprint:
         training = None  # re-prepared since the model was trained: its tokenizer says nothing of the model's
-    trained_on = training.made_by if training is not None else None
-    made_by = dataset.made_by
-    known = trained_on is not None and made_by is not None and "unknown" not in (trained_on[0], made_by[0])
-    if known and trained_on[0] != made_by[0]:
+    trained_on = made_by(training) if training is not None else None
+    scored = dataset.made_by
+    known = trained_on is not None and scored is not None and "unknown" not in (trained_on[0], scored[0])
+    if known and trained_on[0] != scored[0]:
         raise ConfigError(
-            f"{data}: made by tokenizer {made_by[0]}, but the model was trained on {train}, made by {trained_on[0]}; "
+            f"{data}: made by tokenizer {scored[0]}, but the model was trained on {train}, made by {trained_on[0]}; "
             "evaluate on data prepared with the model's tokenizer"
         )
 
@@ -239,7 +254,14 @@ def report(ev: Evaluation) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmtrain.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run directory (newest checkpoint) or file")
-    parser.add_argument("--data", required=True, help="a split directory, shard file or glob")
+    parser.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        metavar="[NAME=]PATH",
+        help="a split directory, shard file or glob; repeat it to score several, each reported under its name "
+        "(as --val-data of lmtrain.main: --data data/web/val --data data/code/val)",
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="fixed batches to score")
     which.add_argument("--all", action="store_true", help="score every token of the split once")
@@ -251,14 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--batches must be >= 1, got {args.batches}")
     if args.batch_size is not None and args.batch_size < 1:
         problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
+    problems += [f"--data {p}" for p in source_problems(args.data, weighted=False)]
     if problems:
         parser.error("; ".join(problems))
-    try:
-        ev = evaluate(args.checkpoint, args.data, None if args.all else args.batches, args.batch_size, args.device)
-    except (LmTrainError, LmDataError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    print(report(ev))
+    sets = parse_sources(args.data, weighted=False)
+    for s in sets:
+        try:
+            ev = evaluate(args.checkpoint, s.path, None if args.all else args.batches, args.batch_size, args.device)
+        except (LmTrainError, LmDataError) as e:
+            print(f"evaluate: error: {e}", file=sys.stderr)
+            return 2
+        print(report(ev) if len(sets) == 1 else f"== {s.name} ({s.path})\n{report(ev)}", flush=True)
     return 0
 
 

@@ -8,6 +8,12 @@ batch_size x grad_accum_steps x world_size rows of one global sample stream (ran
 B consecutive rows of that step's), so a run resumed under another world size or per-rank batch at the same
 product takes the same rows at every step, and matches the uninterrupted run up to float summation order.
 
+Mixtures (``--train-data`` with weights, :class:`lmdata.Mixture`): train records carry ``tokens/NAME``, the
+training tokens read from each source so far, computed from the mixture's tree for the global rows consumed
+(:meth:`lmdata.mixture.MixtureSampler.rows_per_source`, no replay) and saved in the checkpoint
+(``source_tokens``), so they add up across resumes, also across an allowed change of the mixture. Several val
+sets are each scored on their own fixed batches; see :meth:`Trainer.evaluate` for what is logged.
+
 Sync points (host waits for the GPU) per step: one, in :func:`lmtrain.runtime.agree_on_step`, reading the loss
 plus the gradient norm (to stop *before* a non-finite update) together with the stop flag (SIGTERM/SIGINT).
 Under torchrun both travel in ONE all_reduce of a (2,) tensor, so a non-finite value or a signal on any rank
@@ -22,22 +28,24 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from lmdata import BatchLoader, SamplerStateError, TokenDataset
+from lmdata import BatchLoader, Mixture, SamplerStateError, TokenDataset
 from lmtrain.checkpoint import restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED, TrainConfig
+from lmtrain.datasources import as_val_sets, open_train, open_val, val_weights
 from lmtrain.errors import ConfigError, NonFiniteLossError
-from lmtrain.evaluate import score_batches, token_bytes_on
+from lmtrain.evaluate import score_batches, token_bytes_on, weighted_mean
 from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
-from lmtrain.resume import check_fits_run, choose_start
+from lmtrain.resume import check_fits_run, choose_start, starts_new_stream
 from lmtrain.rng import capture_rng_state, restore_rng_state
 from lmtrain.rundir import trim_metrics
 from lmtrain.runtime import Runtime, agree_on_step
@@ -45,11 +53,14 @@ from lmtrain.runtime import Runtime, agree_on_step
 VAL_SEED_OFFSET = 1_000_003  # the validation batches' sampler seed: fixed, and distinct from training's
 
 
+Datasets = tuple[TokenDataset | Mixture, TokenDataset | Mapping[str, TokenDataset]]
+
+
 class Trainer:
-    def __init__(
-        self, config: TrainConfig, runtime: Runtime, datasets: tuple[TokenDataset, TokenDataset] | None = None
-    ):
-        """``datasets``: (train, val) already opened and checked (by preflight); else opened from the config."""
+    def __init__(self, config: TrainConfig, runtime: Runtime, datasets: Datasets | None = None):
+        """``datasets``: (train, val) already opened and checked (by preflight); else opened from the config. train:
+        a dataset or a Mixture; val: a dataset, or several by name (each evaluated on its own fixed batches and
+        logged under its name, see :meth:`evaluate`)."""
         self.c, self.rt = config, runtime
         c, rt = config, runtime
         torch.manual_seed(c.run.seed)
@@ -61,8 +72,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.train_model = self._wrap(self.model)
         if datasets is None:
-            datasets = TokenDataset(c.data.train_data), TokenDataset(c.data.val_data)
-        self.train_data, self.val_data = datasets
+            datasets = open_train(c.data.train_data), open_val(c.data.val_data)
+        self.train_data, self.val_sets = datasets[0], as_val_sets(datasets[1])
+        self.val_weights = val_weights(self.train_data, list(self.val_sets))
         self.loader = BatchLoader(
             self.train_data,
             c.run.batch_size,
@@ -74,15 +86,22 @@ class Trainer:
             rt.rank,
             rt.world_size,
         )
-        self.val_batches = self._fixed_val_batches()
+        self.val_batches = {name: self._fixed_val_batches(ds) for name, ds in self.val_sets.items()}
         # UTF-8 bytes per id, int64 (V,) on the device, for val_bpb; None when no manifest names the tokenizer
-        self.val_token_bytes = token_bytes_on(self.val_data, c.model.vocab_size, rt.device)[0] if rt.is_main else None
+        self.val_token_bytes = {
+            name: token_bytes_on(ds, c.model.vocab_size, rt.device)[0] if rt.is_main else None
+            for name, ds in self.val_sets.items()
+        }
         self.manager = CheckpointManager(
             self.out_dir, c.checkpoint.keep_checkpoints, c.checkpoint.milestone_every, c.checkpoint.async_checkpoint
         )
         self.step = 0
         self.stop_requested = False
         self.log: MetricsLog | None = None
+        # Training tokens per source (a Mixture's) up to the resumed checkpoint, and the global row it resumed
+        # at: counts since then come from the mixture's tree (MixtureSampler.rows_per_source), never a replay.
+        self.source_tokens_before: dict[str, int] = {}
+        self.resumed_row = 0
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.rt.distributed:
@@ -91,11 +110,12 @@ class Trainer:
             model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         return torch.compile(model) if self.c.run.compile else model
 
-    def _fixed_val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same ``eval_batches`` batches at every evaluation, on every rank (only rank 0 evaluates)."""
+    def _fixed_val_batches(self, dataset: TokenDataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same ``eval_batches`` batches of ``dataset`` at every evaluation, on every rank (only rank 0
+        evaluates): one seed for every val set, so each set's batches depend on that set alone."""
         c = self.c
         with BatchLoader(
-            self.val_data,
+            dataset,
             c.run.batch_size,
             c.model.context_length,
             self.rt.device,
@@ -119,6 +139,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "config": self.c.to_dict(),
             "data": self.data_fingerprint(),
+            "source_tokens": self.source_tokens(),  # {name: int}; {} for one dataset
         }
 
     def resume(self, allow_config_change: bool) -> None:
@@ -138,16 +159,46 @@ class Trainer:
             self.scaler.load_state_dict(obj["scaler"])
         restore_rng_state(obj["rng"], self.rt.device)
         try:
-            self.loader.load_state_dict(obj["loader"])
+            new_data = starts_new_stream(obj["loader"], self.loader.sampler.identity(), allow_config_change)
+            self.loader.load_state_dict(obj["loader"], new_stream=new_data)
         except SamplerStateError as e:
             raise ConfigError(f"{path}: {e}") from None
         self.step = obj["iteration"]
+        self._resume_source_tokens(path, obj)
         if writer:
             trim_metrics(self.out_dir, self.step)
         self._say(f"resumed from {path} at step {self.step}")
 
+    def _resume_source_tokens(self, path: Path, obj: dict) -> None:
+        """The per-source token counts of the checkpoint; a checkpoint written before they were saved resumes
+        with the counts its rows give (exact when it read this same mixture; else unknown, so not counted)."""
+        self.resumed_row = self.loader.rows
+        saved = obj.get("source_tokens")
+        counts = saved.values() if isinstance(saved, dict) else [None]
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+            self.source_tokens_before = {str(k): v for k, v in saved.items()}
+        elif isinstance(self.train_data, Mixture):
+            if obj["loader"].get("mixture") == self.loader.sampler.identity()["mixture"]:
+                self.resumed_row = 0  # counted from row 0 with this mixture's tree, the one that read them
+            else:
+                self._say(f"{path}: holds no per-source token counts; tokens/NAME count from step {self.step}")
+
+    def source_tokens(self) -> dict[str, int]:
+        """Training tokens read from each source of a Mixture so far, cumulative across resumes (those before a
+        resume as its checkpoint saved them, sources since dropped included); {} for one dataset."""
+        counts = dict(self.source_tokens_before)
+        if not isinstance(self.train_data, Mixture):
+            return counts
+        sampler, T = self.loader.sampler, self.c.model.context_length
+        now, then = sampler.rows_per_source(self.loader.rows), sampler.rows_per_source(self.resumed_row)
+        for name, a, b in zip(self.train_data.names, now, then, strict=True):
+            counts[name] = counts.get(name, 0) + (a - b) * T
+        return counts
+
     def data_fingerprint(self) -> dict:
-        return {"train": self.train_data.fingerprint(), "val": self.val_data.fingerprint()}
+        """The train data's fingerprint and the val data's: one set's as before, several by name."""
+        vals = {name: ds.fingerprint() for name, ds in self.val_sets.items()}
+        return {"train": self.train_data.fingerprint(), "val": next(iter(vals.values())) if len(vals) == 1 else vals}
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -266,6 +317,7 @@ class Trainer:
             "data_stall_pct": 100 * self.loader.stats.wait_seconds / elapsed,
             "elapsed_s": elapsed,
         }
+        record |= {f"tokens/{name}": n for name, n in self.source_tokens().items()}
         mfu = self._mfu(tokens / elapsed)
         if mfu is not None:
             record["mfu_pct"] = mfu
@@ -298,20 +350,31 @@ class Trainer:
         return 100 * per_token * tokens_per_s / (self._peak_flops * self.rt.world_size)
 
     def evaluate(self) -> float:
+        """Score every val set; log ``val_loss`` (with several sets: their mean weighted by ``val_weights``, and
+        each as ``val_loss/NAME``), ``val_ppl`` and, when every set's tokenizer is known, ``val_bpb``."""
         # the plain model, not the compiled/DDP wrapper: no collectives, no recompiles
-        score = score_batches(self.model, self.val_batches, self.val_token_bytes, self.rt.autocast)
+        scores = {
+            name: score_batches(self.model, batches, self.val_token_bytes[name], self.rt.autocast)
+            for name, batches in self.val_batches.items()
+        }
+        loss, bpb = weighted_mean(scores, self.val_weights)
         if self.log is not None:
             record = {
                 "event": "eval",
                 "step": self.step,
                 "tokens": self._tokens_seen(),
-                "val_loss": score.loss,
-                "val_ppl": score.ppl,
+                "val_loss": loss,
+                "val_ppl": math.exp(min(loss, 700)),
             }
-            if score.bpb is not None:
-                record["val_bpb"] = score.bpb
+            if bpb is not None:
+                record["val_bpb"] = bpb
+            if len(scores) > 1:  # one set is logged as before: its loss is val_loss
+                for name, score in scores.items():
+                    record[f"val_loss/{name}"] = score.loss
+                    if score.bpb is not None:
+                        record[f"val_bpb/{name}"] = score.bpb
             self.log.log(record)
-        return score.loss
+        return loss
 
     def save(self) -> None:
         if self.rt.is_main:

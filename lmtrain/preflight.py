@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from lmdata import LmDataError, TokenDataset
+from lmdata import LmDataError, Mixture, TokenDataset
 from lmdata.commit import inside_prepared
 from lmdata.manifest import MANIFEST_NAME
 from lmtrain.checkpoint_manager import CHECKPOINTS_NAME, checkpoint_tensor_bytes, free_bytes_needed
 from lmtrain.config import CONFIG_NAME, RESUME_MODES, SECTIONS, TrainConfig
+from lmtrain.datasources import DataSource, as_specs, combine, made_by, parse_sources
 from lmtrain.metrics import METRICS_NAME
 from lmtrain.model import TransformerLM
 
@@ -37,8 +38,8 @@ class Preflight:
     checked, which the run then trains on (opening them again could find other data, e.g. after a re-prepare)."""
 
     vocab_size: int
-    train: TokenDataset
-    val: TokenDataset
+    train: TokenDataset | Mixture  # a Mixture when --train-data gives weights (lmtrain.datasources)
+    val: dict[str, TokenDataset]  # by name, in the order given
     warnings: tuple[str, ...] = ()  # settings that are allowed but probably not what was meant
 
 
@@ -48,46 +49,69 @@ def count_parameters(c: TrainConfig, vocab_size: int) -> int:
         return TransformerLM(**{**vars(c.model), "vocab_size": vocab_size}).num_parameters()
 
 
-def _open(c: TrainConfig) -> tuple[dict[str, TokenDataset], list[str]]:
-    """Both datasets, opened at one instant: if a path resolves elsewhere after opening (a re-prepare switched
-    OUT/current in between), open both again, so train and val never come from two generations."""
-    paths = {name: getattr(c.data, name) for name in ("train_data", "val_data")}
+@dataclass(frozen=True)
+class _Opened:
+    """One source as preflight opened it, and how its messages name it."""
+
+    source: DataSource
+    dataset: TokenDataset
+    label: str  # "train", "val", or with several: "train source web"
+
+
+def _open(c: TrainConfig) -> tuple[dict[str, list[_Opened]], list[str]]:
+    """Every source, opened at one instant: if a path resolves elsewhere after opening (a re-prepare switched
+    OUT/current in between), open them all again, so train and val never come from two generations. Every source
+    that cannot be opened is reported."""
+    sources = {"train_data": parse_sources(c.data.train_data, True), "val_data": parse_sources(c.data.val_data, False)}
+    paths = [s.path for specs in sources.values() for s in specs]
     for _ in range(3):
-        before = {name: os.path.realpath(path) for name, path in paths.items()}
-        datasets, problems = {}, []
-        for name, path in paths.items():
-            try:
-                datasets[name] = TokenDataset(path)
-            except LmDataError as e:
-                problems.append(f"--{name.replace('_', '-')}: {e}")
-        if before == {name: os.path.realpath(path) for name, path in paths.items()}:
+        before = [os.path.realpath(path) for path in paths]
+        opened: dict[str, list[_Opened]] = {"train_data": [], "val_data": []}
+        problems = []
+        for field_name, specs in sources.items():
+            flag, split = "--" + field_name.replace("_", "-"), field_name.partition("_")[0]
+            for s in specs:
+                label = split if len(specs) == 1 else f"{split} source {s.name}"
+                try:
+                    opened[field_name].append(_Opened(s, TokenDataset(s.path), label))
+                except LmDataError as e:
+                    problems.append(f"{flag}{'' if len(specs) == 1 else ' ' + s.name}: {e}")
+        if before == [os.path.realpath(path) for path in paths]:
             break
-    return datasets, problems
+    return opened, problems
 
 
-def check_data(c: TrainConfig) -> tuple[int | None, dict[str, TokenDataset], list[str]]:
-    """(vocab_size, datasets, problems): open both datasets, settle the vocabulary, check windows fit and ids."""
-    datasets, problems = _open(c)
+def check_data(c: TrainConfig) -> tuple[int | None, TokenDataset | Mixture | None, dict[str, TokenDataset], list[str]]:
+    """(vocab_size, train data, val sets by name, problems): open every source, settle the vocabulary (the given
+    one, or the largest of the training manifests'), check each source's windows fit and its ids."""
+    opened, problems = _open(c)
     if problems:
-        return None, datasets, problems
-    train, val = datasets["train_data"], datasets["val_data"]
-    if train.made_by and val.made_by and train.made_by != val.made_by:
-        problems.append(
-            f"the train and val data were made by different tokenizers ({train.made_by[0]}, vocab "
-            f"{train.made_by[1]}; {val.made_by[0]}, vocab {val.made_by[1]}): the val loss would mean nothing"
-        )
+        return None, None, {}, problems
+    train_sources, val_sources = opened["train_data"], opened["val_data"]
+    try:  # a Mixture refuses sources of different tokenizers or end-of-text ids, naming both
+        train = combine([o.source for o in train_sources], [o.dataset for o in train_sources])
+    except LmDataError as e:
+        return None, None, {}, [f"--train-data: {e}"]
+    val = {o.source.name: o.dataset for o in val_sources}
+    trained = made_by(train)
+    for o in val_sources:
+        if trained and o.dataset.made_by and trained != o.dataset.made_by:
+            problems.append(
+                f"the train and {o.label} data were made by different tokenizers ({trained[0]}, vocab "
+                f"{trained[1]}; {o.dataset.made_by[0]}, vocab {o.dataset.made_by[1]}): the val loss would mean nothing"
+            )
     vocab_size = c.model.vocab_size or train.vocab_size
     if vocab_size is None:
-        return None, datasets, ["--vocab-size is required: the training data has no manifest.json that states it"]
-    for name, ds in (("train", train), ("val", val)):
-        longest = int(ds.lengths.max())
+        return None, train, val, ["--vocab-size is required: the training data has no manifest.json that states it"]
+    for o in (*train_sources, *val_sources):
+        longest = int(o.dataset.lengths.max())
         if longest < c.model.context_length + 1:
             problems.append(
-                f"--context-length {c.model.context_length} is too long for the {name} data: its longest shard "
+                f"--context-length {c.model.context_length} is too long for the {o.label} data: its longest shard "
                 f"has {longest} tokens and a window needs context_length + 1"
             )
-        problems += _token_range_problems(name, ds, vocab_size, given=c.model.vocab_size is not None)
-    return vocab_size, datasets, problems
+        problems += _token_range_problems(o.label, o.dataset, vocab_size, given=c.model.vocab_size is not None)
+    return vocab_size, train, val, problems
 
 
 def _token_range_problems(name: str, ds: TokenDataset, vocab_size: int, given: bool) -> list[str]:
@@ -223,16 +247,17 @@ def available_memory() -> int | None:
 def check_memory(c: TrainConfig, num_parameters: int) -> list[str]:
     """The host batches (the loader's ring, the fixed validation batches) and, on the CPU, the model with its
     gradients and AdamW state fit in memory."""
-    r = c.run
-    # prefetch + 2 batches in the loader's ring, and the fixed validation batches kept for every evaluation,
-    # each an int64 (B, T) for inputs and one for targets.
-    buffers = (r.prefetch + 2 + c.log.eval_batches) * 2 * r.batch_size * c.model.context_length * 8
+    r, val_sets = c.run, len(as_specs(c.data.val_data))
+    # prefetch + 2 batches in the loader's ring, and the fixed validation batches of each val set kept for every
+    # evaluation, each an int64 (B, T) for inputs and one for targets.
+    batches = r.prefetch + 2 + c.log.eval_batches * val_sets
+    buffers = batches * 2 * r.batch_size * c.model.context_length * 8
     on_cpu = r.device == "cpu" or (r.device == "auto" and not torch.cuda.is_available())
     model = num_parameters * TRAINING_BYTES_PER_PARAM if on_cpu else 0
     available = available_memory()
     if available is None or buffers + model <= available:
         return []
-    what = f"the host batches ({buffers / 2**30:,.2f} GiB: (prefetch + 2 + eval_batches) x 2 x batch_size x "
+    what = f"the host batches ({buffers / 2**30:,.2f} GiB: (prefetch + 2 + eval_batches x val sets) x 2 x batch_size x "
     what += "context_length x 8 bytes)"
     if model:
         what += f" and the model's training state ({model / 2**30:,.2f} GiB)"
@@ -242,7 +267,7 @@ def check_memory(c: TrainConfig, num_parameters: int) -> list[str]:
     ]
 
 
-def surprising_settings(c: TrainConfig, train: TokenDataset, val: TokenDataset) -> list[str]:
+def surprising_settings(c: TrainConfig, train: TokenDataset | Mixture, val: dict[str, TokenDataset]) -> list[str]:
     """Settings that are each valid but together are probably a mistake: said, not refused."""
     notes = []
     if c.optim.warmup_steps >= c.run.max_steps:
@@ -250,14 +275,18 @@ def surprising_settings(c: TrainConfig, train: TokenDataset, val: TokenDataset) 
             f"--warmup-steps {c.optim.warmup_steps} is not below --max-steps {c.run.max_steps}: the LR never "
             f"reaches --lr {c.optim.lr}"
         )
-    windows = int((val.lengths - c.model.context_length).clip(min=0).sum())  # start positions, as the val loader
-    if c.log.eval_batches * c.run.batch_size > max(windows, 1):
-        notes.append(
-            f"--eval-batches {c.log.eval_batches} x --batch-size {c.run.batch_size} windows is more than the "
-            f"{windows:,} distinct windows of the val data: evaluation repeats windows (and takes longer)"
-        )
-    if [s.path for s in train.shards] == [s.path for s in val.shards]:
-        notes.append("--val-data is the training data: the val loss will not show overfitting")
+    trained = train.datasets if isinstance(train, Mixture) else [train]
+    for name, ds in val.items():
+        what = "the val data" if len(val) == 1 else f"the val set {name}"
+        windows = int((ds.lengths - c.model.context_length).clip(min=0).sum())  # start positions, as the val loader
+        if c.log.eval_batches * c.run.batch_size > max(windows, 1):
+            notes.append(
+                f"--eval-batches {c.log.eval_batches} x --batch-size {c.run.batch_size} windows is more than the "
+                f"{windows:,} distinct windows of {what}: evaluation repeats windows (and takes longer)"
+            )
+        if any([s.path for s in t.shards] == [s.path for s in ds.shards] for t in trained):
+            flag = "--val-data" if len(val) == 1 else f"--val-data {name}"
+            notes.append(f"{flag} is the training data: the val loss will not show overfitting")
     return notes
 
 
@@ -302,9 +331,9 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
     """
     problems = check_logging_packages(c) if _usable(bad, "log.") else []
     problems += check_resume_path(c) if _usable(bad, "checkpoint.resume") else []
-    vocab_size, datasets = None, {}
+    vocab_size, train, val = None, None, {}
     if _usable(bad, "data.train_data", "data.val_data", "model.vocab_size", "model.context_length"):
-        vocab_size, datasets, data_problems = check_data(c)
+        vocab_size, train, val, data_problems = check_data(c)
         problems += data_problems
     num_parameters = None
     if vocab_size is not None and _usable(bad, "model."):
@@ -314,9 +343,8 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
             problems.append(f"[model] the model is too large to build ({e}); lower d_model, d_ff or num_layers")
     if _usable(bad, "data.out_dir"):
         problems += check_out_dir(c, num_parameters)
-    if num_parameters is not None and _usable(bad, "run."):
+    if num_parameters is not None and _usable(bad, "run.", "data.val_data"):
         problems += check_memory(c, num_parameters)
     if vocab_size is None or problems:
         return None, problems
-    train, val = datasets["train_data"], datasets["val_data"]
     return Preflight(vocab_size, train, val, tuple(surprising_settings(c, train, val))), problems

@@ -14,12 +14,19 @@ before the global sample index), if it lies beyond ``--max-steps``, or if the da
 ``--allow-config-change``. The world size and the per-rank batch (``--batch-size``, ``--grad-accum-steps``) may
 change freely while the global batch, batch_size x grad_accum_steps x world_size rows per optimizer step, stays
 the same: the loader's position is global rows consumed, so every step still takes the same rows.
+
+Data (``--train-data``: its sources, their weights, their shards) changes only with ``--allow-config-change``
+(a changed list of specs is a changed setting; changed shards a changed fingerprint). The rows consumed stay as
+they were (and so do the per-source token counts the checkpoint saved), and the new data's own stream continues
+from global row ``rows``: a mixture reweighted at step s reads rows ``rows..`` of the new mixture's assignment.
+The sampler, seed and context length never change (another order of rows has no position to continue from).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lmdata import SamplerStateError
 from lmtrain.checkpoint import load_object
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import FIELDS, TrainConfig, config_diff
@@ -114,7 +121,7 @@ def same_data(saved: dict, now: dict) -> bool:
         return False
     for split, fingerprint in now.items():
         old = saved[split]
-        if isinstance(old, dict) and old.get("sha256") == [] and fingerprint["sha256"] != []:
+        if isinstance(old, dict) and old.get("sha256") == [] and fingerprint.get("sha256", []) != []:
             old = {**old, "sha256": fingerprint["sha256"]}
         if old != fingerprint:
             return False
@@ -182,3 +189,24 @@ def check_global_batch(
         f"would take {described(now)}. The world size and per-rank batch may change only at the same product; "
         "pass --allow-config-change to continue the same stream of rows with the new global batch"
     )
+
+
+ROW_ORDER_KEYS = ("kind", "seed", "context_length")  # of a loader state: which rows come in which order
+
+
+def starts_new_stream(saved: dict, identity: dict, allow_config_change: bool) -> bool:
+    """Whether the loader, whose stream ``identity`` is, starts its own stream at the ``saved`` state's rows
+    (``BatchLoader.load_state_dict(new_stream=True)``): with --allow-config-change the data may change (other
+    sources or weights of a mixture, a mixture for a dataset, other windows), the rows consumed staying as they
+    were. SamplerStateError if the sampler, seed or context length changed: not new data but another order of
+    rows, whose position the saved one is not. Without the flag the loader compares everything itself."""
+    if not allow_config_change:
+        return False
+    diffs = [f"{k}: saved {saved.get(k)}, now {identity[k]}" for k in ROW_ORDER_KEYS if saved.get(k) != identity[k]]
+    if diffs:
+        raise SamplerStateError(
+            f"the order of rows changed ({'; '.join(diffs)}), which even --allow-config-change cannot continue: "
+            "resume with the run's --sampler, --seed and --context-length, or start a new run from its "
+            "weights (--init-from PATH in another --out-dir)"
+        )
+    return True

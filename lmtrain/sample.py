@@ -24,6 +24,7 @@ from lmdata.tokenizer import load_tokenizer, open_tokenizer
 from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED
+from lmtrain.datasources import combine, parse_sources
 from lmtrain.documents import DocMask, current_document
 from lmtrain.errors import CheckpointError, LmTrainError
 from lmtrain.model import TransformerLM
@@ -69,14 +70,34 @@ def _load_run(path: Path) -> tuple[TransformerLM, dict, dict | None]:
 
 
 def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None):
-    """``spec``'s tokenizer, else the one the training manifest names, if the training data is still the data the
-    model was trained on (a re-prepare may have brought another tokenizer)."""
+    """``spec``'s tokenizer, else the one the training manifests name (a mixture's sources share one: Mixture
+    checks it), if the training data is still the data the model was trained on (a re-prepare may have brought
+    another tokenizer)."""
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    train = Path(str(data.get("train_data") or ""))
+    value = data.get("train_data")
+    sources = parse_sources(value, weighted=True) if value else []
+    first = Path(sources[0].path) if sources else Path()
     if spec is not None:  # a bpe is only ever the one saved beside the data; the others name their source
-        return load_tokenizer(spec, train) if spec.partition(":")[0] == "bpe" else open_tokenizer(spec)
+        return load_tokenizer(spec, first) if spec.partition(":")[0] == "bpe" else open_tokenizer(spec)
+    if not sources:
+        raise TokenizerError("the run's config names no training data ([data] train_data); pass --tokenizer")
+    datasets = [_open_training(Path(s.path)) for s in sources]
+    named = next(((Path(s.path), ds) for s, ds in zip(sources, datasets, strict=True) if ds.manifest), None)
+    if named is None:
+        raise TokenizerError(f"{first}: no manifest.json names the tokenizer; pass --tokenizer")
+    train, dataset = named
+    if trained_on is not None and combine(sources, datasets).fingerprint() != trained_on:
+        raise TokenizerError(
+            f"{train}: the training data changed since this model was trained (prepared again?), so its "
+            "tokenizer may not be the model's; pass --tokenizer with the one the model was trained with"
+        )
+    # the manifest's end-of-text id: prepare may have chosen it with --eot-token, which sampling cannot know
+    return load_tokenizer(dataset.manifest.tokenizer, train, dataset.manifest.eot_id)
+
+
+def _open_training(train: Path) -> TokenDataset:
     try:
-        dataset = TokenDataset(train)
+        return TokenDataset(train)
     except DatasetNotFoundError as e:
         if train.is_absolute():
             raise
@@ -84,15 +105,6 @@ def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None
             f"{e}; the run names its data as {str(train)!r}, relative to the directory it was started in: run from "
             "there, or pass --tokenizer"
         ) from None
-    if dataset.manifest is None:
-        raise TokenizerError(f"{train}: no manifest.json names the tokenizer; pass --tokenizer")
-    if trained_on is not None and dataset.fingerprint() != trained_on:
-        raise TokenizerError(
-            f"{train}: the training data changed since this model was trained (prepared again?), so its "
-            "tokenizer may not be the model's; pass --tokenizer with the one the model was trained with"
-        )
-    # the manifest's end-of-text id: prepare may have chosen it with --eot-token, which sampling cannot know
-    return load_tokenizer(dataset.manifest.tokenizer, train, dataset.manifest.eot_id)
 
 
 class ContextWindow:

@@ -20,16 +20,11 @@ from tests.conftest import TINY, write_nanogpt
 
 
 def args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--train-data",
-        str(corpus / "train"),
-        "--val-data",
-        str(corpus / "val"),
-        "--out-dir",
-        str(out),
-        *TINY,
-        *extra,
-    ]
+    """The corpus's train and val data (each unless ``extra`` names its own: the flags are repeatable, a second
+    one adds a source rather than replacing the first), the run dir, the tiny model, then ``extra``."""
+    data = [(flag, str(corpus / split)) for flag, split in (("--train-data", "train"), ("--val-data", "val"))]
+    defaults = [x for flag, path in data if flag not in extra for x in (flag, path)]
+    return [*defaults, "--out-dir", str(out), *TINY, *extra]
 
 
 def records(out: Path, event: str) -> list[dict]:
@@ -212,7 +207,6 @@ def bad_shard_dir(tmp_path: Path) -> Path:
 )
 def test_each_bad_input_has_its_message(corpus, tmp_path, capsys, case):
     out = tmp_path / "run"
-    base = args(corpus, out)
     toml = tmp_path / "run.toml"
     extra, message = {
         "bad_shard": (["--train-data", str(bad_shard_dir(tmp_path))], "odd byte count 7"),
@@ -233,7 +227,7 @@ def test_each_bad_input_has_its_message(corpus, tmp_path, capsys, case):
     toml.write_text(
         {"unknown_key": "[model]\nd_modle = 3\n", "wrong_type": "[run]\nbatch_size = 'big'\n"}.get(case, "")
     )
-    assert main(base + extra) == 2
+    assert main(args(corpus, out, *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()

@@ -217,8 +217,9 @@ def test_surprising_settings_are_said_and_a_schedule_that_jumps_is_refused(corpu
     from lmdata import write_shards
 
     write_shards([np.arange(100) % 64], tmp_path / "small_val", vocab_size=64)  # 100 - 32 = 68 windows
-    argv = args(corpus, tmp_path / "run", "--max-steps", "3", "--warmup-steps", "5", "--eval-batches", "9")
-    assert main([*argv, "--eval-interval", "0", "--val-data", str(tmp_path / "small_val")]) == 0
+    small_val = ["--val-data", str(tmp_path / "small_val")]
+    argv = args(corpus, tmp_path / "run", "--max-steps", "3", "--warmup-steps", "5", "--eval-batches", "9", *small_val)
+    assert main([*argv, "--eval-interval", "0"]) == 0
     err = capsys.readouterr().err
     assert "--warmup-steps 5 is not below --max-steps 3: the LR never reaches --lr" in err
     assert "9 x --batch-size 8 windows is more than the 68 distinct windows of the val data" in err
@@ -276,7 +277,8 @@ def test_the_prepare_root_as_data_says_which_directory_to_pass(corpus, tmp_path,
 
 def test_a_value_of_the_wrong_type_is_one_problem(tmp_path):
     _, problems, _ = collect({"data": {"train_data": 3}}, {})
-    assert [p for p in problems if "train_data" in p] == ["[data] train_data: expected str, got 3 (int)"]
+    expected = "[data] train_data: expected str or a list of str, got 3 (int)"
+    assert [p for p in problems if "train_data" in p] == [expected]
 
 
 def test_an_out_dir_below_a_dangling_link_is_refused(corpus, tmp_path, capsys):
