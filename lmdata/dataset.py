@@ -209,7 +209,12 @@ SAMPLE_RUNS, SAMPLE_RUN_TOKENS = 64, 4096  # what sampled_sha256 reads: at most 
 
 
 def sampled_sha256(tokens: np.ndarray) -> str:
-    """Hex SHA-256 of a shard's dtype, length and 64 evenly spaced runs of 4096 tokens (all of a small one)."""
+    """Hex SHA-256 of a shard's dtype, length and 64 evenly spaced runs of 4096 tokens (all of a small one).
+
+    A fixed cost per shard whatever its size (at most SAMPLE_RUNS x SAMPLE_RUN_TOKENS tokens read), so it is
+    both the fingerprint of a shard without a manifest and the content check of a document index
+    (:mod:`lmdata.docindex`), recomputed each time a sidecar is read.
+    """
     n = len(tokens)
     run = min(SAMPLE_RUN_TOKENS, n)
     digest = hashlib.sha256(f"{tokens.dtype.str}:{n}".encode())
