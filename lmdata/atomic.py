@@ -34,8 +34,12 @@ FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
 
 
 def mkstemp_public(name: str, directory: str | os.PathLike) -> tuple[int, str]:
-    """``tempfile.mkstemp`` for a file that will be renamed onto ``name`` in ``directory``, with FILE_MODE."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}.", dir=directory)
+    """``tempfile.mkstemp`` for a file that will be renamed onto ``name`` in ``directory``, with FILE_MODE.
+
+    Named ``.tmp-{name}.{pid}-XXXXXXXX``: the PID says whose it is, so one left by a killed process can be told
+    from one still being written (:func:`remove_stale_temporaries` with ``dead_only``).
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}.{os.getpid()}-", dir=directory)
     os.fchmod(fd, FILE_MODE)
     return fd, tmp_name
 
@@ -76,18 +80,31 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Delete temporary files that a killed writer left in ``directory`` (only those for ``name`` if given).
+def remove_stale_temporaries(
+    directory: str | os.PathLike, name: str | None = None, *, dead_only: bool = False
+) -> list[Path]:
+    """Delete temporary files that a killed writer left in ``directory`` (only those for ``name``, a file name or
+    a glob of names, if given).
 
-    Call this only when no other process is writing into the directory.
+    Without ``dead_only``, call this only when no other process is writing into the directory. With it, only the
+    files whose name carries the PID of a process that is gone are removed (never a directory), so it is safe
+    beside live writers of this machine (a PID is only known on its own machine: not for a directory that
+    processes of several machines write into at once).
     """
     pattern = f"{TMP_PREFIX}{name}.*" if name else f"{TMP_PREFIX}*"
     removed = []
     for stale in Path(directory).glob(pattern):
+        if dead_only and (stale.is_dir() or not _gone(stale.name.rsplit(".", 1)[-1].partition("-")[0])):
+            continue
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
             removed.append(stale)
     return removed
+
+
+def _gone(pid: str) -> bool:
+    """Whether ``pid`` (text from a name) is a PID whose process no longer exists."""
+    return pid.isdigit() and not pid_alive(int(pid))
 
 
 def pid_alive(pid: int) -> bool:
@@ -105,6 +122,5 @@ def dead_pid_dirs(parent: Path, prefix: str) -> Iterator[Path]:
     """The real directories in ``parent`` named ``{prefix}{pid}-...`` whose process is gone: what a killed process
     left (a spool, a partial export) and nothing else ever removes."""
     for path in parent.glob(f"{glob.escape(prefix)}*-*"):
-        pid = path.name.removeprefix(prefix).split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)) and path.is_dir() and not path.is_symlink():
+        if _gone(path.name.removeprefix(prefix).split("-")[0]) and path.is_dir() and not path.is_symlink():
             yield path

@@ -24,7 +24,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmdata.docindex import IndexKey, check_delimiter, document_key, no_index_note, shard_positions, window_starts
+from lmdata.docindex import (
+    EOT_LIMIT,
+    IndexKey,
+    check_delimiter,
+    document_key,
+    no_index_note,
+    shard_positions,
+    window_starts,
+)
 from lmdata.errors import ArgumentError, DatasetNotFoundError, LmDataError, ManifestError, UnfinishedWriteError
 from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, is_int, open_shard
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
@@ -201,7 +209,12 @@ SAMPLE_RUNS, SAMPLE_RUN_TOKENS = 64, 4096  # what sampled_sha256 reads: at most 
 
 
 def sampled_sha256(tokens: np.ndarray) -> str:
-    """Hex SHA-256 of a shard's dtype, length and 64 evenly spaced runs of 4096 tokens (all of a small one)."""
+    """Hex SHA-256 of a shard's dtype, length and 64 evenly spaced runs of 4096 tokens (all of a small one).
+
+    A fixed cost per shard whatever its size (at most SAMPLE_RUNS x SAMPLE_RUN_TOKENS tokens read), so it is
+    both the fingerprint of a shard without a manifest and the content check of a document index
+    (:mod:`lmdata.docindex`), recomputed each time a sidecar is read.
+    """
     n = len(tokens)
     run = min(SAMPLE_RUN_TOKENS, n)
     digest = hashlib.sha256(f"{tokens.dtype.str}:{n}".encode())
@@ -351,10 +364,15 @@ class TokenDataset:
         """Per shard, the eot id, delimiter and manifest sha256 its document index is made for.
 
         ArgumentError if an explicit ``eot_id`` or ``delimiter`` contradicts a shard's manifest (naming both), if
-        a manifest records no eot id and none is given, or if a shard without a manifest lacks either.
+        a manifest records no eot id and none is given, if a shard without a manifest lacks either, or if the eot
+        id is not below the vocabulary (else the shards' dtype) and 2**63 (what a sidecar's int64 field holds).
         """
-        if eot_id is not None and not (is_int(eot_id) and 0 <= eot_id < self.dtype_limit):
-            raise ArgumentError(f"eot_id must be a token id in [0, {self.dtype_limit}), got {eot_id!r}")
+        vocab = self.vocab_size  # an id at or above it is no token: every shard would read as one document
+        bound, what = (vocab, f"vocab_size {vocab}") if vocab is not None else (self.dtype_limit, "the shards' dtype")
+        if bound > EOT_LIMIT:  # a uint64 dtype: the sidecar's int64 eot id field holds less
+            bound, what = EOT_LIMIT, "what a document index holds"
+        if eot_id is not None and not (is_int(eot_id) and 0 <= eot_id < bound):
+            raise ArgumentError(f"eot_id must be a token id in [0, {bound}) ({what}), got {eot_id!r}")
         if delimiter is not None:
             check_delimiter(delimiter)
         return [document_key(s, x, eot_id, delimiter) for s, x in zip(self.shards, self._listings, strict=True)]

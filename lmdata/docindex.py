@@ -22,28 +22,43 @@ The index is found by :func:`eot_positions`, a Numba scan (blockwise, at memory 
 
     offset  size  field
     0       8     magic b"LMDOCIDX"
-    8       4     uint32 version (1)
+    8       4     uint32 version (2; version 1 lacked the sampled checksum and reads as stale)
     12      4     uint32 header bytes (128): where the positions begin
     16      8     int64  byte size of the shard file when indexed
     24      8     int64  st_mtime_ns of the shard file when indexed
-    32      8     int64  eot id
+    32      8     int64  eot id (so eot ids are below 2**63)
     40      8     int64  count: number of positions
     48      1     uint8  position itemsize: 4 (uint32, shards of at most 2**32 tokens) or 8 (int64)
     49      1     uint8  delimiter: 0 "after", 1 "before" (what the writer assumed; part of the key)
     50      1     uint8  1 if the sha256 field holds the manifest's sha256 of the shard's tokens, else 0
     51      5     zero
     56      32    sha256 (raw bytes), or zeros
-    88      40    zero
+    88      32    sampled checksum of the shard's tokens (raw bytes of :func:`lmdata.dataset.sampled_sha256`)
+    120     8     zero
     128     count x itemsize   the positions, strictly increasing, each below the shard's token count
 
-A sidecar is trusted only if its header matches the shard as it is now (size and mtime from one ``stat``, the
-manifest entry's sha256 where there is one, the eot id and delimiter asked for) and the file is exactly as long
-as the header says (and, used for an opened shard, its positions increase and stay inside it); anything else
-(a shard rewritten, a sidecar copied from an earlier dataset, a truncated file) is *stale*: never used, the
-index is built in memory instead. Sidecars are written atomically
-(:func:`lmdata.atomic.atomic_write`): a killed writer leaves at most a ``.tmp-*`` file, which nothing reads.
-Copying a dataset without keeping mtimes (``cp`` without ``-p``) makes its sidecars stale; rerun
-``python -m lmdata.index DIR`` on the copy.
+A sidecar is trusted only if it is a regular file (a FIFO or device at its path is never opened, so it cannot
+block) whose header matches the shard as it is now: size and mtime from one ``stat``, the sampled checksum of
+the shard's tokens (recomputed on every read: a fixed number of evenly spaced runs of tokens, so its cost does
+not grow with the shard), the manifest entry's sha256 where there is one, the eot id and delimiter asked for; a
+count between 0 and the shard's token count, a file exactly as long as the header says (checked before
+anything is mapped), and positions that are non-negative, increasing and inside the shard. Anything else is
+*stale* (or damaged): never used, the index is built in memory instead.
+
+What this guarantees: a sidecar is not trusted for a shard of another size or mtime; nor for a shard whose
+sampled tokens differ from the indexed ones, whatever its size and mtime (a shard rewritten and ``touch -r``'d
+back, equal-size shards with equal mtimes swapped by ``mv``, a sidecar copied from an earlier dataset); a shard
+smaller than the sample (``SAMPLE_RUNS x SAMPLE_RUN_TOKENS`` tokens) is hashed whole, so any change to it is
+seen. What it does not: a rewrite that keeps the size and the mtime and changes only tokens outside the
+sampled runs goes unnoticed, with or without a manifest (the manifest's sha256 is compared with the sidecar's,
+which tells datasets apart, but not with the data on open: only ``tools/validate_shards.py`` reads every byte).
+The inode number is not part of the key, nor ctime: a copy that keeps mtimes (``cp -p``, ``rsync -a``), or a
+chmod, must keep the sidecars valid, and the sampled checksum already tells swapped shards apart.
+
+Sidecars are written atomically (:func:`lmdata.atomic.atomic_write`): a killed writer leaves at most a
+``.tmp-NAME.docidx.PID-*`` file, which nothing reads and the next ``python -m lmdata.index`` removes once that
+process is gone. Copying a dataset without keeping mtimes (``cp`` without ``-p``) makes its sidecars stale;
+rerun ``python -m lmdata.index DIR`` on the copy.
 
 Memory: a sidecar costs 4 bytes per document (8 for shards over 2**32 tokens), memory-mapped (clean page-cache
 pages); an index built in memory costs 8 bytes per document; the window starts cost 8 bytes (int64) per window,
@@ -57,6 +72,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -64,7 +80,7 @@ from numba import njit
 
 from lmdata.atomic import atomic_write
 from lmdata.errors import ArgumentError
-from lmdata.format import Shard, is_int
+from lmdata.format import Shard, is_int, open_shard
 
 if TYPE_CHECKING:
     from lmdata.dataset import Listing  # lmdata.dataset imports this module
@@ -72,9 +88,9 @@ if TYPE_CHECKING:
 INDEX_SUFFIX = ".docidx"
 DELIMITERS = ("after", "before")  # code 0, 1 in the sidecar header
 _MAGIC = b"LMDOCIDX"
-_VERSION = 1
+_VERSION = 2
 HEADER_BYTES = 128
-_HEADER = struct.Struct("<8sIIqqqqBBB5x32s40x")
+_HEADER = struct.Struct("<8sIIqqqqBBB5x32s32s8x")
 assert _HEADER.size == HEADER_BYTES
 SCAN_CHUNK = 1 << 20  # tokens per kernel call: bounds the scratch buffer (8 MB) and the time between GIL releases
 
@@ -250,17 +266,26 @@ class IndexKey:
 
 
 def write_index(
-    shard_path: str | os.PathLike, positions: np.ndarray, key: IndexKey, stat: os.stat_result | None = None
+    shard_path: str | os.PathLike,
+    positions: np.ndarray,
+    key: IndexKey,
+    stat: os.stat_result | None = None,
+    checksum: str | None = None,
 ) -> Path:
-    """Write the sidecar of ``shard_path`` atomically, stamped with ``stat`` (taken before ``positions`` were
-    found, so a shard changed meanwhile leaves a sidecar that is stale, never a wrong one trusted), else with
-    the shard's size and mtime as they are now (for a writer that has just renamed the shard into place).
+    """Write the sidecar of ``shard_path`` atomically, stamped with ``stat`` and ``checksum`` (the shard's
+    :func:`lmdata.dataset.sampled_sha256`), both taken before ``positions`` were found, so a shard changed
+    meanwhile leaves a sidecar that is stale, never a wrong one trusted; without them, with the shard's size,
+    mtime and sampled checksum as they are now (for a writer that has just renamed the shard into place).
 
-    Raises OSError (e.g. a read-only directory) for the caller to turn into its own error.
+    Raises ArgumentError for an eot id a sidecar cannot hold, OSError (e.g. a read-only directory, a directory
+    at the sidecar's path) for the caller to turn into its own error.
     """
     shard_path = Path(shard_path)
     check_delimiter(key.delimiter)
+    _check_eot_storable(key.eot_id)
     st = stat if stat is not None else os.stat(shard_path)
+    if checksum is None:
+        checksum = _sampled_checksum(open_shard(shard_path).tokens)
     positions = np.asarray(positions)
     wide = positions.size and int(positions[-1]) >= 1 << 32
     data = positions.astype("<i8" if wide else "<u4", copy=False)
@@ -268,6 +293,7 @@ def write_index(
     header = _HEADER.pack(
         _MAGIC, _VERSION, HEADER_BYTES, st.st_size, st.st_mtime_ns, int(key.eot_id), data.size,
         data.itemsize, DELIMITERS.index(key.delimiter), 1 if sha else 0, sha.ljust(32, b"\0"),
+        bytes.fromhex(checksum),
     )  # fmt: skip
     path = sidecar_path(shard_path)
     with atomic_write(path) as f:
@@ -276,42 +302,79 @@ def write_index(
     return path
 
 
-def read_index(shard_path: str | os.PathLike, key: IndexKey) -> tuple[np.ndarray | None, str]:
-    """The positions of a valid sidecar of ``shard_path`` (memory-mapped, read-only) and "", or (None, why not).
+def _sampled_checksum(tokens: np.ndarray) -> str:
+    # Imported here: lmdata.dataset imports this module. One checksum for fingerprints and sidecars alike.
+    from lmdata.dataset import sampled_sha256
 
-    Reads the 128-byte header and two ``stat`` calls; the positions themselves are not read.
+    return sampled_sha256(tokens)
+
+
+EOT_LIMIT = 1 << 63  # the header's int64 eot id: ids at or above it cannot be indexed
+
+
+def _check_eot_storable(eot_id: int) -> None:
+    if not is_int(eot_id) or not 0 <= eot_id < EOT_LIMIT:
+        raise ArgumentError(f"eot_id must be an int in [0, 2**63) to be indexed, got {eot_id!r}")
+
+
+def read_index(shard_path: str | os.PathLike, key: IndexKey) -> tuple[np.ndarray | None, str]:
+    """:func:`shard_index` of the shard at ``shard_path`` (opened here; errors of :func:`lmdata.format.open_shard`)."""
+    return shard_index(open_shard(shard_path), key)
+
+
+def shard_index(shard: Shard, key: IndexKey) -> tuple[np.ndarray | None, str]:
+    """The positions of a valid sidecar of ``shard`` (memory-mapped, read-only) and "", or (None, why not).
+
+    Reads the 128-byte header, two ``stat`` calls and the sampled checksum's runs of tokens; then the positions,
+    once, to check they can be the shard's. Never opens anything but a regular file (a FIFO would block).
     """
-    shard_path = Path(shard_path)
-    path = sidecar_path(shard_path)
+    path = sidecar_path(shard.path)
     try:
-        with open(path, "rb") as f:
+        if not S_ISREG(os.stat(path).st_mode):
+            return None, "not a regular file (a FIFO, device or directory sits at its path)"
+        # O_NONBLOCK: should the path become a FIFO after the stat, opening it still returns at once
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            own = os.fstat(f.fileno())
+            if not S_ISREG(own.st_mode):
+                return None, "not a regular file (a FIFO, device or directory sits at its path)"
             raw = f.read(HEADER_BYTES)
-            size = os.fstat(f.fileno()).st_size
-        st = os.stat(shard_path)
+            why = _stale_reason(raw, own.st_size, os.stat(shard.path), key, shard)
+            if why:
+                return None, why
+            positions = _map_positions(f, raw)
     except FileNotFoundError:
         return None, "no index"
     except OSError as e:
         return None, f"cannot read it ({e.strerror})"
-    why = _stale_reason(raw, size, st, key)
-    if why:
-        return None, why
+    if not _plausible(positions, shard.num_tokens):
+        return None, "damaged: its positions are not increasing, negative, or run past the shard's end"
+    return positions, ""
+
+
+def _map_positions(f, raw: bytes) -> np.ndarray:
+    """The positions of the checked sidecar open as ``f``, mapped from that very file (not re-opened by name)."""
     fields = _HEADER.unpack(raw)
     count, itemsize = fields[6], fields[7]
     if count == 0:
-        return np.empty(0, dtype=np.uint32), ""
+        return np.empty(0, dtype=np.uint32)
     dtype = "<u4" if itemsize == 4 else "<i8"
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,)), ""
+    return np.memmap(f, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey) -> str:
-    """Why a sidecar's header does not vouch for the shard as it is now ("" if it does)."""
+def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey, shard: Shard) -> str:
+    """Why a sidecar's header does not vouch for ``shard`` as it is now ("" if it does); cheap checks first,
+    the sampled checksum (which reads the shard) last."""
     if len(raw) < HEADER_BYTES or raw[:8] != _MAGIC:
         return "not a document index (bad magic)"
-    magic, version, header_bytes, shard_bytes, mtime_ns, eot_id, count, itemsize, delim, has_sha, sha, = (
+    magic, version, header_bytes, shard_bytes, mtime_ns, eot_id, count, itemsize, delim, has_sha, sha, sampled = (
         _HEADER.unpack(raw)
     )  # fmt: skip
+    if 0 < version < _VERSION:
+        return f"stale: written by an older lmdata (index version {version}, not {_VERSION})"
     if version != _VERSION or header_bytes != HEADER_BYTES or itemsize not in (4, 8) or delim > 1:
         return f"unknown index version {version}"
+    if not 0 <= count <= shard.num_tokens:  # before its size is trusted: a sparse file can claim any count
+        return f"damaged: it claims {count} positions in a shard of {shard.num_tokens} tokens"
     if size != HEADER_BYTES + count * itemsize:
         return "truncated or padded (its size disagrees with its header)"
     if shard_bytes != st.st_size or mtime_ns != st.st_mtime_ns:
@@ -320,15 +383,9 @@ def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey) -> s
         return "stale: the shard's sha256 in the manifest differs from the index's"
     if eot_id != key.eot_id or DELIMITERS[delim] != key.delimiter:
         return f"made for eot id {eot_id}, delimiter {DELIMITERS[delim]!r}, not {key.eot_id}, {key.delimiter!r}"
+    if sampled.hex() != _sampled_checksum(shard.tokens):
+        return "stale: the shard's tokens changed since it was indexed (sampled checksum; same size and mtime)"
     return ""
-
-
-def shard_index(shard: Shard, key: IndexKey) -> tuple[np.ndarray | None, str]:
-    """:func:`read_index` for an opened shard, also refusing positions that cannot be the shard's."""
-    positions, why = read_index(shard.path, key)
-    if positions is not None and not _plausible(positions, shard.num_tokens):
-        return None, "damaged: its positions are not increasing, or run past the shard's end"
-    return positions, why
 
 
 def shard_positions(
@@ -347,11 +404,13 @@ def shard_positions(
 
 
 def _plausible(positions: np.ndarray, num_tokens: int) -> bool:
-    """Strictly increasing and below ``num_tokens``: what a sidecar with a matching header must also hold (a
-    damaged or hand-made one need not). Reads the whole sidecar (4 bytes per document, far less than the shard)."""
+    """Non-negative, strictly increasing and below ``num_tokens``: what a sidecar with a matching header must
+    also hold (a damaged or hand-made one need not). Reads the whole sidecar (its count is at most the shard's
+    token count, checked from the header before mapping)."""
     if positions.size == 0:
         return True
-    return int(positions[-1]) < num_tokens and bool(np.all(positions[1:] > positions[:-1]))
+    in_shard = int(positions[0]) >= 0 and int(positions[-1]) < num_tokens
+    return in_shard and bool(np.all(positions[1:] > positions[:-1]))
 
 
 # --- which key a dataset's shard needs, and what to say when it has no sidecar -----------------------------
@@ -379,6 +438,8 @@ def document_key(shard: Shard, listing: Listing | None, eot_id: int | None, deli
             f"delimiter {delimiter!r} contradicts delimiter {listing.delimiter!r} of {where}; drop the argument"
         )
     chosen = listing.eot_id if listing.eot_id is not None else eot_id
+    if chosen >= EOT_LIMIT:  # a uint64 dataset's eot id: the sidecar's int64 field cannot hold it
+        raise ArgumentError(f"{where}: eot_id {chosen} is 2**63 or more, which a document index cannot hold")
     return IndexKey(chosen, listing.delimiter, listing.entry.sha256)
 
 

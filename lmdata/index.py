@@ -14,22 +14,26 @@ both: ``--delimiter after`` if the eot id ends each document (as lmdata writes i
 each one (a BOS: llm.c and modded-nanogpt shards).
 
 A shard whose sidecar is valid is left alone, so a re-run does nothing and says so. Each sidecar is written
-atomically, stamped with the shard's size and mtime from before its scan: two runs at once write the same
-files, and a run killed at any moment leaves at most a temporary ``.tmp-*`` file, which nothing reads. Exits 2
-with a message for a directory it cannot write (a read-only, shared dataset: ask its owner to run this), bad
-flags or bad data.
+atomically, stamped with the shard's size, mtime and sampled checksum from before its scan: two runs at once
+write the same files, and a run killed at any moment leaves at most a temporary ``.tmp-NAME.docidx.PID-*``
+file, which nothing reads and the next run removes (once that PID is gone). Whatever sits at a sidecar's path
+and is not a valid sidecar (a stale one, a FIFO) is replaced. Exits 2 with a message for a directory it cannot
+write (a read-only, shared dataset: ask its owner to run this), a directory at a sidecar's path, bad flags
+(an eot id outside the vocabulary) or bad data.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
 from pathlib import Path
 
-from lmdata.dataset import TokenDataset
-from lmdata.docindex import DELIMITERS, eot_positions, shard_index, write_index
+from lmdata.atomic import remove_stale_temporaries
+from lmdata.dataset import TokenDataset, sampled_sha256
+from lmdata.docindex import DELIMITERS, INDEX_SUFFIX, eot_positions, shard_index, sidecar_path, write_index
 from lmdata.errors import LmDataError, OutputError
 from lmdata.manifest import MANIFEST_NAME
 from lmdata.progress import Progress
@@ -56,6 +60,7 @@ def _datasets(directory: Path) -> list[Path]:
 def _index_one(directory: Path, eot_id: int | None, delimiter: str | None) -> int:
     dataset = TokenDataset(directory)
     keys = dataset.document_keys(eot_id, delimiter)
+    _remove_dead_temporaries({s.path.parent for s in dataset.shards})
     todo = [(s, k) for s, k in zip(dataset.shards, keys, strict=True) if shard_index(s, k)[0] is None]
     if not todo:
         print(f"index: {directory}: all {len(dataset.shards)} shards have a valid document index; nothing to do")
@@ -70,12 +75,13 @@ def _index_one(directory: Path, eot_id: int | None, delimiter: str | None) -> in
     progress = Progress(sum(s.tokens.nbytes for s, _ in todo), doing="indexing", unit="B")
     try:
         for shard, key in todo:
-            before = os.stat(shard.path)  # stamped into the sidecar: a shard changed during the scan reads stale
+            # stamped into the sidecar: a shard changed during the scan reads stale
+            before, checksum = os.stat(shard.path), sampled_sha256(shard.tokens)
             positions = eot_positions(shard.tokens, key.eot_id, lambda n: progress.update(n, n))
             try:
-                write_index(shard.path, positions, key, stat=before)
+                write_index(shard.path, positions, key, stat=before, checksum=checksum)
             except OSError as e:
-                raise OutputError(f"{shard.path}: cannot write its document index ({e.strerror})") from None
+                raise OutputError(_cannot_write(shard.path, e)) from None
     finally:
         progress.close()
     print(
@@ -83,6 +89,27 @@ def _index_one(directory: Path, eot_id: int | None, delimiter: str | None) -> in
         f"in {time.perf_counter() - start:.1f} s"
     )
     return len(todo)
+
+
+def _remove_dead_temporaries(places: set[Path]) -> None:
+    """Remove the sidecar temporaries of runs that were killed (their PID is gone); a live run's stay."""
+    for place in places:
+        if not os.access(place, os.W_OK):
+            continue  # not ours to clean; writing there is refused below if anything needs writing
+        try:
+            remove_stale_temporaries(place, f"*{INDEX_SUFFIX}", dead_only=True)
+        except OSError as e:  # e.g. a sticky directory holding another user's leftover: harmless, say so
+            print(f"index: {place}: cannot remove a killed run's temporary file ({e.strerror})", file=sys.stderr)
+
+
+def _cannot_write(shard_path: Path, e: OSError) -> str:
+    sidecar = sidecar_path(shard_path)
+    fix = (
+        "something that is not a file sits at that path: remove it and re-run"
+        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+        else "fix the cause and re-run"
+    )
+    return f"{shard_path}: cannot write its document index ({e.strerror}) to {sidecar}; {fix}"
 
 
 def main(argv: list[str] | None = None) -> int:

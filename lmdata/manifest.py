@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,6 +134,11 @@ def _plain_name(v) -> bool:
     return Path(v).suffix in SHARD_SUFFIXES
 
 
+# what hashlib's hexdigest writes (the writer's and prepare's); an uppercase or short one could never match a
+# document index's sha256, and one that is not hex cannot be stored in it
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA256_MUST = "must be 64 lowercase hex digits (a sha256 hexdigest)"
+
 # field -> (required, test, what the value must be). Validation is derived from these tables only.
 _Rule = tuple[bool, Callable[[object], bool], str]
 _TOP_FIELDS: dict[str, _Rule] = {
@@ -149,7 +155,7 @@ _TOP_FIELDS: dict[str, _Rule] = {
 _ENTRY_FIELDS: dict[str, _Rule] = {
     "file": (True, _plain_name, "must be a plain file name ending in .bin or .npy (inside the dataset directory)"),
     "num_tokens": (True, lambda v: is_int(v) and v > 0, "must be a positive int"),
-    "sha256": (True, lambda v: isinstance(v, str), "must be a string"),
+    "sha256": (True, lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None, _SHA256_MUST),
     "min_token": (False, lambda v: v is None or (is_int(v) and v >= 0), "must be a token id (an int >= 0)"),
     "max_token": (False, lambda v: v is None or (is_int(v) and v >= 0), "must be a token id (an int >= 0)"),
 }

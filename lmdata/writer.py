@@ -230,11 +230,22 @@ class ShardWriter:
     def _write_index(self, entry: ShardEntry) -> None:
         """The finished shard's sidecar (after the shard's rename: it is stamped with the final file's mtime)."""
         path = self.out_dir / entry.file
-        if self._eot_id is None:
-            sidecar_path(path).unlink(missing_ok=True)  # one of an earlier write would only ever be stale
-            return
-        found = np.concatenate(self._eot_found) if self._eot_found else np.empty(0, np.int64)
-        write_index(path, found, IndexKey(self._eot_id, self._meta["delimiter"], entry.sha256))
+        try:
+            if self._eot_id is None:
+                sidecar_path(path).unlink(missing_ok=True)  # one of an earlier write would only ever be stale
+                return
+            found = np.concatenate(self._eot_found) if self._eot_found else np.empty(0, np.int64)
+            write_index(path, found, IndexKey(self._eot_id, self._meta["delimiter"], entry.sha256))
+        except OSError as e:  # not the shard's error, nor (usually) a full disk: say which file and why
+            fix = (
+                "remove the directory there and re-run"
+                if os.path.isdir(sidecar_path(path))
+                else "fix the cause and re-run"
+            )
+            raise ShardWriterError(
+                f"{sidecar_path(path)}: cannot write the document index of {entry.file} ({e.strerror}); "
+                f"the directory stays marked unfinished, so {fix}"
+            ) from None
         self._eot_found = []
 
     def close(self, counts: dict[str, int] | None = None) -> Manifest:

@@ -266,7 +266,9 @@ def test_a_sidecar_with_a_matching_header_but_impossible_positions_is_not_used(t
     shard = write_llmc(tmp_path / "a.bin", tokens)
     write_index(shard, np.array(positions), IndexKey(EOT, "after"))  # header right, positions wrong
     dataset = TokenDataset(tmp_path)
-    with pytest.warns(UserWarning, match="damaged: its positions are not increasing, or run past the shard's end"):
+    with pytest.warns(
+        UserWarning, match="damaged: its positions are not increasing, negative, or run past the shard's end"
+    ):
         starts = dataset.document_starts(T, eot_id=EOT, delimiter="after")
     assert starts[0].tolist() == reference_starts(docs, len(tokens), T)
     assert index_main([str(tmp_path), "--eot-id", "0", "--delimiter", "after"]) == 0  # the CLI rewrites it
@@ -607,6 +609,7 @@ def test_a_cli_killed_mid_write_leaves_no_sidecar_that_is_trusted(tmp_path):
     assert starts[0].tolist() == reference_starts(shard_of([3, 8, 20, 5], "before")[1], 36, T)
     assert index_main([str(bare), *flags]) == 0
     assert read_index(bare / "s0.bin", IndexKey(EOT, "before"))[0].tolist() == [0, 3, 11, 31]
+    assert not [p.name for p in bare.iterdir() if p.name.startswith(".tmp-")]  # the killed run's, removed
 
 
 def test_two_clis_at_once_both_succeed(tmp_path):
@@ -618,3 +621,228 @@ def test_two_clis_at_once_both_succeed(tmp_path):
     for i in range(4):
         assert read_index(bare / f"s{i}.bin", IndexKey(EOT, "before"))[1] == ""
     assert not [p for p in bare.iterdir() if p.name.startswith(".tmp-")]
+
+
+# --- what a hostile tester found (issue 14): content checks, crafted sidecars, odd files, temporaries ----------
+
+
+def equal_shards(directory: Path) -> Path:
+    """Two bare shards of the same size and mtime (as fixed-size llm.c shards are) but other documents."""
+    directory.mkdir(parents=True)
+    write_llmc(directory / "s0.bin", shard_of([3, 8, 20, 5], "before")[0])
+    write_llmc(directory / "s1.bin", shard_of([10, 10, 16], "before")[0])
+    subprocess.run(["touch", "-r", str(directory / "s0.bin"), str(directory / "s1.bin")], check=True)
+    assert os.stat(directory / "s0.bin").st_mtime_ns == os.stat(directory / "s1.bin").st_mtime_ns
+    return directory
+
+
+def test_a_rewrite_with_the_same_size_and_a_restored_mtime_makes_the_sidecar_stale(tmp_path):
+    shard = write_llmc(tmp_path / "a.bin", shard_of([3, 8, 20, 5], "after")[0])
+    key = IndexKey(EOT, "after")
+    write_index(shard, eot_positions(np.fromfile(shard, "<u2", offset=1024), EOT), key)
+    subprocess.run(["cp", "-p", str(shard), str(tmp_path / "ref")], check=True)  # keeps the old mtime
+    tokens, docs = shard_of([10, 10, 16], "after")  # same size, other documents
+    write_llmc(shard, tokens)
+    subprocess.run(["touch", "-r", str(tmp_path / "ref"), str(shard)], check=True)
+    positions, why = read_index(shard, key)
+    assert positions is None and "stale: the shard's tokens changed since it was indexed" in why
+    with pytest.warns(UserWarning, match="sampled checksum"):
+        starts = TokenDataset(shard).document_starts(T, eot_id=EOT, delimiter="after")
+    assert starts[0].tolist() == reference_starts(docs, len(tokens), T)
+
+
+def test_a_rewrite_under_a_manifest_with_a_restored_mtime_makes_the_sidecar_stale(tmp_path):
+    """The manifest's sha256 is not compared with the data on open; the sampled checksum is."""
+    out, manifest, _ = written(tmp_path)
+    shard = out / manifest.shards[0].file
+    st = os.stat(shard)
+    data = bytearray(shard.read_bytes())
+    data[1024 + 2 * 5] ^= 1  # one token of the first document changes (no eot appears or goes)
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert "sampled checksum" in read_index(shard, IndexKey(EOT, "after", manifest.shards[0].sha256))[1]
+
+
+def test_equal_shards_swapped_by_mv_do_not_trust_each_others_sidecars(tmp_path):
+    bare = equal_shards(tmp_path / "bare")
+    assert index_main([str(bare), "--eot-id", "0", "--delimiter", "before"]) == 0
+    for cmd in (["mv", "s0.bin", "t.bin"], ["mv", "s1.bin", "s0.bin"], ["mv", "t.bin", "s1.bin"]):
+        subprocess.run(cmd, cwd=bare, check=True)
+    for name in ("s0.bin", "s1.bin"):
+        assert "sampled checksum" in read_index(bare / name, IndexKey(EOT, "before"))[1]
+    with pytest.warns(UserWarning, match="2 of 2 shards have no valid document index"):
+        starts = TokenDataset(bare).document_starts(T, eot_id=EOT, delimiter="before")
+    assert starts[0].tolist() == reference_starts(shard_of([10, 10, 16], "before")[1], 36, T)
+    assert starts[1].tolist() == reference_starts(shard_of([3, 8, 20, 5], "before")[1], 36, T)
+
+
+def test_a_copy_that_keeps_mtimes_keeps_its_sidecars_valid(tmp_path):
+    """Neither the inode nor ctime is part of the key: cp -p (a new inode, a new ctime) and chmod keep them."""
+    bare = equal_shards(tmp_path / "bare")
+    assert index_main([str(bare), "--eot-id", "0", "--delimiter", "before"]) == 0
+    subprocess.run(["cp", "-rp", str(bare), str(tmp_path / "copy")], check=True)
+    os.chmod(tmp_path / "copy" / "s0.bin", 0o600)
+    for name in ("s0.bin", "s1.bin"):
+        assert read_index(tmp_path / "copy" / name, IndexKey(EOT, "before"))[1] == ""
+
+
+def test_in_a_large_shard_a_change_in_a_sampled_run_is_seen_and_one_outside_is_not(tmp_path):
+    """Exactly what the docstring promises, and what it says it does not: the sample is 64 runs of 4096 tokens."""
+    from lmdata.dataset import SAMPLE_RUN_TOKENS, SAMPLE_RUNS
+
+    n = SAMPLE_RUNS * SAMPLE_RUN_TOKENS * 2
+    tokens = (np.arange(n) % 50 + 1).astype(np.uint16)
+    tokens[::1000] = EOT
+    shard = write_llmc(tmp_path / "a.bin", tokens)
+    key = IndexKey(EOT, "after")
+    write_index(shard, np.flatnonzero(tokens == EOT), key)
+    st = os.stat(shard)
+
+    def change(at: int) -> str:
+        data = bytearray(shard.read_bytes())
+        data[1024 + 2 * at] ^= 1
+        shard.write_bytes(bytes(data))
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return read_index(shard, key)[1]
+
+    outside = SAMPLE_RUN_TOKENS + 10  # the runs start at multiples of (n - 4096) / 63, about 8.1K tokens apart
+    assert change(outside) == ""  # not detected: documented
+    assert "sampled checksum" in change(1)  # inside the first run
+
+
+@pytest.mark.parametrize("count", [1 << 30, 37, -1])
+def test_a_sidecar_claiming_more_positions_than_the_shard_has_tokens_is_refused_unread(tmp_path, count):
+    tokens, docs = shard_of([3, 8, 20, 5], "after")
+    shard = write_llmc(tmp_path / "a.bin", tokens)
+    key = IndexKey(EOT, "after")
+    path = write_index(shard, np.flatnonzero(tokens == EOT), key)
+    fields = list(docindex._HEADER.unpack(path.read_bytes()[: docindex.HEADER_BYTES]))
+    fields[6] = count
+    with open(path, "r+b") as f:
+        f.write(docindex._HEADER.pack(*fields))
+        f.truncate(docindex.HEADER_BYTES + max(count, 0) * 4)  # sparse: the length agrees with the count
+    positions, why = read_index(shard, key)
+    assert positions is None and f"damaged: it claims {count} positions in a shard of 36 tokens" in why
+    with pytest.warns(UserWarning, match="damaged: it claims"):
+        starts = TokenDataset(shard).document_starts(T, eot_id=EOT, delimiter="after")
+    assert starts[0].tolist() == reference_starts(docs, len(tokens), T)
+
+
+def test_negative_positions_in_a_wide_sidecar_are_damage(tmp_path):
+    tokens, docs = shard_of([3, 8, 20, 5], "after")
+    shard = write_llmc(tmp_path / "a.bin", tokens)
+    key = IndexKey(EOT, "after")
+    path = write_index(shard, np.array([2, 10]), key)
+    fields = list(docindex._HEADER.unpack(path.read_bytes()[: docindex.HEADER_BYTES]))
+    fields[6], fields[7] = 2, 8  # count, itemsize: int64 positions
+    path.write_bytes(docindex._HEADER.pack(*fields) + np.array([-5, 10], dtype="<i8").tobytes())
+    os.utime(shard, ns=(0, fields[4]))  # the header's mtime stays the shard's
+    positions, why = read_index(shard, key)
+    assert positions is None and "negative" in why
+    with pytest.warns(UserWarning, match="damaged"):
+        assert TokenDataset(shard).document_starts(T, eot_id=EOT, delimiter="after")[0].tolist() == (
+            reference_starts(docs, len(tokens), T)
+        )
+
+
+def test_a_version_1_sidecar_reads_as_stale_and_the_cli_rewrites_it(tmp_path):
+    bare = bare_shards(tmp_path / "bare", count=1)
+    assert index_main([str(bare), "--eot-id", "0", "--delimiter", "before"]) == 0
+    path = sidecar_path(bare / "s0.bin")
+    raw = bytearray(path.read_bytes())
+    raw[8:12] = (1).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    assert "older lmdata (index version 1, not 2)" in read_index(bare / "s0.bin", IndexKey(EOT, "before"))[1]
+    assert index_main([str(bare), "--eot-id", "0", "--delimiter", "before"]) == 0
+    assert read_index(bare / "s0.bin", IndexKey(EOT, "before"))[1] == ""
+
+
+def test_a_manifest_sha256_that_is_not_a_lowercase_hexdigest_is_refused_by_the_cli(tmp_path, capsys):
+    out, _, _ = written(tmp_path)
+    body = json.loads((out / "manifest.json").read_text())
+    body["shards"][1]["sha256"] = body["shards"][1]["sha256"].upper()
+    (out / "manifest.json").write_text(json.dumps(body))
+    assert index_main([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'manifest.json'}: shards[1].sha256" in err and "must be 64 lowercase hex digits" in err
+
+
+FIFO_READER = """
+import sys, warnings
+from lmdata import TokenDataset
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    starts = TokenDataset(sys.argv[1]).document_starts(8, eot_id=0, delimiter="before")
+print(starts[0].tolist())
+print(caught[0].message)
+"""
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_fifo_at_the_sidecar_path_is_an_unusable_index_never_a_hang(tmp_path, link):
+    bare = bare_shards(tmp_path / "bare", count=1)
+    fifo = tmp_path / "fifo" if link else sidecar_path(bare / "s0.bin")
+    os.mkfifo(fifo)
+    if link:  # a symlink to a FIFO: os.stat follows it, and the target is what counts
+        sidecar_path(bare / "s0.bin").symlink_to(fifo)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run(
+        [sys.executable, "-c", FIFO_READER, str(bare)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(reference_starts(shard_of([3, 8, 20, 5], "before")[1], 36, T))
+    assert "not a regular file" in lines[1]
+    cmd = [sys.executable, "-m", "lmdata.index", str(bare), "--eot-id", "0", "--delimiter", "before"]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0  # replaced by a sidecar
+    assert sidecar_path(bare / "s0.bin").is_file() and not sidecar_path(bare / "s0.bin").is_symlink()
+    assert read_index(bare / "s0.bin", IndexKey(EOT, "before"))[0].tolist() == [0, 3, 11, 31]
+
+
+def test_a_directory_at_the_sidecar_path_is_unusable_and_the_cli_names_it(tmp_path, capsys):
+    bare = bare_shards(tmp_path / "bare", count=1)
+    sidecar_path(bare / "s0.bin").mkdir()
+    with pytest.warns(UserWarning, match="not a regular file"):
+        TokenDataset(bare).document_starts(T, eot_id=EOT, delimiter="before")
+    assert index_main([str(bare), "--eot-id", "0", "--delimiter", "before"]) == 2
+    err = capsys.readouterr().err
+    assert f"to {sidecar_path(bare / 's0.bin')}" in err and "(Is a directory)" in err
+    assert "remove it and re-run" in err
+
+
+def test_an_eot_id_a_sidecar_cannot_hold_is_refused(tmp_path, capsys):
+    tokens = np.array([1, 2, 1 << 63, 3, 4, (1 << 63) - 1, 5, 6, 7, 8], dtype=np.uint64)
+    np.save(tmp_path / "a.npy", tokens)
+    with pytest.raises(ArgumentError, match=r"eot_id must be a token id in \[0, 9223372036854775808\)"):
+        TokenDataset(tmp_path).document_keys(1 << 63, "after")
+    assert index_main([str(tmp_path), "--eot-id", str(1 << 63), "--delimiter", "after"]) == 2
+    assert "index: error: eot_id must be a token id" in capsys.readouterr().err
+    assert index_main([str(tmp_path), "--eot-id", str((1 << 63) - 1), "--delimiter", "after"]) == 0
+    assert read_index(tmp_path / "a.npy", IndexKey((1 << 63) - 1, "after"))[0].tolist() == [5]
+    with pytest.raises(ArgumentError, match="2\\*\\*63"):
+        write_index(tmp_path / "a.npy", np.array([2]), IndexKey(1 << 63, "after"))
+
+
+def test_an_explicit_eot_id_outside_the_manifests_vocabulary_is_refused(tmp_path, capsys):
+    tokens, _ = shard_of([3, 8, 20, 5], "after")
+    out = tmp_path / "data"
+    write_shards([tokens], out, shard_tokens=100, vocab_size=100)  # no eot id recorded
+    with pytest.raises(ArgumentError, match=r"\[0, 100\) \(vocab_size 100\), got 100"):
+        TokenDataset(out).document_starts(T, eot_id=100)
+    assert index_main([str(out), "--eot-id", "100", "--delimiter", "after"]) == 2
+    assert "vocab_size 100" in capsys.readouterr().err
+    assert not list(out.glob("*" + INDEX_SUFFIX))
+
+
+def test_the_cli_removes_the_temporaries_of_killed_runs_only(tmp_path):
+    bare = bare_shards(tmp_path / "bare", count=1)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = bare / f".tmp-s0.bin.docidx.{int(gone.stdout)}-abcd1234"
+    live = bare / f".tmp-s0.bin.docidx.{os.getpid()}-abcd1234"  # a run still writing (this process is alive)
+    other = bare / f".tmp-s0.bin.{int(gone.stdout)}-abcd1234"  # not a sidecar's: the writer's to clean
+    for path in (dead, live, other):
+        path.write_bytes(b"half")
+    (bare / f".tmp-x.docidx.{int(gone.stdout)}-dir").mkdir()  # never a directory
+    assert index_main([str(bare), "--eot-id", "0", "--delimiter", "before"]) == 0
+    assert not dead.exists() and live.exists() and other.exists()
+    assert (bare / f".tmp-x.docidx.{int(gone.stdout)}-dir").is_dir()

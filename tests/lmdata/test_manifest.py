@@ -62,7 +62,14 @@ BAD_MANIFESTS = {
     "count-bool": (manifest_body(shards=[entry(num_tokens=True)]), "shards[0].num_tokens True: must be a positive"),
     "count-str": (manifest_body(shards=[entry(num_tokens="10")]), "shards[0].num_tokens '10': must be a positive"),
     "count-float": (manifest_body(shards=[entry(num_tokens=10.0)]), "shards[0].num_tokens 10.0: must be a posit"),
-    "sha-number": (manifest_body(shards=[entry(sha256=12)]), "shards[0].sha256 12: must be a string"),
+    "sha-number": (manifest_body(shards=[entry(sha256=12)]), "shards[0].sha256 12: must be 64 lowercase hex digits"),
+    # what would crash the index CLI (bytes.fromhex) or make every sidecar stale (a case that never matches)
+    "sha-upper": (manifest_body(shards=[entry(sha256="AB" * 32)]), "shards[0].sha256 'ABAB"),
+    "sha-short": (manifest_body(shards=[entry(sha256="ab" * 31)]), "must be 64 lowercase hex digits"),
+    "sha-long": (manifest_body(shards=[entry(sha256="ab" * 33)]), "must be 64 lowercase hex digits"),
+    "sha-not-hex": (manifest_body(shards=[entry(sha256="zz" * 32)]), "must be 64 lowercase hex digits"),
+    "sha-newline": (manifest_body(shards=[entry(sha256="ab" * 32 + "\n")]), "must be 64 lowercase hex digits"),
+    "sha-empty": (manifest_body(shards=[entry(sha256="")]), "shards[0].sha256 '': must be 64 lowercase hex"),
     "entry-unknown": (manifest_body(shards=[entry(size=3)]), "shards[0].size: unknown field"),
     "min-negative": (manifest_body(shards=[entry(min_token=-1, max_token=3)]), "shards[0].min_token -1: must be"),
     "min-over-max": (manifest_body(shards=[entry(min_token=5, max_token=3)]), "min_token 5 is above max_token 3"),
@@ -131,7 +138,7 @@ def test_a_dataset_with_a_bad_manifest_is_refused(tmp_path, case):
 
 def test_a_good_manifest_round_trips_with_token_range(tmp_path):
     manifest = Manifest(
-        shards=[ShardEntry("a.bin", 10, "ff", min_token=3, max_token=250)], tokenizer="byte", vocab_size=257
+        shards=[ShardEntry("a.bin", 10, "ff" * 32, min_token=3, max_token=250)], tokenizer="byte", vocab_size=257
     )
     manifest.save(tmp_path)
     assert Manifest.load(tmp_path) == manifest
@@ -148,7 +155,7 @@ def test_an_older_manifest_without_token_range_loads_as_unknown(tmp_path):
 
 @pytest.mark.parametrize("delimiter", ["after", "before"])
 def test_the_delimiter_round_trips(tmp_path, delimiter):
-    manifest = Manifest(shards=[ShardEntry("a.bin", 10, "ff")], eot_id=0, vocab_size=257, delimiter=delimiter)
+    manifest = Manifest(shards=[ShardEntry("a.bin", 10, "ff" * 32)], eot_id=0, vocab_size=257, delimiter=delimiter)
     manifest.save(tmp_path)
     assert json.loads((tmp_path / "manifest.json").read_text())["delimiter"] == delimiter
     assert Manifest.load(tmp_path) == manifest
@@ -156,7 +163,7 @@ def test_the_delimiter_round_trips(tmp_path, delimiter):
 
 @pytest.mark.parametrize("counts", [{"bad_records_skipped": 3, "empty_records_skipped": 0}, {}, None])
 def test_counts_round_trip(tmp_path, counts):
-    manifest = Manifest(shards=[ShardEntry("a.bin", 10, "ff")], vocab_size=257, counts=counts)
+    manifest = Manifest(shards=[ShardEntry("a.bin", 10, "ff" * 32)], vocab_size=257, counts=counts)
     manifest.save(tmp_path)
     assert json.loads((tmp_path / "manifest.json").read_text())["counts"] == counts
     assert Manifest.load(tmp_path) == manifest

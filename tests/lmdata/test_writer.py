@@ -212,3 +212,17 @@ def test_a_full_disk_is_a_typed_error_and_leaves_the_directory_unfinished(tmp_pa
     w.abort()
     with pytest.raises(UnfinishedWriteError):
         TokenDataset(tmp_path)
+
+
+@pytest.mark.parametrize("eot_id", [0, None])
+def test_a_directory_at_a_sidecar_path_is_named_with_its_cause(tmp_path, eot_id):
+    """Not "cannot write a shard ... (e.g. free disk space)": the sidecar's path, and that a directory is there."""
+    out = tmp_path / "out"
+    (out / "shard_000000.bin.docidx").mkdir(parents=True)
+    with pytest.raises(ShardWriterError) as err:
+        write_shards([np.arange(1, 10, dtype=np.uint16)], out, shard_tokens=100, vocab_size=100, eot_id=eot_id)
+    text = str(err.value)
+    assert text.startswith(f"{out / 'shard_000000.bin.docidx'}: cannot write the document index of shard_000000.bin (")
+    assert "Is a directory" in text and "remove the directory there and re-run" in text
+    assert "free disk space" not in text
+    assert (out / MARKER_NAME).exists()  # unfinished, as for any failed write
