@@ -8,7 +8,7 @@ import torch
 from numba.typed import List
 
 from lmdata import TokenDataset, gather_batch, get_batch
-from lmdata.gather import BatchFiller
+from lmdata.fill import BatchFiller
 from lmdata.sampler import WindowIndex, make_sampler
 from tests.conftest import SHARD_BASE, make_shards
 
