@@ -33,6 +33,8 @@ from numba.extending import overload
 from numba.np.numpy_support import from_dtype
 from numba.typed import List
 
+from lmdata.errors import ArgumentError
+
 _WIDTHS = (np.uint8, np.uint16, np.uint32, np.uint64)  # ShardTable's Lists, by item size: 1, 2, 4, 8 bytes
 _ITEM_TYPES = [types.Array(from_dtype(np.dtype(d)), 1, "C", readonly=True) for d in _WIDTHS]
 
@@ -60,7 +62,7 @@ def shard_table(shards: Sequence[np.ndarray]) -> ShardTable:
     for i, tokens in enumerate(shards):
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise TypeError(f"shard {i}: need a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}")
+            raise ArgumentError(f"shard {i}: need a 1-D integer array, got {tokens.dtype} of shape {tokens.shape}")
         w = _WIDTHS.index(np.dtype(f"u{tokens.dtype.itemsize}").type)
         view = np.ascontiguousarray(tokens).view(_WIDTHS[w])  # signed ids: the same bits (ids are >= 0)
         view.flags.writeable = False  # on a view: the caller's array keeps its flags
