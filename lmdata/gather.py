@@ -17,7 +17,7 @@ Why the kernel is shaped so (measured in bench/bench_get_batch.py and bench/benc
 * ``cache=True`` on *top-level* functions only: each distinct signature (a shard table or one bare array of any
   integer dtype; int64 or int32 batches) gets its own compiled variant and cache entry. (Caching closures made
   by one factory shares one cache file and silently loads the wrong variant.)
-* The window's first and last tokens are read for all rows before any row is copied (see :func:`_read_row`).
+* The windows' first and last tokens are read for all rows before any row is copied (see :func:`gather_windows`).
 * No bounds checks: callers pass starts with ``start + T + 1 <= len(shard)``, which the samplers guarantee and
   their tests check.
 """
@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit, types
+from numba.core.typing.typeof import typeof_impl
 from numba.extending import overload
 from numba.np.numpy_support import from_dtype
 from numba.typed import List
@@ -40,7 +41,8 @@ _ITEM_TYPES = [types.Array(from_dtype(np.dtype(d)), 1, "C", readonly=True) for d
 
 
 class ShardTable(NamedTuple):
-    """The shards of a dataset as the copy kernel takes them (Numba takes NamedTuples of typed Lists).
+    """The shards of a dataset as the copy kernel takes them (Numba takes NamedTuples of typed Lists). Build it
+    with :func:`shard_table`: its field types are fixed.
 
     Shard i is ``(u8, u16, u32, u64)[width[i]][slot[i]]``: a read-only, C-contiguous 1-D unsigned array.
     """
@@ -71,44 +73,87 @@ def shard_table(shards: Sequence[np.ndarray]) -> ShardTable:
     return ShardTable(*lists, width, slot)
 
 
+def _fixed_table_type():
+    """The one Numba type of every ShardTable (its Lists' item types and its int64 arrays are fixed)."""
+    lists = [types.ListType(t) for t in _ITEM_TYPES]
+    index = types.Array(types.int64, 1, "C")
+    return types.NamedTuple([*lists, index, index], ShardTable)
+
+
+_TABLE_TYPE = _fixed_table_type()
+
+
+@typeof_impl.register(ShardTable)
+def _typeof_shard_table(val, c):
+    """Why: Numba's generic typing of a NamedTuple holding typed Lists runs in Python at every call, and costs
+    more than a whole burst's sampling; the type is known (tables come from :func:`shard_table`)."""
+    return _TABLE_TYPE
+
+
 @njit
-def _read_window(tokens, start, row, inputs, targets, copy):
-    """Copy (``copy``) or just touch the window of ``tokens`` at ``start`` into row ``row``; returns a checksum."""
+def _touch_window(tokens, start, T):
+    """The first and last token of the window at ``start``, summed (so the reads are not optimised away)."""
+    return np.int64(tokens[start]) + np.int64(tokens[start + T])
+
+
+@njit
+def _copy_window(tokens, start, row, inputs, targets):
+    """``inputs[row] = tokens[start : start+T]``, ``targets[row] = tokens[start+1 : start+T+1]``, converted
+    (zero-extended unsigned ids; int32 outputs hold ids below 2**31 only, which BatchLoader checks)."""
     T = inputs.shape[1]
-    if not copy:
-        return np.int64(tokens[start]) + np.int64(tokens[start + T])
-    window = tokens[start : start + T + 1]
-    for t in range(T):  # converted: zero-extended unsigned ids (int32 outputs hold ids below 2**31 only)
+    window = tokens[start : start + T + 1]  # a slice: its loops compile without per-index wraparound checks
+    for t in range(T):
         inputs[row, t] = window[t]
     for t in range(T):
         targets[row, t] = window[t + 1]
-    return np.int64(0)
 
 
-def _read_row(shards, shard, start, row, inputs, targets, copy):
-    """Row ``row`` from shard ``shard`` of ``shards`` (a ShardTable, or one bare array): see :func:`_read_window`.
-    Compiled per type of ``shards`` (below): each branch of a table reads a List of one width."""
+def _gather(shards, shard_ids, starts, inputs, targets):
+    """:func:`gather_windows`' loops, compiled per type of ``shards`` (the overload below); Numba kernels only."""
     raise NotImplementedError("only callable from Numba kernels")
 
 
-@overload(_read_row)
-def _read_row_impl(shards, shard, start, row, inputs, targets, copy):
+@overload(_gather)
+def _gather_impl(shards, shard_ids, starts, inputs, targets):
     if isinstance(shards, types.Array):  # one array, any integer dtype (get_batch's x)
 
-        def one(shards, shard, start, row, inputs, targets, copy):
-            return _read_window(shards, start, row, inputs, targets, copy)
+        def one(shards, shard_ids, starts, inputs, targets):
+            T = inputs.shape[1]
+            touched = np.int64(0)
+            for j in range(starts.shape[0]):
+                touched += _touch_window(shards, starts[j], T)
+            for j in range(starts.shape[0]):
+                _copy_window(shards, starts[j], j, inputs, targets)
+            return touched
 
         return one
 
-    def table(shards, shard, start, row, inputs, targets, copy):
-        w, i = shards.width[shard], shards.slot[shard]
-        if w == 0:
-            return _read_window(shards.u8[i], start, row, inputs, targets, copy)
-        if w == 1:
-            return _read_window(shards.u16[i], start, row, inputs, targets, copy)
-        if w == 2:
-            return _read_window(shards.u32[i], start, row, inputs, targets, copy)
-        return _read_window(shards.u64[i], start, row, inputs, targets, copy)
+    def table(shards, shard_ids, starts, inputs, targets):
+        # Each branch reads the List of one width, so each window helper sees arrays of one type. The branches
+        # sit in the loops themselves: behind a helper call per row they measured slower.
+        T = inputs.shape[1]
+        touched = np.int64(0)
+        for j in range(starts.shape[0]):
+            w, i, s = shards.width[shard_ids[j]], shards.slot[shard_ids[j]], starts[j]
+            if w == 0:
+                touched += _touch_window(shards.u8[i], s, T)
+            elif w == 1:
+                touched += _touch_window(shards.u16[i], s, T)
+            elif w == 2:
+                touched += _touch_window(shards.u32[i], s, T)
+            else:
+                touched += _touch_window(shards.u64[i], s, T)
+        for j in range(starts.shape[0]):
+            w, i, s = shards.width[shard_ids[j]], shards.slot[shard_ids[j]], starts[j]
+            if w == 0:
+                _copy_window(shards.u8[i], s, j, inputs, targets)
+            elif w == 1:
+                _copy_window(shards.u16[i], s, j, inputs, targets)
+            elif w == 2:
+                _copy_window(shards.u32[i], s, j, inputs, targets)
+            else:
+                _copy_window(shards.u64[i], s, j, inputs, targets)
+        return touched
 
     return table
 
@@ -126,9 +171,4 @@ def gather_windows(shards, shard_ids, starts, inputs, targets):
     TLB) miss. Issued together, these independent reads overlap; inside the copy loop they would stall it one
     window at a time (bench/bench_get_batch.py measures the kernel with cold caches).
     """
-    touched = np.int64(0)
-    for j in range(starts.shape[0]):
-        touched += _read_row(shards, shard_ids[j], starts[j], j, inputs, targets, False)
-    for j in range(starts.shape[0]):
-        _read_row(shards, shard_ids[j], starts[j], j, inputs, targets, True)
-    return touched
+    return _gather(shards, shard_ids, starts, inputs, targets)
