@@ -7,7 +7,9 @@ Contestants per (B, T), all drawing fresh random starts each call:
 * ``nanogpt`` (baseline): reopen the memmap, per-row ``astype(int64)`` and ``torch.stack``, as nanoGPT does;
 * ``numpy_fancy``: one fancy-indexing gather of all windows, then ``astype(int64)``;
 * ``get_batch``: the course API (fresh output tensors each call);
-* ``gather_into``: the kernel into preallocated outputs, as the loader uses it;
+* ``gather_into``: the kernel into preallocated outputs, from the bare array (as get_batch calls it);
+* ``gather_table_into``: the same from a one-shard ``ShardTable`` (as the loader's fill reads shards: the
+  table's per-call cost is paid once per burst there, once per batch here);
 * ``memcpy`` (reference): a plain copy of the output bytes (2 x B x T x 8), the speed limit.
 """
 
@@ -17,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdata import gather_windows, get_batch
-from lmdata.gather import row_indices
+from lmdata import gather_windows, get_batch, shard_table
 
 SHAPES = [(8, 256), (32, 1024), (64, 2048), (512, 1024)]
 
@@ -69,11 +70,27 @@ def test_gather_into(benchmark, data, B, T):
     benchmark.group = f"get_batch {B}x{T}"
     tokens = data[1].view(np.ndarray)
     out = np.empty((2, B, T), np.int64)
-    rows = row_indices(B)
+    shard_ids = np.zeros(B, np.int64)  # every row from the one bare-array shard
 
     def gather():
         starts = torch.randint(len(tokens) - T, (B,)).numpy()
-        gather_windows(tokens, starts, rows, out[0], out[1])
+        gather_windows(tokens, shard_ids, starts, out[0], out[1])
+
+    benchmark(gather)
+    np.testing.assert_array_equal(out[0][:, 1:], out[1][:, :-1])
+
+
+@pytest.mark.parametrize(("B", "T"), SHAPES)
+def test_gather_table_into(benchmark, data, B, T):
+    benchmark.group = f"get_batch {B}x{T}"
+    tokens = data[1].view(np.ndarray)
+    table = shard_table([tokens])
+    out = np.empty((2, B, T), np.int64)
+    shard_ids = np.zeros(B, np.int64)
+
+    def gather():
+        starts = torch.randint(len(tokens) - T, (B,)).numpy()
+        gather_windows(table, shard_ids, starts, out[0], out[1])
 
     benchmark(gather)
     np.testing.assert_array_equal(out[0][:, 1:], out[1][:, :-1])

@@ -1,18 +1,23 @@
-"""Training-loop throughput with a fixed synthetic compute per step (~10 ms), fed three ways, in one run:
+"""Training-loop throughput with a fixed synthetic compute per step (~10 ms), fed four ways, in one run:
 
-    pytest bench/bench_loader.py -s
+    pytest bench/bench_loader.py -s                          # the full measure (minutes)
+    LMDATA_BENCH_QUICK=1 pytest bench/bench_loader.py -q -x  # a few rounds: checks it runs, figures meaningless
 
 * ``in_memory`` (baseline): batches already in memory, the ceiling;
 * ``get_batch_inline``: ``lmdata.get_batch`` called in the loop, as in nanoGPT;
-* ``batch_loader``: ``lmdata.BatchLoader`` prefetching in a background thread.
+* ``batch_loader``: ``lmdata.BatchLoader`` of one dataset, prefetching in a background thread;
+* ``mixture_loader``: a ``BatchLoader`` of a 3-source ``Mixture`` of uint16 and uint32 shards
+  (bench/mixed_data.py): every burst is still one nogil call (lmdata.fill).
 
-(B, T) = (32, 1024), a 200M-token memmap in page cache, the loader at its default prefetch (16). Target:
-batch_loader / in_memory >= 0.99 in throughput. The feeders take turns within each round (interleaved), since on
-a shared 2-core machine the load drifts over the seconds that sequential benchmarks would take.
+(B, T) = (32, 1024), a 200M-token memmap in page cache, the loaders at their default prefetch (16). Target:
+batch_loader / in_memory and mixture_loader / in_memory >= 0.99 in throughput, the median of 5 runs. The
+feeders take turns within each round (interleaved), since on a shared 2-core machine the load drifts over the
+seconds that sequential benchmarks would take.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -20,11 +25,13 @@ import pytest
 import torch
 
 from bench.conftest import run_interleaved
+from bench.mixed_data import mixed_mixture
 from lmdata import BatchLoader, TokenDataset, get_batch
 
 B, T = 32, 1024
 STEPS = 12  # steps per feeder per round: short rounds, a whole number of the loader's refills (12 batches each)
-ROUNDS = 250  # the per-round ratios spread by +-6% on this shared machine: the median needs many of them
+# The per-round ratios spread widely on a shared machine: the median needs many rounds.
+ROUNDS = 10 if os.environ.get("LMDATA_BENCH_QUICK") else 250
 TARGET_STEP_S = 0.010
 
 
@@ -59,7 +66,7 @@ class SyntheticStep:
 
 @pytest.fixture(scope="module")
 def setup(tokens_200m):
-    return TokenDataset(tokens_200m), np.memmap(tokens_200m, dtype=np.uint16, mode="r")
+    return TokenDataset(tokens_200m), np.memmap(tokens_200m, dtype=np.uint16, mode="r"), mixed_mixture(tokens_200m)
 
 
 @pytest.fixture(params=[2, 1], ids=["compute-on-both-cores", "compute-on-one-core"])
@@ -73,21 +80,27 @@ def compute_threads(request):
 
 
 def test_training_loop_feeders_interleaved(benchmark, setup, compute_threads):
-    """The three feeders take turns within each round; see bench.conftest.run_interleaved."""
-    dataset, data = setup
+    """The four feeders take turns within each round; see bench.conftest.run_interleaved."""
+    dataset, data, mixture = setup
     step = SyntheticStep()  # calibrated for this thread count
     in_memory = [get_batch(data, B, T, "cpu") for _ in range(8)]
     benchmark.group = f"training loop, {B}x{T}, ~10 ms compute/step on {compute_threads} thread(s)"
     print(f"\ncompute on {compute_threads} thread(s):", end="")
-    with BatchLoader(dataset, B, T, sampler="random") as loader:
-        next(loader)
+    with (
+        BatchLoader(dataset, B, T, sampler="random") as loader,
+        BatchLoader(mixture, B, T, sampler="random") as mixed,
+    ):
+        next(loader), next(mixed)
         feeders = {
             "in_memory": lambda i: in_memory[i % len(in_memory)],
             "get_batch_inline": lambda i: get_batch(data, B, T, "cpu"),
             "batch_loader": lambda i: next(loader),
+            "mixture_loader": lambda i: next(mixed),
         }
         start = time.perf_counter()
         run_interleaved(benchmark, feeders, lambda x, y: step(x), STEPS, ROUNDS, baseline="in_memory")
-        stall = loader.stats.wait_seconds / (time.perf_counter() - start) * len(feeders)
-    benchmark.extra_info["batch_loader_stall_fraction"] = round(stall, 5)
-    print(f"batch_loader data stall: about {stall:.2%} of its loop time")
+        elapsed = time.perf_counter() - start
+    for name, used in (("batch_loader", loader), ("mixture_loader", mixed)):
+        stall = used.stats.wait_seconds / elapsed * len(feeders)
+        benchmark.extra_info[f"{name}_stall_fraction"] = round(stall, 5)
+        print(f"{name} data stall: about {stall:.2%} of its loop time")

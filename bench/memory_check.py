@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from bench.conftest import token_file
-from lmdata import TokenDataset, gather_batch, make_sampler
+from lmdata import TokenDataset, gather_batch, make_sampler, shard_table
 
 
 def rss() -> dict[str, int]:
@@ -40,12 +40,12 @@ def main() -> None:
     sampler = make_sampler("random", ds.lengths, args.context_length, args.batch_size, seed=0)
     inputs = np.empty((args.batch_size, args.context_length), np.int64)
     targets = np.empty_like(inputs)
-    tokens = [s.tokens for s in ds.shards]
-    gather_batch(tokens, *next(sampler), inputs, targets)  # compile before measuring
+    tokens = shard_table([s.tokens for s in ds.shards])
+    gather_batch(tokens, *sampler.batch(0), inputs, targets)  # compile before measuring
     before = rss()
     t0 = time.perf_counter()
-    for _ in range(args.batches):
-        gather_batch(tokens, *next(sampler), inputs, targets)
+    for step in range(1, args.batches + 1):
+        gather_batch(tokens, *sampler.batch(step), inputs, targets)
     seconds = time.perf_counter() - t0
     after = rss()
     print(f"file: {path} ({path.stat().st_size / 1e9:.2f} GB); TokenDataset opened in {open_ms:.2f} ms")

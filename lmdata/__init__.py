@@ -20,6 +20,7 @@ from lmdata.errors import (
     TokenizerError,
     UnfinishedWriteError,
 )
+from lmdata.fill import BatchFiller, gather_batch
 from lmdata.format import (
     DTYPE_LIMITS,
     HEADERED_FORMATS,
@@ -30,11 +31,11 @@ from lmdata.format import (
     open_shard,
     token_dtype_for,
 )
-from lmdata.gather import gather_batch, gather_windows
+from lmdata.gather import ShardTable, gather_windows, shard_table
 from lmdata.loader import BatchLoader, LoaderStats
 from lmdata.manifest import Manifest, ShardEntry
 from lmdata.mixture import Mixture, MixtureSampler
-from lmdata.sampler import EpochSampler, RandomSampler, make_sampler
+from lmdata.sampler import WINDOWS, EpochSampler, RandomSampler, WindowIndex, make_sampler
 from lmdata.validate import ShardReport, ValidationResult, validate_shards
 from lmdata.writer import MARKER_NAME, ShardWriter, write_shards
 
@@ -44,6 +45,7 @@ __all__ = [
     "HEADERED_FORMATS",
     "LLMC_MAGICS",
     "MARKER_NAME",
+    "BatchFiller",
     "BatchLoader",
     "DatasetNotFoundError",
     "InputError",
@@ -64,10 +66,13 @@ __all__ = [
     "ShardEntry",
     "ShardFormatError",
     "ShardReport",
+    "ShardTable",
     "ShardWriter",
     "ShardWriterError",
     "TokenDataset",
     "UnfinishedWriteError",
+    "WINDOWS",
+    "WindowIndex",
     "ValidationResult",
     "gather_batch",
     "gather_windows",
@@ -77,6 +82,7 @@ __all__ = [
     "make_sampler",
     "open_shard",
     "resolve_source",
+    "shard_table",
     "token_dtype_for",
     "validate_shards",
     "write_shards",

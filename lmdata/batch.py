@@ -7,7 +7,7 @@ import torch
 
 from lmdata.errors import ArgumentError
 from lmdata.format import check_token_array
-from lmdata.gather import gather_windows, row_indices
+from lmdata.gather import gather_windows
 
 
 def get_batch(
@@ -43,6 +43,7 @@ def get_batch(
     # One (2, B, T) allocation for both outputs; pinned when it goes to a GPU so the copy can be async.
     host = torch.empty((2, batch_size, context_length), dtype=torch.int64, pin_memory=device.type == "cuda")
     both = host.numpy()
-    gather_windows(x, starts, row_indices(batch_size), both[0], both[1])  # no GIL held
+    shard_ids = np.zeros(batch_size, dtype=np.int64)  # every row from x, the one (bare-array) shard
+    gather_windows(x, shard_ids, starts, both[0], both[1])  # no GIL held
     out = host if device.type == "cpu" else host.to(device, non_blocking=True)
     return out[0], out[1]

@@ -3,21 +3,21 @@
 Pipeline, in bursts::
 
     BatchFiller.fill(s, n) -> n host (2, B, T) int64     background thread, one Numba call per burst, GIL released:
-                                                         step -> window ids -> (shard, start) -> tokens
+                                                         step -> rows -> (shard, start) -> tokens (lmdata.fill)
     host.to(device, non_blocking=True)                   CUDA only: pinned host buffer, dedicated copy stream
     queue of up to `prefetch` ready batches -> __next__  consumer: no host-device sync
 
 The thread sleeps until the consumer has drained the queue to a quarter of ``prefetch`` (at least one batch
-left), then refills it in one burst. Each wake-up costs the model's threads tens of microseconds on a small
-machine (futex, GIL hand-offs, the thread's Python running on cold caches), so fewer, longer bursts are what
-keeps a CPU-bound training loop within 1% of in-memory throughput: see ``_Channel`` and bench/bench_loader.py.
+left), then refills it in one burst. Each wake-up costs the model's threads time on a small machine (futex,
+GIL hand-offs, the thread's Python running on cold caches), so fewer, longer bursts are what keeps a CPU-bound
+training loop close to in-memory throughput: see ``_Channel`` and bench/bench_loader.py.
 
 The contract with the consumer: **a batch handed out is never modified afterwards**, whatever the device.
 
 * CPU: batches live in a ring of ``prefetch + 2`` host buffers. A buffer is refilled only when no tensor but
   the ring's own uses its memory any more (the consumer has dropped every view of it); otherwise the ring gets
-  a fresh buffer and the consumer keeps the old one. Reusing warm buffers matters: a fresh 0.5 MB allocation
-  comes back from the OS as new pages, and faulting them in cost more than the gather itself (measured here).
+  a fresh buffer and the consumer keeps the old one. Reusing warm buffers matters: a fresh batch-sized
+  allocation comes back from the OS as new pages, and faulting them in costs more than the gather itself.
 * CUDA: each batch is a fresh device tensor; the pinned host buffers it was copied from are reused only after
   that copy has finished.
 
@@ -35,6 +35,7 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,10 +44,10 @@ from numba.typed import List
 
 from lmdata.dataset import TokenDataset
 from lmdata.errors import ArgumentError, SamplerStateError
+from lmdata.fill import BatchFiller
 from lmdata.format import DTYPE_LIMITS
-from lmdata.gather import BatchFiller
 from lmdata.mixture import Mixture
-from lmdata.sampler import make_sampler
+from lmdata.sampler import check_windows, make_sampler, window_starts
 
 _POLL_S = 0.05  # how often blocked threads look at the stop flag: bounds shutdown time
 
@@ -71,9 +72,9 @@ class _Channel:
     """FIFO from the producer thread to the consumer that wakes the producer only once the consumer has drained it
     to ``refill_at`` items, so the producer refills in bursts of ``capacity - refill_at`` batches.
 
-    Why not ``queue.Queue``: it wakes the producer at every ``get``, and each wake-up of the sleeping thread cost
-    the model's thread tens of microseconds on the 2-core machine here (futex, GIL hand-offs, the producer's cold
-    caches): a thread that woke once per 10 ms step and did nothing already cost 0.6% of throughput.
+    Why not ``queue.Queue``: it wakes the producer at every ``get``, and each wake-up of the sleeping thread costs
+    the model's thread time on a small machine (futex, GIL hand-offs, the producer's cold caches): a thread that
+    woke once per step and did nothing already cost measurable throughput (bench/bench_loader.py).
     """
 
     def __init__(self, capacity: int, refill_at: int):
@@ -222,9 +223,9 @@ def _lower_this_threads_priority() -> None:
 
     The prefetch thread has slack (``prefetch`` batches queued), so it should run in the gaps of the model's
     threads rather than preempt them: when torch's intra-op threads occupy every core, each preemption stalls
-    a whole parallel region. In a side-by-side experiment on 2 cores (two runs each): 0.981-0.988 of in-memory
-    throughput at normal priority, 0.991-0.994 at nice 19, with the same data-stall fraction. SCHED_IDLE measured
-    no better (0.988, stall 0.69%), and would starve the thread on a machine that other jobs keep busy.
+    a whole parallel region. Side by side on 2 cores, nice 19 came closer to in-memory throughput than normal
+    priority, at the same data-stall fraction; SCHED_IDLE measured no better, and would starve the thread on a
+    machine that other jobs keep busy (bench/bench_loader.py).
     """
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: only speed depends on it
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -281,9 +282,16 @@ class BatchLoader:
     :meth:`close`, at the end of a ``with`` block, or when the loader is garbage-collected.
 
     ``prefetch``: at most this many batches wait ready (on ``device``); the thread refills them in bursts of
-    about three quarters of ``prefetch``. Longer bursts cost a CPU-bound model less: 16 (bursts of 12) measured
-    better than 8 (bursts of 6), and 8 better than 4, side by side (README "Benchmarks"). Memory: ``prefetch + 2``
-    host batches, and on CUDA up to ``prefetch`` device batches (0.5 MB each at 32x1024 int64).
+    about three quarters of ``prefetch``. Longer bursts cost a CPU-bound model less (each wake-up of the thread
+    costs the model's threads; README "Benchmarks"). Memory: ``prefetch + 2`` host batches of 2*B*T*8 bytes
+    (int64; half for int32), and on CUDA up to ``prefetch`` device batches.
+
+    ``windows``: where windows may start. "any" (the default): every position (random) or every T-th (epoch).
+    "document": only at the starts ``dataset.document_starts(context_length, eot_id=eot_id,
+    delimiter=delimiter)`` gives (for a mixture, each source's own; all sources alike), held in memory at 8 bytes
+    per start; both samplers work over them (random: uniform over the starts; epoch: each start once per epoch).
+    The mode is part of the loader state: a state of one mode does not resume another (a state saved before
+    windows modes existed is "any").
     """
 
     def __init__(
@@ -298,7 +306,11 @@ class BatchLoader:
         rank: int | None = None,
         world_size: int | None = None,
         dtype: torch.dtype = torch.int64,
+        windows: str = "any",
+        eot_id: int | None = None,
+        delimiter: Sequence[int] | None = None,
     ):
+        check_windows(windows, eot_id, delimiter)
         if prefetch < 1:
             raise ArgumentError(f"prefetch must be at least 1, got {prefetch}")
         if dtype not in (torch.int64, torch.int32):
@@ -312,10 +324,12 @@ class BatchLoader:
         self.dataset, self.prefetch, self.dtype = dataset, prefetch, dtype
         where = {"seed": seed, "rank": rank, "world_size": world_size}
         if isinstance(dataset, Mixture):  # rows from its sources by weight (lmdata.mixture)
+            where |= {"windows": windows, "eot_id": eot_id, "delimiter": delimiter}
             self.sampler = dataset.sampler(sampler, context_length, batch_size, **where)
         else:
+            starts = window_starts(dataset, windows, context_length, eot_id, delimiter)
             self.sampler = make_sampler(
-                sampler, dataset.usable_lengths(context_length), context_length, batch_size, **where
+                sampler, dataset.usable_lengths(context_length), context_length, batch_size, starts=starts, **where
             )
         self._filler = BatchFiller(self.sampler, [s.tokens for s in dataset.shards])
         self._base_row = 0  # global rows consumed (by all ranks) when this loader last loaded a state
@@ -406,6 +420,7 @@ def check_state(state: dict, identity: dict[str, int], *, new_stream: bool = Fal
     ``new_stream``, only that it is a well-formed state of this format: see :meth:`BatchLoader.load_state_dict`)."""
     if not isinstance(state, dict):
         raise SamplerStateError(f"the loader state must be a dict, got {type(state).__name__}")
+    state = {"windows": "any", **state}  # saved before windows modes: every window was a start
     if "format" not in state and "step" in state:
         raise SamplerStateError(
             "the loader state was saved before lmdata's global sample index: its position counts the batches of "

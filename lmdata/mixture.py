@@ -21,11 +21,12 @@ quantised per node to 2^-32), which differ from the asked weights by under ``dep
 (seed, j): random, a hash of (seed_j, k); epoch, position ``k % n_j`` of that source's epoch ``k // n_j``, so each
 source's windows appear once per epoch of that source, whatever the other sources do.
 
-**Dtypes.** The windows of all sources share one id space (source j's window ids offset by the windows before
-it), and their shards one list, so the fused kernel of :mod:`lmdata.gather` gathers them: when every shard has
-one dtype (the usual case) a burst of batches is one nogil Numba call. Sources of different token dtypes
-(uint16 beside uint32) take :class:`lmdata.gather.BatchFiller`'s per-shard path: rows to (shard, start) is one
-nogil call per batch, then one nogil gather per distinct shard of the batch (a typed List holds one dtype).
+**One stream, one fill.** The windows of all sources share one id space (source j's window ids offset by the
+windows before it), their shards one list, and a single dataset is a mixture of one source
+(:class:`lmdata.sampler.StreamArgs`): so :mod:`lmdata.fill` fills a burst of batches of any mixture, whatever
+its sources' token dtypes, in one nogil Numba call. A loader's ``windows`` mode (every position, or document
+starts) applies to all its sources alike; with explicit starts each source has its own, concatenated in the
+shared id space.
 """
 
 from __future__ import annotations
@@ -33,15 +34,23 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
 from lmdata.dataset import TokenDataset
 from lmdata.errors import ArgumentError, ManifestError
-from lmdata.gather import gather_from_shards
-from lmdata.sampler import SAMPLERS, first_row_of, hash3, locate_into, make_sampler, row_window
+from lmdata.sampler import (
+    SAMPLERS,
+    StreamArgs,
+    check_windows,
+    first_row_of,
+    hash3,
+    locate_into,
+    make_sampler,
+    row_window,
+    window_starts,
+)
 
 _FRACTION_BITS = 32  # p and u are P / 2^32 and U / 2^32
 _ONE = 1 << _FRACTION_BITS
@@ -78,47 +87,20 @@ def source_of_row(shares, offsets, children, root, row):
     return -node - 1, np.int64(k)
 
 
-class MixtureArgs(NamedTuple):
-    """What the mixture kernels need besides the position (Numba takes NamedTuples)."""
-
-    kind: int  # RANDOM or EPOCH, the same for every source
-    batch_size: int
-    rank: int
-    world_size: int
-    seeds: np.ndarray  # int64 (S,): each source's own sampler seed
-    num_windows: np.ndarray  # int64 (S,)
-    half_bits: np.ndarray  # int64 (S,): of each source's epoch permutation
-    window_offsets: np.ndarray  # int64 (S,): source j's window ids start here in the shared id space
-    shares: np.ndarray  # uint64 (nodes,): P of each tree node
-    offsets: np.ndarray  # uint64 (nodes,): U of each tree node
-    children: np.ndarray  # int64 (nodes, 2)
-    root: int
-    ends: np.ndarray  # int64 (shards of all sources,): one past the last shared window id of each shard
-    stride: int
-
-
 @njit(nogil=True, cache=True)
-def mixture_rows_into(args, first_row, sources, indices, window_ids):
-    """For rows ``first_row ..`` (len(window_ids) of them, int64 outputs): the source, the index within it, and
-    the window id in the shared id space."""
+def rows_into(args, first_row, sources, indices, window_ids):
+    """For global rows ``first_row ..`` (len(window_ids) of them, int64 outputs) of the stream ``args`` (a
+    :class:`lmdata.sampler.StreamArgs`): the source, the index within it, and the window id in the shared id space.
+
+    Row k of source j is row k of that source's sampler (:func:`lmdata.sampler.row_window`), so a single dataset
+    (one source, ``root == -1``: its rows are its own) and a source read alone or inside a mixture agree.
+    """
     for i in range(window_ids.shape[0]):
         j, k = source_of_row(args.shares, args.offsets, args.children, args.root, first_row + i)
         sources[i] = j
         indices[i] = k
         w = row_window(args.kind, args.seeds[j], k, args.num_windows[j], args.half_bits[j])
         window_ids[i] = args.window_offsets[j] + w
-
-
-@njit(nogil=True, cache=True)
-def mixture_sample_and_gather(args, base_row, first_step, count, shards, scratch, ring):
-    """:func:`lmdata.gather.sample_and_gather` for a mixture: batch ``s`` into ``ring[s % len(ring)]``, one nogil
-    call. scratch: (5, B) int64: window ids, shard ids, starts, sources, indices."""
-    for step in range(first_step, first_step + count):
-        first = first_row_of(base_row, step, args.rank, args.world_size, args.batch_size)
-        mixture_rows_into(args, first, scratch[3], scratch[4], scratch[0])
-        locate_into(scratch[0], args.ends, args.stride, scratch[1], scratch[2])
-        out = ring[step % len(ring)]
-        gather_from_shards(shards, scratch[1], scratch[2], out[0], out[1])
 
 
 def _source_seed(seed: int, source: int) -> int:
@@ -221,7 +203,8 @@ class Mixture:
         }
 
     def sampler(self, name: str, context_length: int, batch_size: int, **kwargs) -> MixtureSampler:
-        """The mixture's global stream for sampler ``name`` ("random" or "epoch"); kwargs: seed, rank, world_size."""
+        """The mixture's global stream for sampler ``name`` ("random" or "epoch"); kwargs: seed, rank, world_size,
+        and windows ("any" or "document", for every source alike) with its eot_id and delimiter."""
         return MixtureSampler(self, name, context_length, batch_size, **kwargs)
 
     def __len__(self) -> int:
@@ -285,9 +268,11 @@ def _eot(ds: TokenDataset) -> int | None:
 
 class MixtureSampler:
     """The global stream of rows of a :class:`Mixture`, and this rank's view of it; like the samplers of
-    :mod:`lmdata.sampler` it holds no position (batch ``step`` counts from the ``base_row`` passed)."""
+    :mod:`lmdata.sampler` it holds no position (batch ``step`` counts from the ``base_row`` passed).
 
-    fill_kernel = staticmethod(mixture_sample_and_gather)  # what lmdata.gather.BatchFiller calls for a burst of batches
+    ``windows``: "any" (each source's sampler over all its windows) or "document" (over the starts each
+    source's ``document_starts(context_length, eot_id=..., delimiter=...)`` gives: 8 bytes per start).
+    """
 
     def __init__(
         self,
@@ -298,6 +283,9 @@ class MixtureSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        windows: str = "any",
+        eot_id: int | None = None,
+        delimiter: Sequence[int] | None = None,
     ):
         if name not in SAMPLERS:
             raise ArgumentError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
@@ -305,7 +293,9 @@ class MixtureSampler:
             raise ArgumentError(f"seed must be a non-negative integer, got {seed}")
         self.mixture, self.seed, self.batch_size = mixture, seed, batch_size
         self.rank, self.world_size, self.context_length = rank, world_size, context_length
-        self.sources = [self._source(j, name) for j in range(len(mixture.datasets))]
+        check_windows(windows, eot_id, delimiter)
+        self.windows = windows
+        self.sources = [self._source(j, name, eot_id, delimiter) for j in range(len(mixture.datasets))]
         self.kind = self.sources[0].kind
         counts = np.array([s.num_windows for s in self.sources], dtype=np.int64)
         self.window_offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -316,24 +306,25 @@ class MixtureSampler:
         self.ends = np.concatenate(
             [s.index.ends + off for s, off in zip(self.sources, self.window_offsets, strict=True)]
         ).astype(np.int64)
-        self.kernel_args = MixtureArgs(
-            self.kind,
-            batch_size,
-            rank,
-            world_size,
-            np.array([s.seed for s in self.sources], dtype=np.int64),
-            counts,
-            np.array([s.half_bits for s in self.sources], dtype=np.int64),
-            self.window_offsets,
-            self.shares,
-            self.offsets,
-            self.children,
-            self.root,
-            self.ends,
-            self.sources[0].index.stride,
+        self.stream_args = StreamArgs(
+            kind=self.kind,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seeds=np.array([s.seed for s in self.sources], dtype=np.int64),
+            num_windows=counts,
+            half_bits=np.array([s.half_bits for s in self.sources], dtype=np.int64),
+            window_offsets=self.window_offsets,
+            shares=self.shares,
+            offsets=self.offsets,
+            children=self.children,
+            root=self.root,
+            ends=self.ends,
+            stride=self.sources[0].index.stride,
+            starts=np.concatenate([s.index.starts for s in self.sources]).astype(np.int64),  # empty unless explicit
         )
 
-    def _source(self, j: int, name: str):
+    def _source(self, j: int, name: str, eot_id: int | None, delimiter: Sequence[int] | None):
         ds = self.mixture.datasets[j]
         try:
             return make_sampler(
@@ -344,6 +335,7 @@ class MixtureSampler:
                 seed=_source_seed(self.seed, j),
                 rank=self.rank,
                 world_size=self.world_size,
+                starts=window_starts(ds, self.windows, self.context_length, eot_id, delimiter),
             )
         except ArgumentError as e:
             raise ArgumentError(f"mixture source {self.mixture.names[j]}: {e}") from None
@@ -353,7 +345,7 @@ class MixtureSampler:
         if first_row < 0 or count < 0:
             raise ArgumentError(f"need first_row >= 0 and count >= 0, got {first_row} and {count}")
         sources, indices, windows = (np.empty(count, dtype=np.int64) for _ in range(3))
-        mixture_rows_into(self.kernel_args, first_row, sources, indices, windows)
+        rows_into(self.stream_args, first_row, sources, indices, windows)
         return sources, indices, windows
 
     def row_windows(self, first_row: int, count: int) -> np.ndarray:
@@ -362,14 +354,15 @@ class MixtureSampler:
 
     def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
         """Shared window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
-        first = base_row + (step * self.world_size + self.rank) * self.batch_size
+        first = first_row_of(base_row, step, self.rank, self.world_size, self.batch_size)
         return self.row_windows(first, self.batch_size)
 
     def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(shard_ids into ``mixture.shards``, starts), each int64 (B,), of batch ``step`` on this rank."""
         window_ids = self.window_ids(step, base_row)
         shard_ids, starts = np.empty_like(window_ids), np.empty_like(window_ids)
-        locate_into(window_ids, self.ends, self.kernel_args.stride, shard_ids, starts)
+        args = self.stream_args
+        locate_into(window_ids, args.ends, args.stride, args.starts, shard_ids, starts)
         return shard_ids, starts
 
     def identity(self) -> dict:
@@ -380,10 +373,12 @@ class MixtureSampler:
             "seed": self.seed,
             "context_length": self.context_length,
             "num_windows": self.num_windows,
+            "windows": self.windows,
             "mixture": {
                 "names": list(self.mixture.names),
                 "weights": list(self.mixture.weights),
-                "sources": [s.identity() for s in self.sources],
+                # windows is the stream's, above: the sources' identities stay as states before it saved them
+                "sources": [{k: v for k, v in s.identity().items() if k != "windows"} for s in self.sources],
             },
         }
 

@@ -14,17 +14,24 @@ the dataset, computed directly for any i (no replay):
   target exactly once per epoch). Row i is position ``i % n`` of epoch ``i // n``'s order, a permutation of the
   n windows keyed by (seed, epoch): every window once per epoch, shuffled anew each epoch.
 
+**Explicit window starts** (``starts``, one sorted array per shard: the loader's ``windows="document"``, where
+windows start at documents): the windows are exactly those starts, numbered in shard order, and both rules
+above run unchanged over their count n: random, uniform over the starts; epoch, each start once per epoch,
+a Feistel permutation over n. Only the id -> (shard, start) step differs (:class:`WindowIndex`), so the global
+sample index, the rank split and resume are the same; it costs 8 bytes of memory per start.
+
 Ranks split the stream: batch ``step`` on rank r of W, B rows per rank, is rows ``base + step*B*W + r*B .. + B``
 (``base``: the rows consumed when the loader resumed). So a step's B*W rows are the same for any (B, W) of the
 same product, and the position is the number of rows consumed, whatever the world size that consumed them.
 
-No per-window index array is ever built: the epoch order is a keyed Feistel permutation on window ids, computed
-in O(1) memory per lookup, and the random stream is a counter-based hash. So a 10^12-token dataset starts
-instantly, and the stream's whole state is one integer.
+Without explicit starts no per-window index array is ever built: the epoch order is a keyed Feistel permutation
+on window ids, computed in O(1) memory per lookup, and the random stream is a counter-based hash. So a
+10^12-token dataset starts instantly, and the stream's whole state is one integer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -52,17 +59,6 @@ def hash3(a, b, c):
 
 
 @njit(nogil=True, cache=True)
-def random_windows(seed, stream, first, count, num_windows, out):
-    """out[i] = uniform id in [0, num_windows) for counter ``first + i`` of ``stream``.
-
-    ``hash % n`` has a bias below n / 2^64 (< 1e-7 for 10^12 windows): negligible for sampling.
-    """
-    n = np.uint64(num_windows)
-    for i in range(count):
-        out[i] = np.int64(hash3(seed, stream, first + i) % n)
-
-
-@njit(nogil=True, cache=True)
 def permute(position, num_windows, key, half_bits):
     """The epoch permutation: a bijection of [0, num_windows), keyed by ``key``.
 
@@ -85,39 +81,43 @@ def permute(position, num_windows, key, half_bits):
             return np.int64(x)
 
 
-@njit(nogil=True, cache=True)
-def epoch_windows(seed, first, count, num_windows, half_bits, out):
-    """out[i] = the window at position ``first + i`` of the endless epoch stream (epoch e = pos // n)."""
-    for i in range(count):
-        g = first + i
-        epoch = g // num_windows
-        key = hash3(seed, epoch, 0x5EED)
-        out[i] = permute(g % num_windows, num_windows, np.int64(key >> np.uint64(1)), half_bits)
-
-
 RANDOM, EPOCH = 0, 1  # sampler kinds, as stored in state dicts (which hold ints only)
 _RANDOM_STREAM = 0  # the random sampler's one hash stream: every rank reads the same global rows of it
+WINDOWS = ("any", "document")  # where windows may start: see WindowIndex
 
 
 class StreamArgs(NamedTuple):
-    """What the kernels need to map global rows to windows and windows to (shard, start): the sampler's
-    fixed description, passed as one argument (Numba takes NamedTuples) rather than an unnamed tuple."""
+    """What the fill kernels (:mod:`lmdata.fill`) need to map global rows to (shard, start), besides the position:
+    a sampler's fixed description, passed as one named argument (Numba takes NamedTuples).
 
-    kind: int  # RANDOM or EPOCH
-    seed: int
+    One shape for one dataset and for a mixture: a single dataset is a mixture of one source (``root == -1``,
+    empty tree arrays, ``seeds == [seed]``), whose row k is row k of its sampler, so its rows are those of
+    :meth:`_Sampler.row_windows`. Window ids of all sources share one id space (source j's start at
+    ``window_offsets[j]``), and their shards one list.
+    """
+
+    kind: int  # RANDOM or EPOCH, the same for every source
     batch_size: int  # B: rows per batch on each rank
     rank: int
     world_size: int  # W
-    num_windows: int
-    half_bits: int  # of the epoch permutation's Feistel network
-    ends: np.ndarray  # int64 (num_shards,): one past the last window id of each shard
-    stride: int  # tokens between consecutive window starts of a shard
+    seeds: np.ndarray  # int64 (S,): each source's sampler seed
+    num_windows: np.ndarray  # int64 (S,)
+    half_bits: np.ndarray  # int64 (S,): of each source's epoch permutation (its Feistel network)
+    window_offsets: np.ndarray  # int64 (S,): source j's window ids start here in the shared id space
+    shares: np.ndarray  # uint64 (nodes,): P of each mixture tree node (lmdata.mixture)
+    offsets: np.ndarray  # uint64 (nodes,): U of each tree node
+    children: np.ndarray  # int64 (nodes, 2)
+    root: int  # the tree's root node, -1 for one source
+    ends: np.ndarray  # int64 (shards of all sources,): one past the last shared window id of each shard
+    stride: int  # tokens between consecutive window starts of a shard (strided windows)
+    starts: np.ndarray  # int64 (windows,): each window's start, for explicit starts; empty for strided windows
 
 
 @njit(nogil=True, cache=True)
 def row_window(kind, seed, row, num_windows, half_bits):
-    """The window id of global row ``row``: :func:`row_windows_into` for one row, for kernels that pick rows one
-    by one (a mixture's sources). The same rule, so a source read alone and inside a mixture agree."""
+    """The window id of global row ``row`` of a sampler: the whole sampling rule, a pure function of (seed, row)
+    and the sampler's window count. Random: a hash of (seed, row); epoch: position ``row % n`` of epoch
+    ``row // n``'s permutation."""
     if kind == RANDOM:
         return np.int64(hash3(seed, _RANDOM_STREAM, row) % np.uint64(num_windows))
     key = hash3(seed, row // num_windows, 0x5EED)
@@ -126,12 +126,10 @@ def row_window(kind, seed, row, num_windows, half_bits):
 
 @njit(nogil=True, cache=True)
 def row_windows_into(kind, seed, first_row, num_windows, half_bits, out):
-    """Window ids of global rows ``first_row .. first_row + len(out) - 1`` into ``out`` (int64): the whole
-    sampling rule, a pure function of (seed, row) and the dataset's window count."""
-    if kind == RANDOM:
-        random_windows(seed, _RANDOM_STREAM, first_row, out.shape[0], num_windows, out)
-    else:
-        epoch_windows(seed, first_row, out.shape[0], num_windows, half_bits, out)
+    """Window ids (int64) of global rows ``first_row .. first_row + len(out) - 1`` into ``out``: :func:`row_window`
+    for each row (``hash % n`` has a bias below n / 2^64: negligible for sampling)."""
+    for i in range(out.shape[0]):
+        out[i] = row_window(kind, seed, first_row + i, num_windows, half_bits)
 
 
 @njit(nogil=True, cache=True)
@@ -141,21 +139,19 @@ def first_row_of(base_row, step, rank, world_size, batch_size):
 
 
 @njit(nogil=True, cache=True)
-def window_ids_into(args, base_row, step, out):
-    """Global window ids of batch ``step`` on ``args.rank`` into ``out`` (B,) int64, counting steps from global
-    row ``base_row`` (the rows consumed when the stream was resumed; 0 for a fresh start)."""
-    first = first_row_of(base_row, step, args.rank, args.world_size, args.batch_size)
-    row_windows_into(args.kind, args.seed, first, args.num_windows, args.half_bits, out)
-
-
-@njit(nogil=True, cache=True)
-def locate_into(window_ids, ends, stride, shard_ids, starts):
-    """Shard and start of each window id; ``ends[i]`` is one past the last window id of shard i."""
+def locate_into(window_ids, ends, stride, starts, shard_ids, out_starts):
+    """Shard and start of each window id; ``ends[i]`` is one past the last window id of shard i. With explicit
+    starts (``starts`` non-empty) window g starts at ``starts[g]``, else ``(g - first window of its shard) *
+    stride`` tokens into its shard."""
+    explicit = starts.shape[0] > 0
     for i in range(window_ids.shape[0]):
-        shard = np.searchsorted(ends, window_ids[i], side="right")
-        first = ends[shard - 1] if shard > 0 else 0
+        g = window_ids[i]
+        shard = np.searchsorted(ends, g, side="right")
         shard_ids[i] = shard
-        starts[i] = (window_ids[i] - first) * stride
+        if explicit:
+            out_starts[i] = starts[g]
+        else:
+            out_starts[i] = (g - (ends[shard - 1] if shard > 0 else 0)) * stride
 
 
 def feistel_half_bits(num_windows: int) -> int:
@@ -167,22 +163,41 @@ def feistel_half_bits(num_windows: int) -> int:
 
 
 class WindowIndex:
-    """Maps global window ids to (shard, start) for windows of ``context_length + 1`` tokens at ``stride``.
+    """Maps global window ids to (shard, start) for windows of ``context_length + 1`` tokens.
 
-    ``lengths`` are shard lengths in tokens (0 for a skipped shard). Memory is O(number of shards).
+    ``lengths`` are shard lengths in tokens (0 for a skipped shard). Two ways to place windows:
+
+    * strided (``starts`` None): a window at every ``stride`` tokens of each shard; window g of shard i starts
+      ``(g - first window of shard i) * stride`` tokens in. Memory: O(number of shards).
+    * explicit (``starts``: one sorted 1-D integer array per shard, each start s with
+      ``0 <= s`` and ``s + context_length + 1 <= length``): window g starts at ``concatenated_starts[g]``, its
+      shard found by a binary search of the shards' window ends. Memory: 8 bytes per window start (int64), plus
+      O(number of shards); the caller's arrays are copied once into one.
     """
 
-    def __init__(self, lengths: np.ndarray, context_length: int, stride: int):
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        context_length: int,
+        stride: int,
+        starts: Sequence[np.ndarray] | None = None,
+    ):
         lengths = np.asarray(lengths, dtype=np.int64)
         span = context_length + 1
-        counts = np.where(lengths >= span, (lengths - span) // stride + 1, 0)
         self.context_length = context_length
         self.stride = stride
-        self.ends = np.cumsum(counts)  # ends[i]: one past the last window id of shard i
+        if starts is None:
+            counts = np.where(lengths >= span, (lengths - span) // stride + 1, 0)
+            self.starts = np.empty(0, dtype=np.int64)
+        else:
+            self.starts = _checked_starts(starts, lengths, span)
+            counts = np.array([len(s) for s in starts], dtype=np.int64)
+        self.ends = np.cumsum(counts).astype(np.int64)  # ends[i]: one past the last window id of shard i
         self.num_windows = int(self.ends[-1]) if len(self.ends) else 0
         if self.num_windows == 0:
+            where = "no window start was given" if starts is not None else "no shard holds a window"
             raise ArgumentError(
-                f"no shard holds a window of context_length + 1 = {span} tokens "
+                f"{where} of context_length + 1 = {span} tokens "
                 f"(longest shard: {int(lengths.max(initial=0))} tokens); use a shorter context_length"
             )
 
@@ -190,15 +205,38 @@ class WindowIndex:
         """(shard_ids, starts) for an int64 array of window ids."""
         window_ids = np.ascontiguousarray(window_ids, dtype=np.int64)
         shard_ids, starts = np.empty_like(window_ids), np.empty_like(window_ids)
-        locate_into(window_ids, self.ends, self.stride, shard_ids, starts)
+        locate_into(window_ids, self.ends, self.stride, self.starts, shard_ids, starts)
         return shard_ids, starts
+
+
+def _checked_starts(starts: Sequence[np.ndarray], lengths: np.ndarray, span: int) -> np.ndarray:
+    """The per-shard window starts concatenated (int64), after an ArgumentError check that each shard's are 1-D,
+    integer, strictly increasing and leave a whole window (``span`` tokens) inside the shard."""
+    if len(starts) != len(lengths):
+        raise ArgumentError(f"got window starts for {len(starts)} shards, but the dataset has {len(lengths)}")
+    checked = []
+    for i, (s, length) in enumerate(zip(starts, lengths, strict=True)):
+        s = np.asarray(s)
+        if s.ndim != 1 or (s.size and s.dtype.kind not in "iu"):
+            raise ArgumentError(f"shard {i}: window starts must be a 1-D integer array, got {s.dtype} {s.shape}")
+        s = s.astype(np.int64)
+        if s.size and (s[0] < 0 or s[-1] + span > length or (np.diff(s) <= 0).any()):
+            raise ArgumentError(
+                f"shard {i}: window starts must be strictly increasing, in 0 .. {length - span} (a shard of "
+                f"{length} usable tokens, windows of {span}), got {s.min()} .. {s.max()}"
+                + ("" if (np.diff(s) > 0).all() else ", not increasing")
+            )
+        checked.append(s)
+    return np.ascontiguousarray(np.concatenate(checked) if checked else np.empty(0), dtype=np.int64)
 
 
 class _Sampler:
     """The global stream of rows of one sampler and dataset, and this rank's view of it.
 
-    Holds no position: batch ``step`` counts from a ``base_row`` the caller passes (the loader's rows consumed
-    at its last resume), so the stream's only state is that one integer, kept by the loader.
+    Holds no position and no iteration state: batch ``step`` counts from a ``base_row`` the caller passes (the
+    loader's rows consumed at its last resume), so the stream's only state is that one integer, kept by the
+    loader. ``starts``: explicit window starts per shard (see :class:`WindowIndex`; the loader's
+    ``windows="document"``), or None for every position (random) or every T-th (epoch).
     """
 
     kind: int  # RANDOM or EPOCH
@@ -211,6 +249,7 @@ class _Sampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        starts: Sequence[np.ndarray] | None = None,
     ):
         problems = []
         if batch_size <= 0:
@@ -224,10 +263,10 @@ class _Sampler:
         if problems:
             raise ArgumentError("; ".join(problems))
         stride = context_length if self.kind == EPOCH else 1
-        self.index = WindowIndex(lengths, context_length, stride)
+        self.index = WindowIndex(lengths, context_length, stride, starts)
+        self.windows = "any" if starts is None else "document"
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.half_bits = feistel_half_bits(self.num_windows)
-        self._cursor = 0  # only for next(): a convenience for scripts, never a resume point
 
     @property
     def num_windows(self) -> int:
@@ -238,18 +277,25 @@ class _Sampler:
         return self.index.context_length
 
     @property
-    def kernel_args(self) -> StreamArgs:
-        """What :func:`window_ids_into` and :func:`locate_into` need besides the position, for fused kernels."""
+    def stream_args(self) -> StreamArgs:
+        """This stream as the fill kernels take it: a mixture of one source, whose rows are this sampler's."""
+        one = np.array([1], dtype=np.int64)
         return StreamArgs(
-            self.kind,
-            self.seed,
-            self.batch_size,
-            self.rank,
-            self.world_size,
-            self.num_windows,
-            self.half_bits,
-            self.index.ends,
-            self.index.stride,
+            kind=self.kind,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seeds=one * self.seed,
+            num_windows=one * self.num_windows,
+            half_bits=one * self.half_bits,
+            window_offsets=one * 0,
+            shares=np.empty(0, dtype=np.uint64),
+            offsets=np.empty(0, dtype=np.uint64),
+            children=np.empty((0, 2), dtype=np.int64),
+            root=-1,
+            ends=self.index.ends,
+            stride=self.index.stride,
+            starts=self.index.starts,
         )
 
     def row_windows(self, first_row: int, count: int) -> np.ndarray:
@@ -262,29 +308,21 @@ class _Sampler:
 
     def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
         """Global window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
-        out = np.empty(self.batch_size, dtype=np.int64)
-        window_ids_into(self.kernel_args, base_row, step, out)
-        return out
+        first = first_row_of(base_row, step, self.rank, self.world_size, self.batch_size)
+        return self.row_windows(first, self.batch_size)
 
     def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
         return self.index.locate(self.window_ids(step, base_row))
 
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        out = self.batch(self._cursor)
-        self._cursor += 1
-        return out
-
-    def __iter__(self):
-        return self
-
-    def identity(self) -> dict[str, int]:
-        """What a saved position must agree on to continue this stream: ints only."""
+    def identity(self) -> dict[str, int | str]:
+        """What a saved position must agree on to continue this stream: ints, and the windows mode."""
         return {
             "kind": self.kind,
             "seed": self.seed,
             "context_length": self.index.context_length,
             "num_windows": self.num_windows,
+            "windows": self.windows,
         }
 
 
@@ -310,3 +348,23 @@ def make_sampler(name: str, lengths: np.ndarray, context_length: int, batch_size
     except KeyError:
         raise ArgumentError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}") from None
     return cls(lengths, context_length, batch_size, **kwargs)
+
+
+def check_windows(windows: str, eot_id: int | None = None, delimiter: Sequence[int] | None = None) -> None:
+    """ArgumentError unless ``windows`` is a mode of :data:`WINDOWS`, with eot_id and delimiter only for "document"
+    (they say where its documents start)."""
+    if windows not in WINDOWS:
+        raise ArgumentError(f"unknown windows {windows!r}; choose one of {list(WINDOWS)}")
+    if windows == "any" and (eot_id is not None or delimiter is not None):
+        raise ArgumentError('eot_id and delimiter say where documents start: pass them with windows="document"')
+
+
+def window_starts(
+    dataset, windows: str, context_length: int, eot_id: int | None = None, delimiter: Sequence[int] | None = None
+) -> list[np.ndarray] | None:
+    """The explicit window starts of ``windows`` mode for ``dataset`` (a TokenDataset), one int64 array per shard:
+    None for "any" (every position, or every T-th); for "document", ``dataset.document_starts(...)``."""
+    check_windows(windows, eot_id, delimiter)
+    if windows == "any":
+        return None
+    return dataset.document_starts(context_length, eot_id=eot_id, delimiter=delimiter)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from numba.typed import List
 
-from lmdata import TokenDataset, gather_batch, get_batch
-from lmdata.gather import BatchFiller
+from lmdata import ArgumentError, TokenDataset, gather_batch, get_batch, shard_table
+from lmdata.fill import BatchFiller
 from lmdata.sampler import WindowIndex, make_sampler
 from tests.conftest import SHARD_BASE, make_shards
 
@@ -140,3 +140,34 @@ def test_the_filler_gathers_each_steps_global_rows_from_the_base_row(kind, mixed
         want = (shard_ids * SHARD_BASE + starts)[:, None] + np.arange(T)
         np.testing.assert_array_equal(ring[step % 4][0], want)
         np.testing.assert_array_equal(ring[step % 4][1], want + 1)
+
+
+INTEGER_DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64"]
+
+
+@pytest.mark.parametrize("out_dtype", [np.int64, np.int32])
+def test_one_table_of_every_integer_dtype_gathers_exactly_in_one_call(out_dtype):
+    """A List per width: signed shards are read through unsigned views of the same bytes; ids are >= 0."""
+    highs = {"uint8": 150, "int8": 20, "uint16": 60_000, "int16": 30_000, "uint32": 2**31 - 200}
+    shards = [np.arange(highs.get(d, 2**31 - 200), highs.get(d, 2**31 - 200) + 100).astype(d) for d in INTEGER_DTYPES]
+    shards[2] = np.arange(0, 400, dtype=np.uint16)[::4]  # not contiguous: the table holds a contiguous copy
+    table = shard_table(shards)
+    assert table.width.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and table.slot.tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert all(not a.flags.writeable for lst in table[:4] for a in lst)
+    assert shards[3].flags.writeable  # the caller's arrays keep their flags
+    T = 5
+    shard_ids = np.repeat(np.arange(8), 2).astype(np.int64)
+    starts = np.tile(np.array([0, 100 - T - 1]), 8).astype(np.int64)
+    inputs, targets = np.empty((16, T), out_dtype), np.empty((16, T), out_dtype)
+    gather_batch(table, shard_ids, starts, inputs, targets)
+    for row, (sid, s) in enumerate(zip(shard_ids, starts, strict=True)):
+        window = shards[sid][s : s + T + 1].astype(np.int64)
+        np.testing.assert_array_equal(inputs[row], window[:-1])
+        np.testing.assert_array_equal(targets[row], window[1:])
+
+
+def test_a_shard_table_refuses_what_is_not_a_1d_integer_array():
+    with pytest.raises(ArgumentError, match="shard 1: need a 1-D integer array, got float32"):
+        shard_table([np.arange(10), np.zeros(10, np.float32)])
+    with pytest.raises(ArgumentError, match=r"shard 0: need a 1-D integer array, got int64 of shape \(2, 5\)"):
+        shard_table([np.zeros((2, 5), np.int64)])

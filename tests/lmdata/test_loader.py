@@ -111,7 +111,15 @@ def test_state_from_another_world_size_loads_and_counts_rows(dataset):
         next(loader)
         next(loader)
         state = loader.state_dict()
-    assert state == {"format": 2, "kind": 1, "seed": 0, "context_length": T, "num_windows": 59, "rows": 2 * 2 * B}
+    assert state == {
+        "format": 2,
+        "kind": 1,
+        "seed": 0,
+        "context_length": T,
+        "num_windows": 59,
+        "windows": "any",
+        "rows": 2 * 2 * B,
+    }
     with BatchLoader(dataset, B, T, rank=0, world_size=3) as fresh:
         fresh.load_state_dict(state)
         assert fresh.rows == 16 and fresh.step == 0
@@ -334,11 +342,11 @@ def test_cpu_buffers_are_recycled_once_the_consumer_drops_them(dataset):
 
 
 def test_batches_are_exact_when_shard_dtypes_differ(tmp_path):
-    # uint16 .bin beside int32 .npy: the per-shard gather path instead of the fused kernel
+    # uint16 .bin beside int32 .npy: the shard table's 2-byte List and (viewed as uint32) its 4-byte one
     paths = make_shards(tmp_path / "a", [300, 200]) + make_shards(tmp_path / "b", [250], "npy", dtype=np.int32)
     ds = TokenDataset(paths)
     with BatchLoader(ds, B, T, sampler="random", seed=2) as loader:
-        assert loader._filler._typed is None
+        assert loader._filler.shards.width.tolist() == [1, 1, 2]
         for step in range(10):
             x, y = next(loader)
             shard_ids, starts = loader.sampler.batch(step)

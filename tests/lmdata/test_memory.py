@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lmdata import TokenDataset, gather_batch, make_sampler
+from lmdata import TokenDataset, gather_batch, make_sampler, shard_table
 
 
 def private_bytes() -> int:
@@ -28,11 +28,11 @@ def test_private_memory_is_flat_over_many_batches(tmp_path):
     sampler = make_sampler("random", ds.lengths, 256, 32, seed=0)
     inputs = np.empty((32, 256), np.int64)
     targets = np.empty_like(inputs)
-    tokens = [s.tokens for s in ds.shards]
-    for _ in range(200):  # warm up allocator and JIT
-        gather_batch(tokens, *next(sampler), inputs, targets)
+    tokens = shard_table([s.tokens for s in ds.shards])
+    for step in range(200):  # warm up allocator and JIT
+        gather_batch(tokens, *sampler.batch(step), inputs, targets)
     before = private_bytes()
-    for _ in range(3000):
-        gather_batch(tokens, *next(sampler), inputs, targets)
+    for step in range(200, 3200):
+        gather_batch(tokens, *sampler.batch(step), inputs, targets)
     growth = private_bytes() - before
     assert growth < 4 * 1024 * 1024, f"private memory grew by {growth / 2**20:.1f} MiB"

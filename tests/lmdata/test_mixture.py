@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from lmdata import ArgumentError, BatchLoader, ManifestError, Mixture, SamplerStateError, TokenDataset, write_shards
+from lmdata import (
+    ArgumentError,
+    BatchLoader,
+    ManifestError,
+    Mixture,
+    SamplerStateError,
+    TokenDataset,
+    fill,
+    write_shards,
+)
 from lmdata.mixture import _ONE, _source_seed, hash3
 from tests.conftest import make_shards
 
@@ -185,11 +194,21 @@ def test_a_uint16_and_a_uint32_source_gather_exact_tokens(tmp_path, dtype):
     assert 0 < (sources == 1).sum() < 80
 
 
-def test_one_dtype_takes_the_fused_path_and_gathers_exact_tokens(three):
-    with BatchLoader(three, 16, T, sampler="random", seed=9, prefetch=3) as loader:
-        assert loader._filler._typed is not None  # one nogil call per burst
+@pytest.mark.parametrize("mixed", [False, True], ids=["uint16-only", "uint16-uint32-int32"])
+def test_any_mixture_is_one_nogil_call_per_burst_and_gathers_exact_tokens(tmp_path, monkeypatch, three, mixed):
+    mixture = three
+    if mixed:  # a uint16, a uint32 (v7) and an int32 .npy source: three dtypes, three widths of the shard table
+        c = TokenDataset(make_shards(tmp_path / "c32", [90, 40, 120], "npy", dtype=np.int32))
+        mixture = Mixture([(three.datasets[0], 0.5), (uint32_source(tmp_path / "b", [250, 250, 100]), 0.3), (c, 0.2)])
+        assert {s.tokens.dtype.name for s in mixture.shards} >= {"uint16", "uint32", "int32"}
+    calls = []
+    kernel = fill.sample_and_gather
+    assert kernel.targetoptions["nogil"]
+    monkeypatch.setattr(fill, "sample_and_gather", lambda *a: calls.append(a[3:5]) or kernel(*a))
+    with BatchLoader(mixture, 16, T, sampler="random", seed=9, prefetch=4) as loader:
         inputs = torch.cat([next(loader)[0] for _ in range(4)]).numpy()
-    np.testing.assert_array_equal(inputs, expected_inputs(three, loader.sampler, 0, 64))
+    assert calls[0] == (0, 4)  # the first burst, steps 0..3 (the whole empty queue of prefetch 4), in one call
+    np.testing.assert_array_equal(inputs, expected_inputs(mixture, loader.sampler, 0, 64))
 
 
 # -- what is refused ------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ from lmdata import (
     validate_shards,
     write_shards,
 )
+from lmdata.fill import BatchFiller
 from lmdata.format import HEADER_BYTES
-from lmdata.gather import BatchFiller, gather_windows, row_indices
+from lmdata.gather import gather_windows
 from lmdata.sampler import make_sampler
 from lmtrain.main import main
 from tests.conftest import TINY, cuda, write_llmc
@@ -285,7 +286,7 @@ def test_one_process_gathers_uint16_and_uint32_shards_right(tmp_path):
     starts = np.array([0, 500, 990 - 8], dtype=np.int64)
     for tokens in (small, wide, small, wide):
         inputs, targets = np.empty((3, 8), np.int64), np.empty((3, 8), np.int64)
-        gather_windows(tokens, starts, row_indices(3), inputs, targets)
+        gather_windows(tokens, np.zeros(3, np.int64), starts, inputs, targets)
         want = int(tokens[0]) + starts[:, None] + np.arange(8)
         np.testing.assert_array_equal(inputs, want)
         np.testing.assert_array_equal(targets, want + 1)
@@ -317,7 +318,7 @@ def test_the_loader_gives_exact_batches_of_v7_shards(tmp_path, sampler, dtype):
     write_shards([high_stream(900)], tmp_path, shard_tokens=300, vocab_size=VOCAB)
     ds = TokenDataset(tmp_path)
     with BatchLoader(ds, B, T, sampler=sampler, seed=5, prefetch=3, dtype=dtype) as loader:
-        assert loader._filler._typed is not None  # one dtype: the fused kernel
+        assert loader._filler.shards.width.tolist() == [2, 2, 2]  # the shard table's 4-byte List
         for step in range(60):  # the epoch sampler has 3 x 18 = 54 windows: crosses an epoch
             x, y = next(loader)
             assert x.dtype == dtype
@@ -342,14 +343,15 @@ def test_the_loader_gives_exact_cuda_batches_of_v7_shards(tmp_path):
 
 def test_a_dataset_may_mix_v1_and_v7_shards(tmp_path):
     # Decided: mixing works (a glob or directory of llm.c v1 and v7 files without a manifest), through the
-    # per-shard gather path, every id exact. A manifest states one dtype, so one dataset directory never mixes.
+    # shard table's uint16 and uint32 Lists (one fill call either way), every id exact. A manifest states one
+    # dtype, so one dataset directory never mixes.
     write_llmc(tmp_path / "a.bin", np.arange(300, dtype=np.uint16) + 1000)
     write_v7(tmp_path / "b.bin", high_stream(300))
     ds = TokenDataset(tmp_path)
     assert [s.tokens.dtype.name for s in ds.shards] == ["uint16", "uint32"]
     assert (ds.dtype_limit, ds.token_range()) == (2**32, (1000, BASE + 299))
     with BatchLoader(ds, B, T, sampler="epoch", seed=1, prefetch=2) as loader:
-        assert loader._filler._typed is None
+        assert loader._filler.shards.width.tolist() == [1, 2]  # the 2-byte List, then the 4-byte one
         for step in range(40):
             x, y = next(loader)
             want_x, want_y = expected(ds, loader, step)
