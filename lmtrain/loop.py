@@ -40,8 +40,9 @@ from lmtrain.checkpoint import restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED, TrainConfig
 from lmtrain.datasources import as_val_sets, open_train, open_val, val_weights
+from lmtrain.documents import DocMask
 from lmtrain.errors import ConfigError, NonFiniteLossError
-from lmtrain.evaluate import score_batches, token_bytes_on, weighted_mean
+from lmtrain.evaluate import document_ids, score_batches, token_bytes_on, weighted_mean
 from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
@@ -75,6 +76,8 @@ class Trainer:
             datasets = open_train(c.data.train_data), open_val(c.data.val_data)
         self.train_data, self.val_sets = datasets[0], as_val_sets(datasets[1])
         self.val_weights = val_weights(self.train_data, list(self.val_sets))
+        # --doc-mask: the eot id and delimiter preflight resolved into the config; training and evaluation alike
+        self.doc_mask = DocMask(c.data.eot_id, c.data.delimiter) if c.run.doc_mask else None
         self.loader = BatchLoader(
             self.train_data,
             c.run.batch_size,
@@ -85,6 +88,7 @@ class Trainer:
             c.run.prefetch,
             rt.rank,
             rt.world_size,
+            **self._windows(),
         )
         self.val_batches = {name: self._fixed_val_batches(ds) for name, ds in self.val_sets.items()}
         # UTF-8 bytes per id, int64 (V,) on the device, for val_bpb; None when no manifest names the tokenizer
@@ -124,8 +128,17 @@ class Trainer:
             prefetch=1,
             rank=0,
             world_size=1,
+            **self._windows(),  # evaluation sees the windows training does
         ) as loader:
             return [tuple(t.clone() for t in next(loader)) for _ in range(c.log.eval_batches)]
+
+    def _windows(self) -> dict:
+        """The loaders' windows arguments: where documents start only for document windows (BatchLoader refuses
+        them with "any")."""
+        c = self.c
+        if c.run.windows == "document":
+            return {"windows": "document", "eot_id": c.data.eot_id, "delimiter": c.data.delimiter}
+        return {"windows": c.run.windows}
 
     # -- state ----------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -279,7 +292,7 @@ class Trainer:
             skip_sync = self.rt.distributed and micro < accum - 1
             with model.no_sync() if skip_sync else contextlib.nullcontext():
                 with self.rt.autocast():
-                    logits = model(x)  # (B, T, V)
+                    logits = model(x, document_ids(x, self.doc_mask))  # (B, T, V); doc ids on x's device, no sync
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -354,7 +367,7 @@ class Trainer:
         each as ``val_loss/NAME``), ``val_ppl`` and, when every set's tokenizer is known, ``val_bpb``."""
         # the plain model, not the compiled/DDP wrapper: no collectives, no recompiles
         scores = {
-            name: score_batches(self.model, batches, self.val_token_bytes[name], self.rt.autocast)
+            name: score_batches(self.model, batches, self.val_token_bytes[name], self.rt.autocast, self.doc_mask)
             for name, batches in self.val_batches.items()
         }
         loss, bpb = weighted_mean(scores, self.val_weights)
