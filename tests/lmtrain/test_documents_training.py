@@ -332,3 +332,49 @@ def test_a_mixture_with_document_windows_trains(docs, tmp_path):
     assert {"val_loss/a", "val_loss/b"} <= last.keys()
     assert records(out, "train")[-1]["tokens/a"] + records(out, "train")[-1]["tokens/b"] == 20 * 8 * 32
     assert torch.load(out / "checkpoints" / "step_00000020.pt", weights_only=False)["loader"]["windows"] == "document"
+
+
+def test_torchrun_document_training_matches_one_process_at_the_same_global_batch(docs, tmp_path):
+    """2 ranks x batch 4 with document windows and masking: the same rows and the same masked steps as 1 process
+    x batch 8, up to float summation order (as the elastic resume test of test_distributed measures)."""
+    from tests.lmtrain.test_distributed import torchrun
+
+    flags = [*DOCS, "--max-steps", "6", "--eval-interval", "0", "--checkpoint-interval", "6"]
+    assert main(args(docs, tmp_path / "one", *flags, "--device", "cpu")) == 0
+    proc = torchrun(args(docs, tmp_path / "two", *flags, "--batch-size", "4"))
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    one, two = final_weights(tmp_path / "one", 6), final_weights(tmp_path / "two", 6)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"data": {"eot_id": None}}, "a --doc-mask run but records eot_id None and delimiter 'after'"),
+        ({"data": {"delimiter": "middle"}}, "records eot_id 256 and delimiter 'middle'"),
+        ({"run": {"doc_mask": "yes"}}, "windows 'document' / doc_mask 'yes' are not lmtrain.main's"),
+        ({"run": {"windows": 3}}, "windows 3 / doc_mask True are not lmtrain.main's"),
+    ],
+)
+def test_sample_and_evaluate_refuse_a_checkpoint_with_malformed_document_settings(
+    doc_run, docs, tmp_path, capsys, edit, message
+):
+    obj = torch.load(doc_run / "checkpoints" / "step_00000040.pt", weights_only=False)
+    for section, values in edit.items():
+        obj["config"][section] |= values
+    torch.save(obj, tmp_path / "bad.pt")
+    assert sample_module.main(["--checkpoint", str(tmp_path / "bad.pt"), "--max-new-tokens", "2"]) == 2
+    assert message in capsys.readouterr().err
+    assert evaluate_main([str(tmp_path / "bad.pt"), "--data", str(docs / "val")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_scores_a_default_run_on_document_windows_with_the_datas_eot(docs, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(docs, out, "--max-steps", "10", "--eval-interval", "0")) == 0
+    plain = evaluate_module.evaluate(out, docs / "val", 3)
+    assert (plain.windows, plain.doc_mask) == ("any", False)
+    masked = evaluate_module.evaluate(out, docs / "val", 3, windows="document", doc_mask=True)
+    assert (masked.windows, masked.doc_mask) == ("document", True)  # eot 256 and "after" from the manifest
+    assert masked.score.loss != plain.score.loss
