@@ -277,6 +277,14 @@ class TrainConfig:
         """A document option is on: the data must say (or the flags) where documents start."""
         return self.run.windows == "document" or self.run.doc_mask
 
+    @property
+    def loader_windows(self) -> dict[str, Any]:
+        """BatchLoader's windows arguments: the eot id and delimiter only for document windows (it refuses them
+        with "any")."""
+        if self.run.windows == "document":
+            return {"windows": "document", "eot_id": self.data.eot_id, "delimiter": self.data.delimiter}
+        return {"windows": self.run.windows}
+
     def with_vocab_size(self, vocab_size: int) -> TrainConfig:
         return dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=vocab_size))
 

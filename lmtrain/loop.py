@@ -14,6 +14,9 @@ training tokens read from each source so far, computed from the mixture's tree f
 (``source_tokens``), so they add up across resumes, also across an allowed change of the mixture. Several val
 sets are each scored on their own fixed batches; see :meth:`Trainer.evaluate` for what is logged.
 
+Documents: the train loader and the fixed val batches take the run's ``--windows``; with ``--doc-mask`` each
+micro-batch and each val batch passes the model doc ids computed from its tokens on the device (no sync).
+
 Sync points (host waits for the GPU) per step: one, in :func:`lmtrain.runtime.agree_on_step`, reading the loss
 plus the gradient norm (to stop *before* a non-finite update) together with the stop flag (SIGTERM/SIGINT).
 Under torchrun both travel in ONE all_reduce of a (2,) tensor, so a non-finite value or a signal on any rank
@@ -88,7 +91,7 @@ class Trainer:
             c.run.prefetch,
             rt.rank,
             rt.world_size,
-            **self._windows(),
+            **c.loader_windows,
         )
         self.val_batches = {name: self._fixed_val_batches(ds) for name, ds in self.val_sets.items()}
         # UTF-8 bytes per id, int64 (V,) on the device, for val_bpb; None when no manifest names the tokenizer
@@ -128,17 +131,9 @@ class Trainer:
             prefetch=1,
             rank=0,
             world_size=1,
-            **self._windows(),  # evaluation sees the windows training does
+            **c.loader_windows,  # evaluation sees the windows training does
         ) as loader:
             return [tuple(t.clone() for t in next(loader)) for _ in range(c.log.eval_batches)]
-
-    def _windows(self) -> dict:
-        """The loaders' windows arguments: where documents start only for document windows (BatchLoader refuses
-        them with "any")."""
-        c = self.c
-        if c.run.windows == "document":
-            return {"windows": "document", "eot_id": c.data.eot_id, "delimiter": c.data.delimiter}
-        return {"windows": c.run.windows}
 
     # -- state ----------------------------------------------------------------------------------------------
     def state(self) -> dict:
