@@ -143,6 +143,11 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
     if vocab_size is None:
         problems.append("--vocab-size is required: the training data has no manifest.json that states it")
         return DataChecked(None, train, val, key, problems)
+    if key is not None and key[0] >= vocab_size:
+        problems.append(
+            f"--eot-id {key[0]} is not a token of the vocabulary (vocab_size {vocab_size}): no document would ever "
+            "end; pass the data's end-of-text id"
+        )
     for o in (*train_sources, *val_sources):
         longest = int(o.dataset.lengths.max())
         if longest < c.model.context_length + 1:

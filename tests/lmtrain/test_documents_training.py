@@ -122,6 +122,9 @@ def test_data_without_a_manifest_needs_eot_id_and_delimiter(docs, tmp_path):
     assert err.count("--eot-id N --delimiter before|after") == 2
     assert not (tmp_path / "refused").exists()  # refused before anything was written
     out = tmp_path / "ok"
+    beyond = run_cli([*base, "--eot-id", "257", "--delimiter", "after"])
+    _, err = beyond.communicate(timeout=120)
+    assert beyond.returncode == 2 and "--eot-id 257 is not a token of the vocabulary (vocab_size 257)" in err
     ok = run_cli(
         args(raw, out, "--vocab-size", "257", "--max-steps", "4", *DOCS, "--eot-id", "256", "--delimiter", "after")
     )
