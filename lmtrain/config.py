@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from lmdata.atomic import write_bytes_atomic
+from lmdata.sampler import WINDOWS
 from lmtrain.datasources import source_problems
+from lmtrain.documents import DELIMITERS
 from lmtrain.errors import ConfigError
 from lmtrain.model import shape_problems
 
@@ -82,6 +84,21 @@ class DataConfig:
         rule=_val_rule,
     )
     out_dir: str | None = doc(None, "run directory: config, metrics, checkpoints", required=True, nonempty=True)
+    # Where documents start, for --windows document and --doc-mask; resolved from the manifests by preflight and
+    # saved so (config.json, checkpoints), so that evaluate and sample need not open the training data.
+    eot_id: int | None = doc(
+        None,
+        "the end-of-text id that separates documents, for --windows document and --doc-mask (default: the "
+        "manifest's; data without a manifest needs it)",
+        ge=0,
+    )
+    delimiter: str | None = doc(
+        None,
+        "where the end-of-text stands, for --windows document and --doc-mask: after each document (prepare's) or "
+        "before it (a BOS, llm.c's and modded-nanogpt's shards) (default: the manifest's; data without a manifest "
+        "needs it)",
+        choices=DELIMITERS,
+    )
 
 
 @dataclass
@@ -122,6 +139,17 @@ class RunConfig:
     max_steps: int = doc(1000, "optimizer steps to train for", gt=0)
     sampler: str = doc(
         "random", "random: windows with replacement; epoch: each window once per epoch", choices=("random", "epoch")
+    )
+    windows: str = doc(
+        "any",
+        "where training and validation windows start: any (every position; epoch: every T-th) or document (at "
+        "each document's start, and every context_length tokens inside longer documents)",
+        choices=WINDOWS,
+    )
+    doc_mask: bool = doc(
+        False,
+        "attention causal and confined to each token's own document inside a window, with positions restarting "
+        "at each document (training and evaluation alike)",
     )
     seed: int = doc(0, f"seed of the model init and the data order, 0 to {MAX_SEED}", ge=0, le=MAX_SEED)
     device: str = doc("auto", "auto, cpu, cuda, cuda:N or mps (auto: cuda if available, else cpu)")
@@ -244,8 +272,25 @@ class TrainConfig:
     def lr_decay_steps(self) -> int:
         return self.optim.lr_decay_steps or self.run.max_steps
 
+    @property
+    def uses_documents(self) -> bool:
+        """A document option is on: the data must say (or the flags) where documents start."""
+        return self.run.windows == "document" or self.run.doc_mask
+
+    @property
+    def loader_windows(self) -> dict[str, Any]:
+        """BatchLoader's windows arguments: the eot id and delimiter only for document windows (it refuses them
+        with "any")."""
+        if self.run.windows == "document":
+            return {"windows": "document", "eot_id": self.data.eot_id, "delimiter": self.data.delimiter}
+        return {"windows": self.run.windows}
+
     def with_vocab_size(self, vocab_size: int) -> TrainConfig:
         return dataclasses.replace(self, model=dataclasses.replace(self.model, vocab_size=vocab_size))
+
+    def with_documents(self, eot_id: int, delimiter: str) -> TrainConfig:
+        """The config with the eot id and delimiter preflight resolved (from the manifests or the flags)."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, eot_id=eot_id, delimiter=delimiter))
 
 
 # -- checks derived from the declarations ------------------------------------------------------------------------
@@ -315,12 +360,23 @@ def _shape_problems(c: TrainConfig) -> list[str]:
     return [f"[model] {p}" for p in shape_problems(c.model.d_model, c.model.num_heads, c.model.num_kv_heads)]
 
 
+def _document_flag_problems(c: TrainConfig) -> list[str]:
+    given = [f for f, v in (("--eot-id", c.data.eot_id), ("--delimiter", c.data.delimiter)) if v is not None]
+    if given and not c.uses_documents:
+        return [
+            f"[data] {' and '.join(given)} say where documents start, which only --windows document or --doc-mask "
+            "use: add one of them, or drop the flag"
+        ]
+    return []
+
+
 # Rules that tie fields together, with the fields each reads: a rule runs only when those are well-formed.
 CROSS_CHECKS = (
     (("run.device",), _device_problems),
     (("optim.lr", "optim.min_lr"), _lr_problems),
     (("optim.lr_decay_steps", "optim.warmup_steps"), _schedule_problems),
     (("model.d_model", "model.num_heads", "model.num_kv_heads"), _shape_problems),
+    (("data.eot_id", "data.delimiter", "run.windows", "run.doc_mask"), _document_flag_problems),
 )
 
 

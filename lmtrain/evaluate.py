@@ -1,13 +1,18 @@
 """``python -m lmtrain.evaluate``: loss, perplexity and bits per byte of a trained model on a data split.
 
     python -m lmtrain.evaluate RUN_DIR|CHECKPOINT --data [NAME=]PATH [--data ...] [--batches N | --all]
-                               [--batch-size B] [--device D]
+                               [--batch-size B] [--device D] [--windows any|document] [--doc-mask|--no-doc-mask]
 
 PATH is anything lmdata.TokenDataset opens (a split directory, a shard, a glob); several ``--data`` are scored
 one after the other, each reported under its name (named as ``--val-data`` of lmtrain.main names them). By
 default the model sees ``--batches`` batches of windows drawn by the epoch sampler with a fixed seed: the same
 windows for two runs and two models with the same data, context length and batch size. ``--all`` scores the
 whole split once (see :func:`all_windows`).
+
+Windows and masking are the run's, from its checkpoint (``--windows``, ``--doc-mask``), as its val loss was
+measured: document windows start at the documents' starts, and a ``--doc-mask`` model attends within each document.
+``--windows`` and ``--doc-mask/--no-doc-mask`` override them, so that runs trained differently are scored on the
+same windows the same way (the eot id and delimiter: the run's, else the evaluated data's manifest's).
 
 Bits per byte divides the summed loss, in bits, by the number of UTF-8 bytes of text the target tokens stand for
 (:func:`lmdata.tokenizer.token_byte_lengths`; end-of-text is 0 bytes). Unlike the loss per token it does not
@@ -31,11 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from lmdata import BatchLoader, LmDataError, Manifest, TokenDataset, TokenizerError
+from lmdata.sampler import WINDOWS
 from lmdata.tokenizer import load_tokenizer, token_byte_lengths
 from lmtrain.datasources import made_by, open_train, parse_sources, source_problems
+from lmtrain.documents import DELIMITERS, DocMask, doc_ids
 from lmtrain.errors import ConfigError, LmTrainError
 from lmtrain.runtime import resolve_device
-from lmtrain.sample import load_run
+from lmtrain.sample import load_run, trained_documents
 
 EVAL_SEED = 0  # the epoch sampler's seed for the fixed windows: the same for every run and model
 DEFAULT_BATCHES = 20
@@ -89,23 +96,31 @@ def token_bytes_on(dataset: TokenDataset, vocab_size: int, device: torch.device)
     return torch.from_numpy(padded).to(device), ""
 
 
+def document_ids(x: torch.Tensor, doc_mask: DocMask | None) -> torch.Tensor | None:
+    """The model's ``doc_ids`` for token ids ``x`` (B, T): int64 (B, T) on x's device, computed there without a
+    host sync (:func:`lmtrain.doc_ids`); None without document masking."""
+    return None if doc_mask is None else doc_ids(x, doc_mask.eot_id, doc_mask.delimiter)
+
+
 @torch.no_grad()
 def score_batches(
     model: torch.nn.Module,
     batches: Batches,
     token_bytes: torch.Tensor | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    doc_mask: DocMask | None = None,
 ) -> Score:
     """Summed loss (and bytes, when ``token_bytes`` is given) of (inputs, targets) int64 (B, T) batches on the
-    model's device. One host-device sync per batch (reading its loss sum); the byte count stays on the device
-    (one gather of the table per batch) and is read once at the end. Leaves the model in the mode it found."""
+    model's device, with document masking when ``doc_mask`` is given (as the model was trained). One host-device
+    sync per batch (reading its loss sum); the byte count stays on the device (one gather of the table per batch)
+    and is read once at the end. Leaves the model in the mode it found."""
     was_training = model.training
     model.eval()
     nats, tokens, windows = 0.0, 0, 0
     nbytes = None if token_bytes is None else torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     for x, y in batches:
         with autocast():
-            logits = model(x)  # (B, T, V)
+            logits = model(x, document_ids(x, doc_mask))  # (B, T, V)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,) float32
         nats += losses.sum().item()  # sync; summed in float64 here, so many batches lose no precision
         tokens, windows = tokens + y.numel(), windows + y.shape[0]
@@ -128,12 +143,20 @@ def weighted_mean(scores: dict[str, Score], weights: dict[str, float]) -> tuple[
 
 
 def fixed_batches(
-    dataset: TokenDataset, batch_size: int, context_length: int, num_batches: int, device: torch.device
+    dataset: TokenDataset,
+    batch_size: int,
+    context_length: int,
+    num_batches: int,
+    device: torch.device,
+    windows: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``num_batches`` batches (int64 (B, T) on ``device``) of the epoch sampler with seed EVAL_SEED: windows at
-    multiples of T in each shard, shuffled. At most one epoch (``num_windows // B`` batches, at least 1): a window
-    is never scored twice, which would weigh it twice in the mean."""
-    loader = BatchLoader(dataset, batch_size, context_length, device, "epoch", EVAL_SEED, 4, rank=0, world_size=1)
+    multiples of T in each shard (``windows``: BatchLoader's windows arguments; document windows: at the document
+    starts), shuffled. At most one epoch (``num_windows // B`` batches, at least 1): a window is never scored
+    twice, which would weigh it twice in the mean."""
+    loader = BatchLoader(
+        dataset, batch_size, context_length, device, "epoch", EVAL_SEED, 4, rank=0, world_size=1, **(windows or {})
+    )
     with loader:
         for _ in range(min(num_batches, max(1, loader.sampler.num_windows // batch_size))):
             yield next(loader)
@@ -176,6 +199,8 @@ class Evaluation:
     batch_size: int
     context_length: int
     asked: int | None  # the batches asked for; None for the whole split
+    windows: str = "any"  # where the fixed batches' windows start (--all: at multiples of T, whatever this says)
+    doc_mask: bool = False  # scored with document masking
 
 
 def evaluate(
@@ -184,24 +209,56 @@ def evaluate(
     batches: int | None = DEFAULT_BATCHES,
     batch_size: int | None = None,
     device: str = "auto",
+    windows: str | None = None,
+    doc_mask: bool | None = None,
 ) -> Evaluation:
     """Score the model of a run directory (its newest checkpoint) or checkpoint file on ``data``: ``batches``
-    fixed batches, or the whole split once when ``batches`` is None. ``batch_size`` defaults to the run's."""
+    fixed batches, or the whole split once when ``batches`` is None. ``batch_size`` defaults to the run's;
+    ``windows`` ("any" or "document") and ``doc_mask`` to the run's (:func:`lmtrain.sample.trained_documents`)."""
     model, config, trained_fingerprint = load_run(checkpoint)
     T, vocab = config["model"]["context_length"], config["model"]["vocab_size"]
     batch_size = batch_size or config.get("run", {}).get("batch_size") or 8
     dev = resolve_device(device)
     dataset = TokenDataset(data)
     _check_fits_model(dataset, data, config, trained_fingerprint)
+    windows, mask = eval_documents(config, dataset, windows, doc_mask)
     token_bytes, no_bpb = token_bytes_on(dataset, vocab, dev)
     if batches is None:
         stream = _to_device(all_windows(dataset, T, batch_size), dev)
     else:
-        stream = fixed_batches(dataset, batch_size, T, batches, dev)
-    score = score_batches(model.to(dev), stream, token_bytes)
+        where = {"windows": windows}
+        if windows == "document":
+            key = mask or _documents_of(config, dataset)
+            where |= {"eot_id": key.eot_id, "delimiter": key.delimiter}
+        stream = fixed_batches(dataset, batch_size, T, batches, dev, where)
+    score = score_batches(model.to(dev), stream, token_bytes, doc_mask=mask)
     if score.tokens == 0:
         raise ConfigError(f"{data}: no shard has two tokens, so there is no target to score")
-    return Evaluation(score, no_bpb, batch_size, T, batches)
+    return Evaluation(score, no_bpb, batch_size, T, batches, windows, mask is not None)
+
+
+def eval_documents(
+    config: dict, dataset: TokenDataset, windows: str | None, doc_mask: bool | None
+) -> tuple[str, DocMask | None]:
+    """(windows, DocMask or None) to evaluate with: the run's, each unless overridden. Where the documents start
+    is the run's (saved by a run with a document option), else the evaluated data's manifest's."""
+    trained_windows, trained_mask = trained_documents(config)
+    windows = windows or trained_windows
+    if doc_mask is None:
+        return windows, trained_mask
+    return windows, (trained_mask or _documents_of(config, dataset)) if doc_mask else None
+
+
+def _documents_of(config: dict, dataset: TokenDataset) -> DocMask:
+    """The eot id and delimiter the run saved (any document option resolves them), else the evaluated data's."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    if isinstance(data.get("eot_id"), int) and data.get("delimiter") in DELIMITERS:
+        return DocMask(data["eot_id"], data["delimiter"])
+    try:
+        key = dataset.document_keys()[0]
+    except LmDataError as e:
+        raise ConfigError(f"the run records no eot id, and the evaluated data says none either: {e}") from None
+    return DocMask(key.eot_id, key.delimiter)
 
 
 def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict, fingerprint: dict | None) -> None:
@@ -235,7 +292,9 @@ def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict, fin
 def report(ev: Evaluation) -> str:
     s = ev.score
     lines = [
-        f"windows    {s.windows} (batch size {ev.batch_size}, context length {ev.context_length})",
+        f"windows    {s.windows} (batch size {ev.batch_size}, context length {ev.context_length}, "
+        f"{'every token once' if ev.asked is None else ev.windows + ' windows'}, "
+        f"{'document-masked' if ev.doc_mask else 'unmasked'})",
         f"tokens     {s.tokens} scored" + (f", {s.bytes} bytes of text" if s.bytes is not None else ""),
         f"loss       {s.loss:.6f} nats/token",
         f"perplexity {s.ppl:.4f}",
@@ -267,6 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--all", action="store_true", help="score every token of the split once")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per batch (default: the run's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--windows",
+        choices=WINDOWS,
+        default=None,
+        help="where the fixed batches' windows start: any (multiples of T) or document (document starts) "
+        "(default: the run's --windows; --all scores every token once whatever this says)",
+    )
+    parser.add_argument(
+        "--doc-mask",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score with attention confined to each document (default: as the run was trained, its --doc-mask); "
+        "give the same --windows and --doc-mask/--no-doc-mask to compare two runs on the same windows",
+    )
     args = parser.parse_args(argv)
     problems = []
     if args.batches < 1:
@@ -279,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = parse_sources(args.data, weighted=False)
     for s in sets:
         try:
-            ev = evaluate(args.checkpoint, s.path, None if args.all else args.batches, args.batch_size, args.device)
+            batches = None if args.all else args.batches
+            ev = evaluate(args.checkpoint, s.path, batches, args.batch_size, args.device, args.windows, args.doc_mask)
         except (LmTrainError, LmDataError) as e:
             print(f"evaluate: error: {e}", file=sys.stderr)
             return 2

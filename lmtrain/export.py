@@ -12,6 +12,10 @@ Writes into DIR (new or empty): ``config.json`` (LlamaConfig), ``generation_conf
 * ``tiktoken:NAME``: no tokenizer files (transformers has no exact equivalent of a tiktoken encoding here); use
   ``tiktoken.get_encoding(NAME)``, whose end-of-text id is the config's eos_token_id.
 
+A run trained with ``--doc-mask`` exports the same weights, but the HF model has no document masking (it attends
+across documents; positions do not restart): the export says so, and writes it into DIR's ``README.md``, the
+model card the Hub shows.
+
 The run is only read (safe while it trains). Exit 0 done, 2 a user error (one message, no traceback).
 """
 
@@ -33,7 +37,16 @@ from lmdata.errors import TokenizerError
 from lmdata.tokenizer import EOT_TEXT, ByteTokenizer, HFTokenizer, byte_level_chars
 from lmtrain import hf
 from lmtrain.errors import ConfigError, LmTrainError
-from lmtrain.sample import load_run, tokenizer_for
+from lmtrain.sample import load_run, tokenizer_for, trained_documents
+
+MODEL_CARD = "README.md"  # written for a --doc-mask run only: what the HF model does not do
+NO_DOC_MASK = (
+    "This model was trained with document masking (lmtrain --doc-mask): attention confined to each document "
+    "inside a window, positions restarting at each document. The Hugging Face Llama model has no document "
+    "masking: it attends across documents and its positions do not restart at an end-of-text, so give it one "
+    "document at a time (text after an end-of-text is not what it was trained on); lmtrain.sample generates as "
+    "it was trained"
+)
 
 
 def export_run(
@@ -43,8 +56,8 @@ def export_run(
     tokenizer: str | None = None,
     max_shard_bytes: int = hf.MAX_SHARD_BYTES,
 ) -> list[str]:
-    """Write the HF directory ``out`` for the run or checkpoint ``source``; returns notes for the user (what was
-    written for the tokenizer)."""
+    """Write the HF directory ``out`` for the run or checkpoint ``source``; returns notes for the user, each
+    "what: note" (what was written for the tokenizer; for a ``--doc-mask`` run, that the HF model has none)."""
     transformers = hf.import_module("transformers")
     if dtype not in hf.DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(hf.DTYPES)}, got {dtype!r}")
@@ -76,7 +89,10 @@ def export_run(
         transformers.GenerationConfig(**ids).save_pretrained(partial)
         for name in hf.save_weights(llama, partial, max_shard_bytes):
             (partial / name).chmod(0o644)  # safetensors writes 0600; the rest of the directory is 0644
-        notes = [why_not or save_tokenizer(tok, partial, m["context_length"])]
+        notes = ["tokenizer: " + (why_not or save_tokenizer(tok, partial, m["context_length"]))]
+        if trained_documents(config)[1] is not None:
+            (partial / MODEL_CARD).write_text(f"# {out.name}\n\nExported by lmtrain.export.\n\n{NO_DOC_MASK}\n")
+            notes.append(f"document masking: {NO_DOC_MASK} (also in {out / MODEL_CARD})")
         partial.chmod(0o755)  # mkdtemp's 0o700 is for the temporary only
         os.replace(partial, out)  # onto an empty directory too (POSIX rename)
     except BaseException:
@@ -176,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: error: --out {args.out}: cannot write there ({why}); choose another", file=sys.stderr)
         return 2
     for note in notes:
-        print(f"export: tokenizer: {note}")
+        print(f"export: {note}")
     print(f"export: wrote {args.out}; load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")
     return 0
 

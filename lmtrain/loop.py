@@ -14,6 +14,9 @@ training tokens read from each source so far, computed from the mixture's tree f
 (``source_tokens``), so they add up across resumes, also across an allowed change of the mixture. Several val
 sets are each scored on their own fixed batches; see :meth:`Trainer.evaluate` for what is logged.
 
+Documents: the train loader and the fixed val batches take the run's ``--windows``; with ``--doc-mask`` each
+micro-batch and each val batch passes the model doc ids computed from its tokens on the device (no sync).
+
 Sync points (host waits for the GPU) per step: one, in :func:`lmtrain.runtime.agree_on_step`, reading the loss
 plus the gradient norm (to stop *before* a non-finite update) together with the stop flag (SIGTERM/SIGINT).
 Under torchrun both travel in ONE all_reduce of a (2,) tensor, so a non-finite value or a signal on any rank
@@ -40,8 +43,9 @@ from lmtrain.checkpoint import restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED, TrainConfig
 from lmtrain.datasources import as_val_sets, open_train, open_val, val_weights
+from lmtrain.documents import DocMask
 from lmtrain.errors import ConfigError, NonFiniteLossError
-from lmtrain.evaluate import score_batches, token_bytes_on, weighted_mean
+from lmtrain.evaluate import document_ids, score_batches, token_bytes_on, weighted_mean
 from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
@@ -75,6 +79,8 @@ class Trainer:
             datasets = open_train(c.data.train_data), open_val(c.data.val_data)
         self.train_data, self.val_sets = datasets[0], as_val_sets(datasets[1])
         self.val_weights = val_weights(self.train_data, list(self.val_sets))
+        # --doc-mask: the eot id and delimiter preflight resolved into the config; training and evaluation alike
+        self.doc_mask = DocMask(c.data.eot_id, c.data.delimiter) if c.run.doc_mask else None
         self.loader = BatchLoader(
             self.train_data,
             c.run.batch_size,
@@ -85,6 +91,7 @@ class Trainer:
             c.run.prefetch,
             rt.rank,
             rt.world_size,
+            **c.loader_windows,
         )
         self.val_batches = {name: self._fixed_val_batches(ds) for name, ds in self.val_sets.items()}
         # UTF-8 bytes per id, int64 (V,) on the device, for val_bpb; None when no manifest names the tokenizer
@@ -124,6 +131,7 @@ class Trainer:
             prefetch=1,
             rank=0,
             world_size=1,
+            **c.loader_windows,  # evaluation sees the windows training does
         ) as loader:
             return [tuple(t.clone() for t in next(loader)) for _ in range(c.log.eval_batches)]
 
@@ -279,7 +287,7 @@ class Trainer:
             skip_sync = self.rt.distributed and micro < accum - 1
             with model.no_sync() if skip_sync else contextlib.nullcontext():
                 with self.rt.autocast():
-                    logits = model(x)  # (B, T, V)
+                    logits = model(x, document_ids(x, self.doc_mask))  # (B, T, V); doc ids on x's device, no sync
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -354,7 +362,7 @@ class Trainer:
         each as ``val_loss/NAME``), ``val_ppl`` and, when every set's tokenizer is known, ``val_bpb``."""
         # the plain model, not the compiled/DDP wrapper: no collectives, no recompiles
         scores = {
-            name: score_batches(self.model, batches, self.val_token_bytes[name], self.rt.autocast)
+            name: score_batches(self.model, batches, self.val_token_bytes[name], self.rt.autocast, self.doc_mask)
             for name, batches in self.val_batches.items()
         }
         loss, bpb = weighted_mean(scores, self.val_weights)

@@ -49,7 +49,10 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Preflight, bool
     for note in derived.warnings:
         print(f"lmtrain: warning: {note}", file=sys.stderr, flush=True)
     allow_change = getattr(args, "allow_config_change", False)
-    return config.with_vocab_size(derived.vocab_size), derived, allow_change, is_demo
+    config = config.with_vocab_size(derived.vocab_size)
+    if derived.documents is not None:  # saved resolved, so that a resume, evaluate and sample read the same
+        config = config.with_documents(*derived.documents)
+    return config, derived, allow_change, is_demo
 
 
 def run(config: TrainConfig, checked: Preflight, runtime: Runtime, allow_change: bool) -> Trainer:

@@ -15,6 +15,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +42,7 @@ class Preflight:
     train: TokenDataset | Mixture  # a Mixture when --train-data gives weights (lmtrain.datasources)
     val: dict[str, TokenDataset]  # by name, in the order given
     warnings: tuple[str, ...] = ()  # settings that are allowed but probably not what was meant
+    documents: tuple[int, str] | None = None  # (eot id, delimiter) of every source, when a document option is on
 
 
 def count_parameters(c: TrainConfig, vocab_size: int) -> int:
@@ -81,18 +83,55 @@ def _open(c: TrainConfig) -> tuple[dict[str, list[_Opened]], list[str]]:
     return opened, problems
 
 
-def check_data(c: TrainConfig) -> tuple[int | None, TokenDataset | Mixture | None, dict[str, TokenDataset], list[str]]:
-    """(vocab_size, train data, val sets by name, problems): open every source, settle the vocabulary (the given
-    one, or the largest of the training manifests'), check each source's windows fit and its ids."""
+def check_documents(c: TrainConfig, sources: list[_Opened]) -> tuple[tuple[int, str] | None, list[str]]:
+    """((eot id, delimiter), problems) for a document option (--windows document, --doc-mask): every source, train
+    and val, must say where its documents start, by its manifest or by --eot-id and --delimiter (which must not
+    contradict a manifest), and all of them alike: one doc_ids rule serves every batch. Reads the manifests only."""
+    keys: dict[tuple[int, str], str] = {}  # each (eot id, delimiter) found: the first source that has it
+    problems = []
+    options = " and ".join(
+        f for f, on in (("--windows document", c.run.windows == "document"), ("--doc-mask", c.run.doc_mask)) if on
+    )
+    for o in sources:
+        try:
+            found = o.dataset.document_keys(c.data.eot_id, c.data.delimiter)
+        except LmDataError as e:
+            problems.append(f"{options}: the {o.label} data ({o.source.path}): {e}")
+            continue
+        for key in found:
+            keys.setdefault((key.eot_id, key.delimiter), o.label)
+    if len(keys) > 1:
+        described = "; ".join(f"the {label} data: eot_id {k[0]}, delimiter {k[1]!r}" for k, label in keys.items())
+        problems.append(f"{options}: the sources disagree on where documents start ({described}); prepare them alike")
+    return (next(iter(keys)) if len(keys) == 1 and not problems else None), problems
+
+
+class DataChecked(NamedTuple):
+    """What :func:`check_data` found: each None when a problem prevents it."""
+
+    vocab_size: int | None
+    train: TokenDataset | Mixture | None
+    val: dict[str, TokenDataset]
+    documents: tuple[int, str] | None  # (eot id, delimiter), for a document option
+    problems: list[str]
+
+
+def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
+    """Open every source, settle the vocabulary (the given one, or the largest of the training manifests'), check
+    each source's windows fit and its ids, and (``documents``, when a document option is on) where its documents
+    start."""
     opened, problems = _open(c)
     if problems:
-        return None, None, {}, problems
+        return DataChecked(None, None, {}, None, problems)
     train_sources, val_sources = opened["train_data"], opened["val_data"]
     try:  # a Mixture refuses sources of different tokenizers or end-of-text ids, naming both
         train = combine([o.source for o in train_sources], [o.dataset for o in train_sources])
     except LmDataError as e:
-        return None, None, {}, [f"--train-data: {e}"]
+        return DataChecked(None, None, {}, None, [f"--train-data: {e}"])
     val = {o.source.name: o.dataset for o in val_sources}
+    key = None
+    if documents and c.uses_documents:
+        key, problems = check_documents(c, [*train_sources, *val_sources])
     trained = made_by(train)
     for o in val_sources:
         if trained and o.dataset.made_by and trained != o.dataset.made_by:
@@ -102,7 +141,13 @@ def check_data(c: TrainConfig) -> tuple[int | None, TokenDataset | Mixture | Non
             )
     vocab_size = c.model.vocab_size or train.vocab_size
     if vocab_size is None:
-        return None, train, val, ["--vocab-size is required: the training data has no manifest.json that states it"]
+        problems.append("--vocab-size is required: the training data has no manifest.json that states it")
+        return DataChecked(None, train, val, key, problems)
+    if key is not None and key[0] >= vocab_size:
+        problems.append(
+            f"--eot-id {key[0]} is not a token of the vocabulary (vocab_size {vocab_size}): no document would ever "
+            "end; pass the data's end-of-text id"
+        )
     for o in (*train_sources, *val_sources):
         longest = int(o.dataset.lengths.max())
         if longest < c.model.context_length + 1:
@@ -111,7 +156,7 @@ def check_data(c: TrainConfig) -> tuple[int | None, TokenDataset | Mixture | Non
                 f"has {longest} tokens and a window needs context_length + 1"
             )
         problems += _token_range_problems(o.label, o.dataset, vocab_size, given=c.model.vocab_size is not None)
-    return vocab_size, train, val, problems
+    return DataChecked(vocab_size, train, val, key, problems)
 
 
 def _token_range_problems(name: str, ds: TokenDataset, vocab_size: int, given: bool) -> list[str]:
@@ -331,9 +376,10 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
     """
     problems = check_logging_packages(c) if _usable(bad, "log.") else []
     problems += check_resume_path(c) if _usable(bad, "checkpoint.resume") else []
-    vocab_size, train, val = None, None, {}
+    vocab_size, train, val, documents = None, None, {}, None
     if _usable(bad, "data.train_data", "data.val_data", "model.vocab_size", "model.context_length"):
-        vocab_size, train, val, data_problems = check_data(c)
+        usable = _usable(bad, "data.eot_id", "data.delimiter", "run.windows", "run.doc_mask")
+        vocab_size, train, val, documents, data_problems = check_data(c, documents=usable)
         problems += data_problems
     num_parameters = None
     if vocab_size is not None and _usable(bad, "model."):
@@ -347,4 +393,4 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
         problems += check_memory(c, num_parameters)
     if vocab_size is None or problems:
         return None, problems
-    return Preflight(vocab_size, train, val, tuple(surprising_settings(c, train, val))), problems
+    return Preflight(vocab_size, train, val, tuple(surprising_settings(c, train, val)), documents), problems
