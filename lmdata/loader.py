@@ -35,7 +35,6 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -308,7 +307,7 @@ class BatchLoader:
         dtype: torch.dtype = torch.int64,
         windows: str = "any",
         eot_id: int | None = None,
-        delimiter: Sequence[int] | None = None,
+        delimiter: str | None = None,
     ):
         check_windows(windows, eot_id, delimiter)
         if prefetch < 1:

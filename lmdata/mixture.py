@@ -285,7 +285,7 @@ class MixtureSampler:
         world_size: int = 1,
         windows: str = "any",
         eot_id: int | None = None,
-        delimiter: Sequence[int] | None = None,
+        delimiter: str | None = None,
     ):
         if name not in SAMPLERS:
             raise ArgumentError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
@@ -324,7 +324,7 @@ class MixtureSampler:
             starts=np.concatenate([s.index.starts for s in self.sources]).astype(np.int64),  # empty unless explicit
         )
 
-    def _source(self, j: int, name: str, eot_id: int | None, delimiter: Sequence[int] | None):
+    def _source(self, j: int, name: str, eot_id: int | None, delimiter: str | None):
         ds = self.mixture.datasets[j]
         try:
             return make_sampler(

@@ -350,7 +350,7 @@ def make_sampler(name: str, lengths: np.ndarray, context_length: int, batch_size
     return cls(lengths, context_length, batch_size, **kwargs)
 
 
-def check_windows(windows: str, eot_id: int | None = None, delimiter: Sequence[int] | None = None) -> None:
+def check_windows(windows: str, eot_id: int | None = None, delimiter: str | None = None) -> None:
     """ArgumentError unless ``windows`` is a mode of :data:`WINDOWS`, with eot_id and delimiter only for "document"
     (they say where its documents start)."""
     if windows not in WINDOWS:
@@ -360,7 +360,7 @@ def check_windows(windows: str, eot_id: int | None = None, delimiter: Sequence[i
 
 
 def window_starts(
-    dataset, windows: str, context_length: int, eot_id: int | None = None, delimiter: Sequence[int] | None = None
+    dataset, windows: str, context_length: int, eot_id: int | None = None, delimiter: str | None = None
 ) -> list[np.ndarray] | None:
     """The explicit window starts of ``windows`` mode for ``dataset`` (a TokenDataset), one int64 array per shard:
     None for "any" (every position, or every T-th); for "document", ``dataset.document_starts(...)``."""
