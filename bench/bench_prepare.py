@@ -184,7 +184,5 @@ def test_prepare_byte(benchmark, corpus):
         ),
     }
     benchmark.group = "prepare: byte"
-    ratios = run_interleaved(
-        benchmark, feeders, lambda f: f(), steps=1, rounds=ROUNDS, baseline="read_and_decompress"
-    )
+    ratios = run_interleaved(benchmark, feeders, lambda f: f(), steps=1, rounds=ROUNDS, baseline="read_and_decompress")
     report(benchmark, ratios, "read_and_decompress", 2 * corpus["bytes"])

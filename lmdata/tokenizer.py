@@ -155,7 +155,7 @@ def _special_id(tok, text: str, what: str, path: Path, fix: str) -> int:
     if found not in added or not added[found].special:
         raise TokenizerError(
             f"{what}: an ordinary token of {path} (id {found}), which text inside documents also encodes to, so it "
-            "cannot mark where one ends; give a special token (an added token with \"special\": true)"
+            'cannot mark where one ends; give a special token (an added token with "special": true)'
         )
     return found
 

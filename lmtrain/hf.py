@@ -345,6 +345,8 @@ def _shard_files(directory: Path) -> list[str]:
     if outside:
         raise CheckpointError(f"{directory / INDEX_NAME}: names {outside[0]!r}, not a file of the directory")
     return files
+
+
 def load_hf(directory: str | Path) -> TransformerLM:
     """Our TransformerLM (float32, on the CPU, eval mode) with the weights of the HF Llama model in ``directory``
     (config.json + safetensors). Raises ConfigError for a Llama feature our model lacks."""

@@ -194,7 +194,9 @@ def test_a_disk_that_fills_during_the_run_stops_it_with_exit_2_and_the_checkpoin
         ("rng", {"torch": 3}, "RNG state is malformed"),
     ],
 )
-def test_a_hostile_checkpoint_in_the_run_dir_is_refused_without_a_traceback(corpus, tmp_path, capsys, part, value, message):  # noqa: E501
+def test_a_hostile_checkpoint_in_the_run_dir_is_refused_without_a_traceback(
+    corpus, tmp_path, capsys, part, value, message
+):  # noqa: E501
     out = tmp_path / "run"
     assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
     path = out / "checkpoints" / "step_00000002.pt"
