@@ -37,6 +37,7 @@ from lmdata.errors import ArgumentError, DatasetNotFoundError, LmDataError, Mani
 from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, is_int, open_shard
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from lmdata.progress import Progress as ProgressBar
+from lmdata.sampler import check_windows
 from lmdata.writer import MARKER_NAME
 
 PathLike = str | os.PathLike
@@ -421,3 +422,20 @@ class TokenDataset:
 
 
 PROGRESS_BYTES = 1 << 30  # an in-memory document scan of this much shows progress (lmdata.progress)
+
+
+def starts_for_windows(
+    dataset: TokenDataset, windows: str, context_length: int, eot_id: int | None = None, delimiter: str | None = None
+) -> dict:
+    """The sampler keywords of ``windows`` mode for ``dataset``: ``starts``, its explicit window starts (one int64
+    array per shard: None for "any", every position or every T-th; for "document",
+    :meth:`TokenDataset.document_starts`), and the ``eot_id`` and ``delimiter`` those starts were made from, as
+    resolved from the manifest or the arguments (None for "any"), for the sampler's identity."""
+    check_windows(windows, eot_id, delimiter)
+    if windows == "any":
+        return {"starts": None, "eot_id": None, "delimiter": None}
+    starts = dataset.document_starts(context_length, eot_id=eot_id, delimiter=delimiter)
+    # every shard resolves to one eot id and delimiter: explicit ones must agree with each manifest, and shards
+    # without a manifest take the explicit ones (one directory with a manifest per dataset)
+    key = dataset.document_keys(eot_id, delimiter)[0]
+    return {"starts": starts, "eot_id": key.eot_id, "delimiter": key.delimiter}

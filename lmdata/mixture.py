@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from lmdata.dataset import TokenDataset
+from lmdata.dataset import TokenDataset, starts_for_windows
 from lmdata.errors import ArgumentError, ManifestError
 from lmdata.sampler import (
     SAMPLERS,
@@ -49,7 +49,6 @@ from lmdata.sampler import (
     locate_into,
     make_sampler,
     row_window,
-    window_starts,
 )
 
 _FRACTION_BITS = 32  # p and u are P / 2^32 and U / 2^32
@@ -335,7 +334,7 @@ class MixtureSampler:
                 seed=_source_seed(self.seed, j),
                 rank=self.rank,
                 world_size=self.world_size,
-                starts=window_starts(ds, self.windows, self.context_length, eot_id, delimiter),
+                **starts_for_windows(ds, self.windows, self.context_length, eot_id, delimiter),
             )
         except ArgumentError as e:
             raise ArgumentError(f"mixture source {self.mixture.names[j]}: {e}") from None
@@ -367,18 +366,27 @@ class MixtureSampler:
 
     def identity(self) -> dict:
         """What a saved position must agree on: the sampler's fields, and the mixture's names, weights and each
-        source's own sampler identity (ints, strings and floats: loads under ``torch.load(weights_only=True)``)."""
-        return {
+        source's own sampler identity (ints, strings and floats: loads under ``torch.load(weights_only=True)``).
+        With windows "document", also the eot id and delimiter the sources' starts were made from: one value each
+        (:class:`Mixture` makes sources that record an eot id agree on both), or one per source where a source
+        without one resolved another delimiter from its manifest."""
+        stream = ("windows", "eot_id", "delimiter")  # the stream's, at the top: sources' stay as old states saved
+        identity = {
             "kind": self.kind,
             "seed": self.seed,
             "context_length": self.context_length,
             "num_windows": self.num_windows,
             "windows": self.windows,
+        }
+        if self.windows == "document":
+            for k in ("eot_id", "delimiter"):
+                values = [s.identity()[k] for s in self.sources]
+                identity[k] = values[0] if values.count(values[0]) == len(values) else values
+        return identity | {
             "mixture": {
                 "names": list(self.mixture.names),
                 "weights": list(self.mixture.weights),
-                # windows is the stream's, above: the sources' identities stay as states before it saved them
-                "sources": [{k: v for k, v in s.identity().items() if k != "windows"} for s in self.sources],
+                "sources": [{k: v for k, v in s.identity().items() if k not in stream} for s in self.sources],
             },
         }
 

@@ -236,7 +236,8 @@ class _Sampler:
     Holds no position and no iteration state: batch ``step`` counts from a ``base_row`` the caller passes (the
     loader's rows consumed at its last resume), so the stream's only state is that one integer, kept by the
     loader. ``starts``: explicit window starts per shard (see :class:`WindowIndex`; the loader's
-    ``windows="document"``), or None for every position (random) or every T-th (epoch).
+    ``windows="document"``), or None for every position (random) or every T-th (epoch); ``eot_id`` and
+    ``delimiter``: what those starts were made from, part of :meth:`identity` (ignored without starts).
     """
 
     kind: int  # RANDOM or EPOCH
@@ -250,6 +251,8 @@ class _Sampler:
         rank: int = 0,
         world_size: int = 1,
         starts: Sequence[np.ndarray] | None = None,
+        eot_id: int | None = None,
+        delimiter: str | None = None,
     ):
         problems = []
         if batch_size <= 0:
@@ -265,6 +268,8 @@ class _Sampler:
         stride = context_length if self.kind == EPOCH else 1
         self.index = WindowIndex(lengths, context_length, stride, starts)
         self.windows = "any" if starts is None else "document"
+        # what made the explicit starts (identity only): two delimiter rules can give equally many windows
+        self.eot_id, self.delimiter = (None, None) if starts is None else (eot_id, delimiter)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.half_bits = feistel_half_bits(self.num_windows)
 
@@ -315,15 +320,19 @@ class _Sampler:
         """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
         return self.index.locate(self.window_ids(step, base_row))
 
-    def identity(self) -> dict[str, int | str]:
-        """What a saved position must agree on to continue this stream: ints, and the windows mode."""
-        return {
+    def identity(self) -> dict[str, int | str | None]:
+        """What a saved position must agree on to continue this stream: ints, the windows mode and, for explicit
+        starts, the eot id and delimiter they were made from (windows "any" has neither key)."""
+        identity = {
             "kind": self.kind,
             "seed": self.seed,
             "context_length": self.index.context_length,
             "num_windows": self.num_windows,
             "windows": self.windows,
         }
+        if self.windows == "document":
+            identity |= {"eot_id": self.eot_id, "delimiter": self.delimiter}
+        return identity
 
 
 class RandomSampler(_Sampler):
@@ -357,14 +366,3 @@ def check_windows(windows: str, eot_id: int | None = None, delimiter: str | None
         raise ArgumentError(f"unknown windows {windows!r}; choose one of {list(WINDOWS)}")
     if windows == "any" and (eot_id is not None or delimiter is not None):
         raise ArgumentError('eot_id and delimiter say where documents start: pass them with windows="document"')
-
-
-def window_starts(
-    dataset, windows: str, context_length: int, eot_id: int | None = None, delimiter: str | None = None
-) -> list[np.ndarray] | None:
-    """The explicit window starts of ``windows`` mode for ``dataset`` (a TokenDataset), one int64 array per shard:
-    None for "any" (every position, or every T-th); for "document", ``dataset.document_starts(...)``."""
-    check_windows(windows, eot_id, delimiter)
-    if windows == "any":
-        return None
-    return dataset.document_starts(context_length, eot_id=eot_id, delimiter=delimiter)
