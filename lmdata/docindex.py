@@ -186,23 +186,59 @@ def window_starts(positions: np.ndarray, num_tokens: int, context_length: int, d
     """The window starts of one shard (see the module docstring): sorted, unique int64, each with
     ``start + context_length + 1 <= num_tokens``; empty for a shard shorter than ``context_length + 1``.
 
-    ``positions``: the shard's sorted eot positions (any integer dtype, a sidecar's memmap included).
+    ``positions``: the shard's sorted eot positions (any integer dtype, a sidecar's memmap included). Memory: the
+    result only (one pass counts the windows, a second writes them), never a temporary per document or window.
     """
     T = _check_context_length(context_length)
+    check_delimiter(delimiter)
     n = int(num_tokens)
     if n < T + 1:
         return np.empty(0, dtype=np.int64)
-    docs = document_starts_of(positions, n, delimiter)
-    ends = np.append(docs[1:], n)
-    per_doc = (ends - docs + T - 1) // T  # windows d_i + k*T below d_{i+1}: ceil(length / T), >= 1
-    first = np.cumsum(per_doc) - per_doc  # index of each document's first window
-    k = np.arange(int(per_doc.sum()), dtype=np.int64) - np.repeat(first, per_doc)
-    starts = np.repeat(docs, per_doc) + k * T
-    last = n - T - 1  # the shard-end window: its targets are the shard's last T tokens
-    starts = starts[starts <= last]  # already sorted and unique: documents in order, steps of T inside each
-    if starts.size == 0 or starts[-1] != last:
-        starts = np.append(starts, np.int64(last))
-    return starts
+    p = np.asarray(positions)
+    if p.dtype.kind not in "iu":
+        p = p.astype(np.int64)
+    before = delimiter == "before"
+    out = np.empty(_window_starts_into(p, n, T, before, np.empty(0, dtype=np.int64)), dtype=np.int64)
+    _window_starts_into(p, n, T, before, out)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _window_starts_into(positions, n, T, before, out):
+    """Count the window starts of a shard of ``n >= T + 1`` tokens whose sorted eot positions are ``positions``
+    and, if ``out`` (int64) is not empty, write them there; return the count.
+
+    Documents start at 0 and at each p + 1 ("after"; ``before`` False) or p ("before") inside (0, n): strictly
+    increasing because the positions are. Each document d (up to the next start e) takes d, d + T, ... below e,
+    each up to the shard-end window ``last = n - T - 1``, which is added unless it is already the final start.
+    """
+    write = out.shape[0] > 0
+    last = n - T - 1
+    k = 0
+    prev = -1  # the last start written
+    d = 0  # the current document's start
+    i = 0
+    while d <= last:
+        e = n  # the next document's start
+        while i < positions.shape[0]:
+            q = np.int64(positions[i]) + (0 if before else 1)
+            i += 1
+            if d < q < n:
+                e = q
+                break
+        s = d
+        while s < e and s <= last:
+            if write:
+                out[k] = s
+            prev = s
+            k += 1
+            s += T
+        d = e
+    if prev != last:
+        if write:
+            out[k] = last
+        k += 1
+    return k
 
 
 def crop_starts(positions: np.ndarray, num_tokens: int, context_length: int, delimiter: str) -> np.ndarray:

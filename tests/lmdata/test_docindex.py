@@ -122,6 +122,21 @@ def test_window_starts_match_a_brute_force_reference_on_random_documents(delimit
         )
 
 
+def test_window_starts_allocate_only_their_result():
+    import tracemalloc
+
+    positions = np.arange(2, 300_000, 3, dtype=np.int64)  # documents of 3 tokens at 0, 3, ...: one window each
+    window_starts(positions, 300_000, 8, "after")  # compiled before measuring
+    tracemalloc.start()
+    try:
+        starts = window_starts(positions, 300_000, 8, "after")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert starts.tolist() == list(range(0, 300_000 - 8, 3))  # the shard-end window 299991 is a document's
+    assert peak < starts.nbytes + 64 * 1024  # no temporary per document or window (numpy reports to tracemalloc)
+
+
 @pytest.mark.parametrize("n", [0, 1, T])
 def test_shards_shorter_than_a_window_have_no_starts(n):
     assert window_starts(np.empty(0, np.int64), n, T, "after").tolist() == []

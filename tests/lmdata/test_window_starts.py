@@ -218,6 +218,9 @@ def test_a_mixture_gives_each_source_its_own_starts(tmp_path, dataset):
         assert source.num_windows == n
         mine = windows[sources == j] - sampler.window_offsets[j]
         assert sorted(mine[:n].tolist()) == list(range(n))  # each start once per epoch of its source
+        assert source.index.starts.tolist() == np.concatenate(own[j]).tolist()
+        assert source.index.starts.base is sampler.stream_args.starts  # a view: the starts are held once
+    assert sampler.stream_args.starts.nbytes == 8 * sampler.num_windows
     with BatchLoader(mixture, 4, T, sampler="epoch", seed=2, prefetch=2, windows="document", eot_id=3) as loader:
         batches = [next(loader)[0] for _ in range(20)]
     firsts = torch.cat(batches)[:, 0].numpy()
