@@ -155,8 +155,8 @@ class Mixture:
     """Datasets mixed by weight: ``Mixture([(TokenDataset(a), 0.7), (TokenDataset(b), 0.3)])``.
 
     Accepted by :class:`lmdata.BatchLoader` wherever a dataset is. Weights must be positive; they are normalised.
-    ``names`` default to each source's directory name and must be unique. All sources must share one tokenizer
-    and end-of-text id where their manifests name them; the vocabulary is the largest of theirs.
+    ``names`` default to each source's directory name and must be unique. All sources must share one tokenizer,
+    end-of-text id and delimiter where their manifests name them; the vocabulary is the largest of theirs.
     """
 
     def __init__(self, sources: Sequence[tuple[TokenDataset, float]], names: Sequence[str] | None = None):
@@ -244,15 +244,26 @@ def _names(datasets: list[TokenDataset], names: Sequence[str] | None) -> list[st
 
 
 def _check_one_tokenizer(datasets: list[TokenDataset], names: list[str]) -> None:
-    """ManifestError if two sources' manifests name different tokenizers or end-of-text ids: their ids would mean
-    different things. A source whose manifest does not name one (no manifest, "unknown") agrees with any."""
-    for what, values in (("tokenizer", [_tokenizer(ds) for ds in datasets]), ("eot_id", [_eot(ds) for ds in datasets])):
-        named = [(n, v) for n, v in zip(names, values, strict=True) if v is not None]
+    """ManifestError if two sources' manifests name different tokenizers, end-of-text ids or delimiters: their ids
+    would mean different things, or their documents start on different sides of the eot id. A source whose
+    manifest does not name one (no manifest, "unknown"; for the delimiter, no eot id) agrees with any."""
+    advice = {
+        "tokenizer": "mix only data prepared with one tokenizer",
+        "eot_id": "mix only data prepared with one tokenizer",
+        "delimiter": "mix only data whose eot id stands on the same side of each document",
+    }
+    values = {
+        "tokenizer": [_tokenizer(ds) for ds in datasets],
+        "eot_id": [_eot(ds) for ds in datasets],
+        "delimiter": [_delimiter(ds) for ds in datasets],
+    }
+    for what, of_sources in values.items():
+        named = [(n, v) for n, v in zip(names, of_sources, strict=True) if v is not None]
         for n, v in named[1:]:
             if v != named[0][1]:
                 raise ManifestError(
                     f"mixture sources disagree on the {what}: {named[0][0]} has {named[0][1]!r}, {n} has {v!r}; "
-                    "mix only data prepared with one tokenizer"
+                    f"{advice[what]}"
                 )
 
 
@@ -263,6 +274,11 @@ def _tokenizer(ds: TokenDataset) -> str | None:
 
 def _eot(ds: TokenDataset) -> int | None:
     return ds.manifest.eot_id if ds.manifest is not None else None
+
+
+def _delimiter(ds: TokenDataset) -> str | None:
+    """The manifest's delimiter where it records an eot id (without one the delimiter says nothing)."""
+    return ds.manifest.delimiter if _eot(ds) is not None else None
 
 
 class MixtureSampler:
