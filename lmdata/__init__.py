@@ -20,7 +20,7 @@ from lmdata.errors import (
     TokenizerError,
     UnfinishedWriteError,
 )
-from lmdata.fill import BatchFiller, gather_batch
+from lmdata.fill import BatchFiller
 from lmdata.format import (
     DTYPE_LIMITS,
     HEADERED_FORMATS,
@@ -31,7 +31,7 @@ from lmdata.format import (
     open_shard,
     token_dtype_for,
 )
-from lmdata.gather import ShardTable, gather_windows, shard_table
+from lmdata.gather import ShardTable, gather_batch, gather_windows, shard_table
 from lmdata.loader import BatchLoader, LoaderStats
 from lmdata.manifest import Manifest, ShardEntry
 from lmdata.mixture import Mixture, MixtureSampler

@@ -27,6 +27,7 @@ import numpy as np
 from lmdata.docindex import (
     EOT_LIMIT,
     IndexKey,
+    check_context_length,
     check_delimiter,
     document_key,
     no_index_note,
@@ -351,9 +352,7 @@ class TokenDataset:
         (another context length) reads nothing.
         """
         keys = self.document_keys(eot_id, delimiter)
-        T = int(context_length) if is_int(context_length) and context_length > 0 else 0
-        if not T:
-            raise ArgumentError(f"context_length must be a positive int, got {context_length!r}")
+        T = check_context_length(context_length)
         wanted = [i for i, s in enumerate(self.shards) if s.num_tokens >= T + 1]
         self._load_positions([i for i in wanted if self._positions.get(i, (None,))[0] != keys[i]], keys)
         starts = [np.empty(0, dtype=np.int64) for _ in self.shards]

@@ -81,6 +81,7 @@ from numba import njit
 from lmdata.atomic import atomic_write
 from lmdata.errors import ArgumentError
 from lmdata.format import Shard, is_int, open_shard
+from lmdata.sampler import strided_counts
 
 if TYPE_CHECKING:
     from lmdata.dataset import Listing  # lmdata.dataset imports this module
@@ -189,7 +190,7 @@ def window_starts(positions: np.ndarray, num_tokens: int, context_length: int, d
     ``positions``: the shard's sorted eot positions (any integer dtype, a sidecar's memmap included). Memory: the
     result only (one pass counts the windows, a second writes them), never a temporary per document or window.
     """
-    T = _check_context_length(context_length)
+    T = check_context_length(context_length)
     check_delimiter(delimiter)
     n = int(num_tokens)
     if n < T + 1:
@@ -244,16 +245,15 @@ def _window_starts_into(positions, n, T, before, out):
 def crop_starts(positions: np.ndarray, num_tokens: int, context_length: int, delimiter: str) -> np.ndarray:
     """Crop-style alignment, for comparison: one window per document start that fits the shard (a document
     longer than T is cropped to its first T targets)."""
-    T = _check_context_length(context_length)
+    T = check_context_length(context_length)
     docs = document_starts_of(positions, int(num_tokens), delimiter)
     return docs[docs + T + 1 <= num_tokens]
 
 
 def stride_starts(num_tokens: int, context_length: int) -> np.ndarray:
     """The windows of the epoch sampler ("any" alignment): every multiple of T whose window fits the shard."""
-    T = _check_context_length(context_length)
-    count = (num_tokens - T - 1) // T + 1 if num_tokens >= T + 1 else 0
-    return np.arange(count, dtype=np.int64) * T
+    T = check_context_length(context_length)
+    return np.arange(int(strided_counts(np.array([num_tokens]), T + 1, T)[0]), dtype=np.int64) * T
 
 
 class Coverage(NamedTuple):
@@ -270,7 +270,7 @@ class Coverage(NamedTuple):
 def target_coverage(starts: np.ndarray, num_tokens: int, context_length: int) -> Coverage:
     """Count the tokens of a shard of ``num_tokens`` tokens by how often they are a target (token s + 1 .. s + T)
     of the windows at ``starts``. Memory: one int32 per token (a bench and test helper, not for training)."""
-    T = _check_context_length(context_length)
+    T = check_context_length(context_length)
     s = np.asarray(starts, dtype=np.int64)
     if s.size and (s.min() < 0 or s.max() + T + 1 > num_tokens):
         raise ArgumentError(f"a window start runs past the shard's {num_tokens} tokens (T = {T})")
@@ -282,7 +282,8 @@ def target_coverage(starts: np.ndarray, num_tokens: int, context_length: int) ->
     return Coverage(int(counts[1]), int(counts[2]), int(counts[3:].sum()), int(counts[0]))
 
 
-def _check_context_length(context_length: object) -> int:
+def check_context_length(context_length: object) -> int:
+    """``context_length`` as an int if it is a positive int; ArgumentError otherwise."""
     if not is_int(context_length) or context_length <= 0:
         raise ArgumentError(f"context_length must be a positive int, got {context_length!r}")
     return int(context_length)

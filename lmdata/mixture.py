@@ -42,11 +42,10 @@ from lmdata.dataset import TokenDataset, starts_for_windows
 from lmdata.errors import ArgumentError, ManifestError
 from lmdata.sampler import (
     SAMPLERS,
+    RankStream,
     StreamArgs,
     check_windows,
-    first_row_of,
     hash3,
-    locate_into,
     make_sampler,
     row_window,
 )
@@ -281,9 +280,10 @@ def _delimiter(ds: TokenDataset) -> str | None:
     return ds.manifest.delimiter if _eot(ds) is not None else None
 
 
-class MixtureSampler:
+class MixtureSampler(RankStream):
     """The global stream of rows of a :class:`Mixture`, and this rank's view of it; like the samplers of
-    :mod:`lmdata.sampler` it holds no position (batch ``step`` counts from the ``base_row`` passed).
+    :mod:`lmdata.sampler` it holds no position (batch ``step`` counts from the ``base_row`` passed); its
+    batches' shard ids index ``mixture.shards``.
 
     ``windows``: "any" (each source's sampler over all its windows) or "document" (over the starts each
     source's ``document_starts(context_length, eot_id=..., delimiter=...)`` gives: 8 bytes per start).
@@ -375,19 +375,6 @@ class MixtureSampler:
     def row_windows(self, first_row: int, count: int) -> np.ndarray:
         """Shared window ids, int64 (count,), of global rows ``first_row ..``."""
         return self.assign(first_row, count)[2]
-
-    def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
-        """Shared window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
-        first = first_row_of(base_row, step, self.rank, self.world_size, self.batch_size)
-        return self.row_windows(first, self.batch_size)
-
-    def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(shard_ids into ``mixture.shards``, starts), each int64 (B,), of batch ``step`` on this rank."""
-        window_ids = self.window_ids(step, base_row)
-        shard_ids, starts = np.empty_like(window_ids), np.empty_like(window_ids)
-        args = self.stream_args
-        locate_into(window_ids, args.ends, args.stride, args.starts, shard_ids, starts)
-        return shard_ids, starts
 
     def identity(self) -> dict:
         """What a saved position must agree on: the sampler's fields, and the mixture's names, weights and each

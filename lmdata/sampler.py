@@ -92,7 +92,7 @@ class StreamArgs(NamedTuple):
 
     One shape for one dataset and for a mixture: a single dataset is a mixture of one source (``root == -1``,
     empty tree arrays, ``seeds == [seed]``), whose row k is row k of its sampler, so its rows are those of
-    :meth:`_Sampler.row_windows`. Window ids of all sources share one id space (source j's start at
+    :meth:`Sampler.row_windows`. Window ids of all sources share one id space (source j's start at
     ``window_offsets[j]``), and their shards one list.
     """
 
@@ -187,7 +187,7 @@ class WindowIndex:
         self.context_length = context_length
         self.stride = stride
         if starts is None:
-            counts = np.where(lengths >= span, (lengths - span) // stride + 1, 0)
+            counts = strided_counts(lengths, span, stride)
             self.starts = np.empty(0, dtype=np.int64)
         else:
             self.starts = _checked_starts(starts, lengths, span)
@@ -203,10 +203,22 @@ class WindowIndex:
 
     def locate(self, window_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard_ids, starts) for an int64 array of window ids."""
-        window_ids = np.ascontiguousarray(window_ids, dtype=np.int64)
-        shard_ids, starts = np.empty_like(window_ids), np.empty_like(window_ids)
-        locate_into(window_ids, self.ends, self.stride, self.starts, shard_ids, starts)
-        return shard_ids, starts
+        return locate(window_ids, self.ends, self.stride, self.starts)
+
+
+def locate(window_ids: np.ndarray, ends: np.ndarray, stride: int, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard_ids, starts), each int64 like ``window_ids``, of window ids over shards whose windows end at ``ends``
+    (:func:`locate_into`: strided by ``stride``, or at the explicit ``starts``)."""
+    window_ids = np.ascontiguousarray(window_ids, dtype=np.int64)
+    shard_ids, out_starts = np.empty_like(window_ids), np.empty_like(window_ids)
+    locate_into(window_ids, ends, stride, starts, shard_ids, out_starts)
+    return shard_ids, out_starts
+
+
+def strided_counts(lengths: np.ndarray, span: int, stride: int) -> np.ndarray:
+    """Windows of ``span`` tokens every ``stride`` tokens of each shard of ``lengths`` tokens, int64 per shard."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.where(lengths >= span, (lengths - span) // stride + 1, 0).astype(np.int64)
 
 
 def _checked_starts(starts: Sequence[np.ndarray], lengths: np.ndarray, span: int) -> np.ndarray:
@@ -230,7 +242,31 @@ def _checked_starts(starts: Sequence[np.ndarray], lengths: np.ndarray, span: int
     return np.ascontiguousarray(np.concatenate(checked) if checked else np.empty(0), dtype=np.int64)
 
 
-class _Sampler:
+class RankStream:
+    """What a stream of rows (a :class:`Sampler`'s or a :class:`lmdata.MixtureSampler`'s) gives one rank: its
+    batches, from the stream's ``row_windows`` and ``stream_args`` (ends, stride, starts) and its rank fields."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    stream_args: StreamArgs  # a property of Sampler, fixed at construction for a mixture
+
+    def row_windows(self, first_row: int, count: int) -> np.ndarray:
+        """Window ids, int64 (count,), of global rows ``first_row ..``: each stream's own rule."""
+        raise NotImplementedError
+
+    def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
+        """Window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
+        first = first_row_of(base_row, step, self.rank, self.world_size, self.batch_size)
+        return self.row_windows(first, self.batch_size)
+
+    def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
+        args = self.stream_args
+        return locate(self.window_ids(step, base_row), args.ends, args.stride, args.starts)
+
+
+class Sampler(RankStream):
     """The global stream of rows of one sampler and dataset, and this rank's view of it.
 
     Holds no position and no iteration state: batch ``step`` counts from a ``base_row`` the caller passes (the
@@ -311,15 +347,6 @@ class _Sampler:
         row_windows_into(self.kind, self.seed, first_row, self.num_windows, self.half_bits, out)
         return out
 
-    def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
-        """Global window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
-        first = first_row_of(base_row, step, self.rank, self.world_size, self.batch_size)
-        return self.row_windows(first, self.batch_size)
-
-    def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
-        return self.index.locate(self.window_ids(step, base_row))
-
     def identity(self) -> dict[str, int | str | None]:
         """What a saved position must agree on to continue this stream: ints, the windows mode and, for explicit
         starts, the eot id and delimiter they were made from (windows "any" has neither key)."""
@@ -335,13 +362,13 @@ class _Sampler:
         return identity
 
 
-class RandomSampler(_Sampler):
+class RandomSampler(Sampler):
     """Row i is a uniform window (with replacement) hashed from (seed, i), whichever rank reads it."""
 
     kind = RANDOM
 
 
-class EpochSampler(_Sampler):
+class EpochSampler(Sampler):
     """Row i is position i % n of epoch i // n's shuffled order of the n windows: each window once per epoch."""
 
     kind = EPOCH
@@ -350,7 +377,7 @@ class EpochSampler(_Sampler):
 SAMPLERS = {"random": RandomSampler, "epoch": EpochSampler}
 
 
-def make_sampler(name: str, lengths: np.ndarray, context_length: int, batch_size: int, **kwargs) -> _Sampler:
+def make_sampler(name: str, lengths: np.ndarray, context_length: int, batch_size: int, **kwargs) -> Sampler:
     """Build the sampler called ``name`` ("random" or "epoch")."""
     try:
         cls = SAMPLERS[name]
