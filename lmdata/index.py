@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 
 from lmdata.atomic import remove_stale_temporaries
-from lmdata.dataset import TokenDataset, sampled_sha256
+from lmdata.dataset import TokenDataset
 from lmdata.docindex import DELIMITERS, INDEX_SUFFIX, eot_positions, shard_index, sidecar_path, write_index
 from lmdata.errors import LmDataError, OutputError
+from lmdata.format import sampled_sha256
 from lmdata.manifest import MANIFEST_NAME
 from lmdata.progress import Progress
 

@@ -1,4 +1,4 @@
-"""Document indexes and document window starts (lmdata.docindex, TokenDataset.document_starts, lmdata.index).
+"""Document indexes and window starts (lmdata.docindex, lmdata.windows, TokenDataset.document_starts, lmdata.index).
 
 Shards here are documents of known lengths: document j holds the tokens 1.. (never the eot id 0), and the eot id
 stands after each document ("after") or before it ("before"), so every document start is known exactly.
@@ -19,22 +19,11 @@ import numpy as np
 import pytest
 
 from lmdata import ArgumentError, Manifest, TokenDataset, docindex, validate_shards, write_shards
-from lmdata.docindex import (
-    INDEX_SUFFIX,
-    IndexKey,
-    crop_starts,
-    document_starts_of,
-    eot_positions,
-    read_index,
-    sidecar_path,
-    stride_starts,
-    target_coverage,
-    window_starts,
-    write_index,
-)
+from lmdata.docindex import INDEX_SUFFIX, IndexKey, eot_positions, read_index, sidecar_path, write_index
 from lmdata.index import main as index_main
 from lmdata.inputs import expand_inputs
 from lmdata.prepare import prepare
+from lmdata.windows import crop_starts, document_starts_of, stride_starts, target_coverage, window_starts
 from tests.conftest import write_llmc
 
 EOT = 0
@@ -703,7 +692,7 @@ def test_a_copy_that_keeps_mtimes_keeps_its_sidecars_valid(tmp_path):
 
 def test_in_a_large_shard_a_change_in_a_sampled_run_is_seen_and_one_outside_is_not(tmp_path):
     """Exactly what the docstring promises, and what it says it does not: the sample is 64 runs of 4096 tokens."""
-    from lmdata.dataset import SAMPLE_RUN_TOKENS, SAMPLE_RUNS
+    from lmdata.format import SAMPLE_RUN_TOKENS, SAMPLE_RUNS
 
     n = SAMPLE_RUNS * SAMPLE_RUN_TOKENS * 2
     tokens = (np.arange(n) % 50 + 1).astype(np.uint16)
