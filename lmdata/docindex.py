@@ -228,10 +228,11 @@ def read_index(shard_path: str | os.PathLike, key: IndexKey) -> tuple[np.ndarray
     return shard_index(open_shard(shard_path), key)
 
 
-def shard_index(shard: Shard, key: IndexKey) -> tuple[np.ndarray | None, str]:
+def shard_index(shard: Shard, key: IndexKey, checksum: str | None = None) -> tuple[np.ndarray | None, str]:
     """The positions of a valid sidecar of ``shard`` (memory-mapped, read-only) and "", or (None, why not).
 
-    Reads the 128-byte header, two ``stat`` calls and the sampled checksum's runs of tokens; then the positions,
+    Reads the 128-byte header, two ``stat`` calls and the sampled checksum's runs of tokens (unless the caller
+    passes ``checksum``, the shard's :func:`lmdata.format.sampled_sha256` it has just taken); then the positions,
     once, to check they can be the shard's. Never opens anything but a regular file (a FIFO would block).
     """
     path = sidecar_path(shard.path)
@@ -244,7 +245,7 @@ def shard_index(shard: Shard, key: IndexKey) -> tuple[np.ndarray | None, str]:
             if not S_ISREG(own.st_mode):
                 return None, "not a regular file (a FIFO, device or directory sits at its path)"
             raw = f.read(HEADER_BYTES)
-            why = _stale_reason(raw, own.st_size, os.stat(shard.path), key, shard)
+            why = _stale_reason(raw, own.st_size, os.stat(shard.path), key, shard, checksum)
             if why:
                 return None, why
             positions = _map_positions(f, raw)
@@ -267,7 +268,9 @@ def _map_positions(f, raw: bytes) -> np.ndarray:
     return np.memmap(f, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey, shard: Shard) -> str:
+def _stale_reason(
+    raw: bytes, size: int, st: os.stat_result, key: IndexKey, shard: Shard, checksum: str | None = None
+) -> str:
     """Why a sidecar's header does not vouch for ``shard`` as it is now ("" if it does); cheap checks first,
     the sampled checksum (which reads the shard) last."""
     if len(raw) < HEADER_BYTES or raw[:8] != _MAGIC:
@@ -289,7 +292,7 @@ def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey, shar
         return "stale: the shard's sha256 in the manifest differs from the index's"
     if eot_id != key.eot_id or DELIMITERS[delim] != key.delimiter:
         return f"made for eot id {eot_id}, delimiter {DELIMITERS[delim]!r}, not {key.eot_id}, {key.delimiter!r}"
-    if sampled.hex() != sampled_sha256(shard.tokens):
+    if sampled.hex() != (checksum if checksum is not None else sampled_sha256(shard.tokens)):
         return "stale: the shard's tokens changed since it was indexed (sampled checksum; same size and mtime)"
     return ""
 

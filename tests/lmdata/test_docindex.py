@@ -20,6 +20,7 @@ import pytest
 
 from lmdata import ArgumentError, Manifest, TokenDataset, docindex, validate_shards, write_shards
 from lmdata.docindex import INDEX_SUFFIX, IndexKey, eot_positions, read_index, sidecar_path, write_index
+from lmdata.format import sampled_sha256
 from lmdata.index import main as index_main
 from lmdata.inputs import expand_inputs
 from lmdata.prepare import prepare
@@ -501,6 +502,27 @@ def test_the_cli_on_data_without_a_manifest_needs_the_flags(tmp_path, capsys):
         warnings.simplefilter("error")
         starts = TokenDataset(bare).document_starts(T, eot_id=EOT, delimiter="before")
     assert starts[0].tolist() == reference_starts(shard_of([3, 8, 20, 5], "before")[1], 36, T)
+
+
+def test_index_dataset_returns_a_summary_prints_nothing_and_reads_each_sample_once(tmp_path, capsys, monkeypatch):
+    from lmdata import index as index_module
+
+    bare = bare_shards(tmp_path / "bare")
+    calls = []
+
+    def counted(tokens):
+        calls.append(len(tokens))
+        return sampled_sha256(tokens)
+
+    monkeypatch.setattr(index_module, "sampled_sha256", counted)
+    monkeypatch.setattr(docindex, "sampled_sha256", counted)
+    for written in (3, 0):  # a first run writes all three; a second finds them valid
+        calls.clear()
+        (summary,) = index_module.index_dataset(bare, EOT, "before")
+        assert (summary.directory, summary.shards, summary.written, summary.notes) == (bare, 3, written, [])
+        assert len(calls) == 3  # once per shard: checks the sidecar and stamps the new one
+    assert capsys.readouterr() == ("", "")  # library code: main prints the summaries
+    assert str(summary) == f"index: {bare}: all 3 shards have a valid document index; nothing to do"
 
 
 def test_the_cli_help_explains_the_flags(capsys):
