@@ -4,7 +4,8 @@ lmdata knows nothing of models: it turns token files into int64 (B, T) tensors o
 """
 
 from lmdata.batch import get_batch
-from lmdata.dataset import TokenDataset, resolve_source
+from lmdata.dataset import TokenDataset, resolve_source, starts_for_windows
+from lmdata.docindex import DELIMITERS, IndexKey, eot_positions, read_index, sidecar_path, write_index
 from lmdata.errors import (
     ArgumentError,
     DatasetNotFoundError,
@@ -35,8 +36,9 @@ from lmdata.gather import ShardTable, gather_batch, gather_windows, shard_table
 from lmdata.loader import BatchLoader, LoaderStats
 from lmdata.manifest import Manifest, ShardEntry
 from lmdata.mixture import Mixture, MixtureSampler
-from lmdata.sampler import WINDOWS, EpochSampler, RandomSampler, WindowIndex, make_sampler
+from lmdata.sampler import WINDOWS, EpochSampler, RandomSampler, Sampler, WindowIndex, check_windows, make_sampler
 from lmdata.validate import ShardReport, ValidationResult, validate_shards
+from lmdata.windows import window_starts
 from lmdata.writer import MARKER_NAME, ShardWriter, write_shards
 
 __all__ = [
@@ -86,4 +88,15 @@ __all__ = [
     "token_dtype_for",
     "validate_shards",
     "write_shards",
+    # document-aware windows: the document index (lmdata.docindex) and the window starts (lmdata.windows)
+    "DELIMITERS",
+    "IndexKey",
+    "Sampler",
+    "check_windows",
+    "eot_positions",
+    "read_index",
+    "sidecar_path",
+    "starts_for_windows",
+    "window_starts",
+    "write_index",
 ]

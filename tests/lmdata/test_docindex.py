@@ -872,3 +872,14 @@ def test_the_cli_removes_the_temporaries_of_killed_runs_only(tmp_path):
     assert index_main([str(bare), "--eot-id", "0", "--delimiter", "before"]) == 0
     assert not dead.exists() and live.exists() and other.exists()
     assert (bare / f".tmp-x.docidx.{int(gone.stdout)}-dir").is_dir()
+
+
+def test_the_document_index_api_is_importable_from_lmdata():
+    import lmdata
+    from lmdata import dataset, sampler, windows
+
+    assert lmdata.window_starts is windows.window_starts is docindex.window_starts  # one function, two homes
+    for name in ("IndexKey", "eot_positions", "read_index", "write_index", "sidecar_path", "DELIMITERS"):
+        assert getattr(lmdata, name) is getattr(docindex, name) and name in lmdata.__all__
+    assert lmdata.check_windows is sampler.check_windows and lmdata.starts_for_windows is dataset.starts_for_windows
+    assert lmdata.DELIMITERS == ("after", "before")
