@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -375,3 +376,15 @@ def test_the_trainer_trains_on_a_mixture_and_resumes_it(tmp_path):
     with pytest.raises(ConfigError, match=r"mixture weights: saved \[0.75, 0.25\], now \[0.5, 0.5\]"):
         reweighted.resume(False)
     reweighted.loader.close()
+
+
+def test_sources_resolving_other_delimiters_record_one_per_source(tmp_path):
+    """A source whose manifest records no eot id takes the explicit one and its own manifest's delimiter: the
+    stream's identity then holds each source's (no single value describes the starts)."""
+    after = uint32_source(tmp_path / "after", [100], eot_id=5, delimiter="after")
+    plain = uint32_source(tmp_path / "plain", [100], delimiter="before")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no sidecars: the index is built in memory
+        sampler = Mixture([(after, 1), (plain, 1)]).sampler("epoch", T, 4, windows="document", eot_id=5)
+    identity = sampler.identity()
+    assert (identity["eot_id"], identity["delimiter"]) == (5, ["after", "before"])
