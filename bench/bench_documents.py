@@ -27,15 +27,8 @@ import pytest
 
 from bench.conftest import token_file
 from lmdata import TokenDataset, write_shards
-from lmdata.docindex import (
-    SCAN_CHUNK,
-    Coverage,
-    crop_starts,
-    eot_positions,
-    stride_starts,
-    target_coverage,
-    window_starts,
-)
+from lmdata.docindex import SCAN_CHUNK, eot_positions
+from lmdata.windows import Coverage, crop_starts, stride_starts, target_coverage, window_starts
 
 LONG_T = 1024
 LONG_TOKENS = 40_000_000

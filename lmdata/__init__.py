@@ -4,7 +4,8 @@ lmdata knows nothing of models: it turns token files into int64 (B, T) tensors o
 """
 
 from lmdata.batch import get_batch
-from lmdata.dataset import TokenDataset, resolve_source
+from lmdata.dataset import TokenDataset, resolve_source, starts_for_windows
+from lmdata.docindex import DELIMITERS, IndexKey, eot_positions, read_index, sidecar_path, write_index
 from lmdata.errors import (
     ArgumentError,
     DatasetNotFoundError,
@@ -20,7 +21,7 @@ from lmdata.errors import (
     TokenizerError,
     UnfinishedWriteError,
 )
-from lmdata.fill import BatchFiller, gather_batch
+from lmdata.fill import BatchFiller
 from lmdata.format import (
     DTYPE_LIMITS,
     HEADERED_FORMATS,
@@ -31,12 +32,13 @@ from lmdata.format import (
     open_shard,
     token_dtype_for,
 )
-from lmdata.gather import ShardTable, gather_windows, shard_table
+from lmdata.gather import ShardTable, gather_batch, gather_windows, shard_table
 from lmdata.loader import BatchLoader, LoaderStats
 from lmdata.manifest import Manifest, ShardEntry
 from lmdata.mixture import Mixture, MixtureSampler
-from lmdata.sampler import WINDOWS, EpochSampler, RandomSampler, WindowIndex, make_sampler
+from lmdata.sampler import WINDOWS, EpochSampler, RandomSampler, Sampler, WindowIndex, check_windows, make_sampler
 from lmdata.validate import ShardReport, ValidationResult, validate_shards
+from lmdata.windows import window_starts
 from lmdata.writer import MARKER_NAME, ShardWriter, write_shards
 
 __all__ = [
@@ -86,4 +88,15 @@ __all__ = [
     "token_dtype_for",
     "validate_shards",
     "write_shards",
+    # document-aware windows: the document index (lmdata.docindex) and the window starts (lmdata.windows)
+    "DELIMITERS",
+    "IndexKey",
+    "Sampler",
+    "check_windows",
+    "eot_positions",
+    "read_index",
+    "sidecar_path",
+    "starts_for_windows",
+    "window_starts",
+    "write_index",
 ]

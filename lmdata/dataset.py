@@ -14,7 +14,6 @@ a reader may use is decided here, once:
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,19 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmdata.docindex import (
-    EOT_LIMIT,
-    IndexKey,
-    check_delimiter,
-    document_key,
-    no_index_note,
-    shard_positions,
-    window_starts,
-)
-from lmdata.errors import ArgumentError, DatasetNotFoundError, LmDataError, ManifestError, UnfinishedWriteError
-from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, is_int, open_shard
+from lmdata.docindex import IndexKey, document_keys, document_window_starts
+from lmdata.errors import DatasetNotFoundError, LmDataError, ManifestError, UnfinishedWriteError
+from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, open_shard, sampled_sha256
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
-from lmdata.progress import Progress as ProgressBar
+from lmdata.sampler import check_windows
 from lmdata.writer import MARKER_NAME
 
 PathLike = str | os.PathLike
@@ -205,24 +196,6 @@ def check_against_listing(shard: Shard, listing: Listing) -> None:
         )
 
 
-SAMPLE_RUNS, SAMPLE_RUN_TOKENS = 64, 4096  # what sampled_sha256 reads: at most 64 x 4096 tokens of a shard
-
-
-def sampled_sha256(tokens: np.ndarray) -> str:
-    """Hex SHA-256 of a shard's dtype, length and 64 evenly spaced runs of 4096 tokens (all of a small one).
-
-    A fixed cost per shard whatever its size (at most SAMPLE_RUNS x SAMPLE_RUN_TOKENS tokens read), so it is
-    both the fingerprint of a shard without a manifest and the content check of a document index
-    (:mod:`lmdata.docindex`), recomputed each time a sidecar is read.
-    """
-    n = len(tokens)
-    run = min(SAMPLE_RUN_TOKENS, n)
-    digest = hashlib.sha256(f"{tokens.dtype.str}:{n}".encode())
-    for start in np.unique(np.linspace(0, n - run, num=SAMPLE_RUNS).astype(np.int64)):
-        digest.update(np.ascontiguousarray(tokens[start : start + run]).tobytes())
-    return digest.hexdigest()
-
-
 def check_one_tokenizer(listings: list[Listing | None]) -> None:
     """ManifestError if the shards (of a glob or list across dataset directories) were made by different
     tokenizers: their ids mean different things, so training on them together is wrong whatever the vocab."""
@@ -350,49 +323,13 @@ class TokenDataset:
         (another context length) reads nothing.
         """
         keys = self.document_keys(eot_id, delimiter)
-        T = int(context_length) if is_int(context_length) and context_length > 0 else 0
-        if not T:
-            raise ArgumentError(f"context_length must be a positive int, got {context_length!r}")
-        wanted = [i for i, s in enumerate(self.shards) if s.num_tokens >= T + 1]
-        self._load_positions([i for i in wanted if self._positions.get(i, (None,))[0] != keys[i]], keys)
-        starts = [np.empty(0, dtype=np.int64) for _ in self.shards]
-        for i in wanted:
-            starts[i] = window_starts(self._positions[i][1], self.shards[i].num_tokens, T, keys[i].delimiter)
-        return starts
+        return document_window_starts(self.shards, keys, context_length, self._positions)
 
     def document_keys(self, eot_id: int | None = None, delimiter: str | None = None) -> list[IndexKey]:
-        """Per shard, the eot id, delimiter and manifest sha256 its document index is made for.
-
-        ArgumentError if an explicit ``eot_id`` or ``delimiter`` contradicts a shard's manifest (naming both), if
-        a manifest records no eot id and none is given, if a shard without a manifest lacks either, or if the eot
-        id is not below the vocabulary (else the shards' dtype) and 2**63 (what a sidecar's int64 field holds).
-        """
-        vocab = self.vocab_size  # an id at or above it is no token: every shard would read as one document
-        bound, what = (vocab, f"vocab_size {vocab}") if vocab is not None else (self.dtype_limit, "the shards' dtype")
-        if bound > EOT_LIMIT:  # a uint64 dtype: the sidecar's int64 eot id field holds less
-            bound, what = EOT_LIMIT, "what a document index holds"
-        if eot_id is not None and not (is_int(eot_id) and 0 <= eot_id < bound):
-            raise ArgumentError(f"eot_id must be a token id in [0, {bound}) ({what}), got {eot_id!r}")
-        if delimiter is not None:
-            check_delimiter(delimiter)
-        return [document_key(s, x, eot_id, delimiter) for s, x in zip(self.shards, self._listings, strict=True)]
-
-    def _load_positions(self, indices: list[int], keys: list[IndexKey]) -> None:
-        if not indices:
-            return
-        shards = [self.shards[i] for i in indices]
-        total = sum(s.tokens.nbytes for s in shards)
-        bar = ProgressBar(total, doing="finding documents", unit="B") if total >= PROGRESS_BYTES else None
-        on_chunk = None if bar is None else (lambda nbytes: bar.update(nbytes, nbytes))
-        try:
-            found, scanned = shard_positions(shards, [keys[i] for i in indices], on_chunk)
-        finally:
-            if bar is not None:
-                bar.close()
-        for i, positions in zip(indices, found, strict=True):
-            self._positions[i] = (keys[i], positions)
-        if scanned:
-            warnings.warn(no_index_note(scanned, len(self.shards), keys[indices[0]]), stacklevel=3)
+        """Per shard, the eot id, delimiter and manifest sha256 its document index is made for
+        (:func:`lmdata.docindex.document_keys`: ArgumentError for explicit values that contradict a manifest, are
+        missing, or are no token id)."""
+        return document_keys(self.shards, self._listings, self.vocab_size, self.dtype_limit, eot_id, delimiter)
 
     def fingerprint(self) -> dict[str, list]:
         """What identifies the data, to refuse a resume on different data: names, sizes and checksums.
@@ -420,4 +357,18 @@ class TokenDataset:
         return f"TokenDataset({len(self.shards)} shards, {self.num_tokens:,} tokens)"
 
 
-PROGRESS_BYTES = 1 << 30  # an in-memory document scan of this much shows progress (lmdata.progress)
+def starts_for_windows(
+    dataset: TokenDataset, windows: str, context_length: int, eot_id: int | None = None, delimiter: str | None = None
+) -> dict:
+    """The sampler keywords of ``windows`` mode for ``dataset``: ``starts``, its explicit window starts (one int64
+    array per shard: None for "any", every position or every T-th; for "document",
+    :meth:`TokenDataset.document_starts`), and the ``eot_id`` and ``delimiter`` those starts were made from, as
+    resolved from the manifest or the arguments (None for "any"), for the sampler's identity."""
+    check_windows(windows, eot_id, delimiter)
+    if windows == "any":
+        return {"starts": None, "eot_id": None, "delimiter": None}
+    starts = dataset.document_starts(context_length, eot_id=eot_id, delimiter=delimiter)
+    # every shard resolves to one eot id and delimiter: explicit ones must agree with each manifest, and shards
+    # without a manifest take the explicit ones (one directory with a manifest per dataset)
+    key = dataset.document_keys(eot_id, delimiter)[0]
+    return {"starts": starts, "eot_id": key.eot_id, "delimiter": key.delimiter}

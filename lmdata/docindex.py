@@ -1,4 +1,4 @@
-"""Where documents start in a shard, and the window starts of ``--windows document`` training.
+"""Document indexes: where a shard's eot ids stand (the scan), kept in sidecar files, and which key a shard needs.
 
 A *document index* is the list of positions p of a shard where ``tokens[p] == eot_id`` (the delimiter). It
 depends on the token bytes and the eot id only; the *delimiter convention* says what the positions mean:
@@ -8,13 +8,8 @@ depends on the token bytes and the eot id only; the *delimiter convention* says 
 * ``"before"`` (llm.c and modded-nanogpt shards: eot is a BOS before each document): documents start at 0 and at
   every p.
 
-A shard's first token always starts a document (a shard is cut from the stream, so what it begins with is
-treated as a document's beginning). From the document starts d_0 = 0 < d_1 < ... < d_{m-1} (d_m = N) and the
-context length T, :func:`window_starts` makes the windows (T + 1 tokens: inputs s..s+T-1, targets s+1..s+T):
-every d_i, and d_i + k*T while below d_{i+1} (a document longer than T continues in the next window), plus the
-shard-end window N - T - 1; a start whose window would run past N is dropped (the shard-end window covers that
-tail). So every token but the shard's first is a target at least once per epoch, and no window starts inside a
-document except to continue that document.
+Where documents and windows start, given the positions, is :mod:`lmdata.windows` (pure functions; its public
+names are importable from here too). This module finds the positions and keeps them.
 
 The index is found by :func:`eot_positions`, a Numba scan (blockwise, at memory speed; see
 ``bench/bench_documents.py``), and kept in a *sidecar* file beside each shard, ``SHARD + INDEX_SUFFIX`` (e.g.
@@ -33,7 +28,7 @@ The index is found by :func:`eot_positions`, a Numba scan (blockwise, at memory 
     50      1     uint8  1 if the sha256 field holds the manifest's sha256 of the shard's tokens, else 0
     51      5     zero
     56      32    sha256 (raw bytes), or zeros
-    88      32    sampled checksum of the shard's tokens (raw bytes of :func:`lmdata.dataset.sampled_sha256`)
+    88      32    sampled checksum of the shard's tokens (raw bytes of :func:`lmdata.format.sampled_sha256`)
     120     8     zero
     128     count x itemsize   the positions, strictly increasing, each below the shard's token count
 
@@ -69,24 +64,34 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit
 
 from lmdata.atomic import atomic_write
 from lmdata.errors import ArgumentError
-from lmdata.format import Shard, is_int, open_shard
+from lmdata.format import Shard, is_int, open_shard, sampled_sha256
+from lmdata.progress import Progress as ProgressBar
+from lmdata.windows import DELIMITERS as DELIMITERS  # re-exported: docindex's public names before the split
+from lmdata.windows import Coverage as Coverage
+from lmdata.windows import check_context_length as check_context_length
+from lmdata.windows import check_delimiter as check_delimiter
+from lmdata.windows import crop_starts as crop_starts
+from lmdata.windows import document_starts_of as document_starts_of
+from lmdata.windows import stride_starts as stride_starts
+from lmdata.windows import target_coverage as target_coverage
+from lmdata.windows import window_starts as window_starts
 
 if TYPE_CHECKING:
     from lmdata.dataset import Listing  # lmdata.dataset imports this module
 
 INDEX_SUFFIX = ".docidx"
-DELIMITERS = ("after", "before")  # code 0, 1 in the sidecar header
 _MAGIC = b"LMDOCIDX"
 _VERSION = 2
 HEADER_BYTES = 128
@@ -99,13 +104,6 @@ def sidecar_path(shard_path: str | os.PathLike) -> Path:
     """Where the document index of ``shard_path`` lives: beside it, the shard's name plus ``INDEX_SUFFIX``."""
     path = Path(shard_path)
     return path.with_name(path.name + INDEX_SUFFIX)
-
-
-def check_delimiter(delimiter: object) -> str:
-    """``delimiter`` if it is "after" or "before"; ArgumentError otherwise."""
-    if delimiter not in DELIMITERS:
-        raise ArgumentError(f"delimiter must be 'after' or 'before', got {delimiter!r}")
-    return delimiter  # type: ignore[return-value]
 
 
 # --- the scan ------------------------------------------------------------------------------------------------
@@ -167,91 +165,6 @@ def eot_positions(tokens: np.ndarray, eot_id: int, on_chunk=None) -> np.ndarray:
     return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
 
-# --- document and window starts (pure) -----------------------------------------------------------------------
-
-
-def document_starts_of(positions: np.ndarray, num_tokens: int, delimiter: str) -> np.ndarray:
-    """Sorted unique int64 document starts d_0 = 0 < d_1 < ... of a shard of ``num_tokens`` tokens whose
-    delimiter (eot) positions are ``positions`` (sorted), under ``delimiter`` "after" or "before"."""
-    check_delimiter(delimiter)
-    p = np.asarray(positions, dtype=np.int64)
-    if num_tokens <= 0:
-        return np.empty(0, dtype=np.int64)
-    starts = p + 1 if delimiter == "after" else p
-    starts = starts[(starts > 0) & (starts < num_tokens)]
-    return np.concatenate([np.zeros(1, dtype=np.int64), starts])
-
-
-def window_starts(positions: np.ndarray, num_tokens: int, context_length: int, delimiter: str) -> np.ndarray:
-    """The window starts of one shard (see the module docstring): sorted, unique int64, each with
-    ``start + context_length + 1 <= num_tokens``; empty for a shard shorter than ``context_length + 1``.
-
-    ``positions``: the shard's sorted eot positions (any integer dtype, a sidecar's memmap included).
-    """
-    T = _check_context_length(context_length)
-    n = int(num_tokens)
-    if n < T + 1:
-        return np.empty(0, dtype=np.int64)
-    docs = document_starts_of(positions, n, delimiter)
-    ends = np.append(docs[1:], n)
-    per_doc = (ends - docs + T - 1) // T  # windows d_i + k*T below d_{i+1}: ceil(length / T), >= 1
-    first = np.cumsum(per_doc) - per_doc  # index of each document's first window
-    k = np.arange(int(per_doc.sum()), dtype=np.int64) - np.repeat(first, per_doc)
-    starts = np.repeat(docs, per_doc) + k * T
-    last = n - T - 1  # the shard-end window: its targets are the shard's last T tokens
-    starts = starts[starts <= last]  # already sorted and unique: documents in order, steps of T inside each
-    if starts.size == 0 or starts[-1] != last:
-        starts = np.append(starts, np.int64(last))
-    return starts
-
-
-def crop_starts(positions: np.ndarray, num_tokens: int, context_length: int, delimiter: str) -> np.ndarray:
-    """Crop-style alignment, for comparison: one window per document start that fits the shard (a document
-    longer than T is cropped to its first T targets)."""
-    T = _check_context_length(context_length)
-    docs = document_starts_of(positions, int(num_tokens), delimiter)
-    return docs[docs + T + 1 <= num_tokens]
-
-
-def stride_starts(num_tokens: int, context_length: int) -> np.ndarray:
-    """The windows of the epoch sampler ("any" alignment): every multiple of T whose window fits the shard."""
-    T = _check_context_length(context_length)
-    count = (num_tokens - T - 1) // T + 1 if num_tokens >= T + 1 else 0
-    return np.arange(count, dtype=np.int64) * T
-
-
-class Coverage(NamedTuple):
-    """How many of a shard's tokens are targets how often in one epoch over some window starts."""
-
-    once: int
-    twice: int
-    more: int
-    """Targets three times or more."""
-    never: int
-    """Never a target (a shard's first token always is one of these)."""
-
-
-def target_coverage(starts: np.ndarray, num_tokens: int, context_length: int) -> Coverage:
-    """Count the tokens of a shard of ``num_tokens`` tokens by how often they are a target (token s + 1 .. s + T)
-    of the windows at ``starts``. Memory: one int32 per token (a bench and test helper, not for training)."""
-    T = _check_context_length(context_length)
-    s = np.asarray(starts, dtype=np.int64)
-    if s.size and (s.min() < 0 or s.max() + T + 1 > num_tokens):
-        raise ArgumentError(f"a window start runs past the shard's {num_tokens} tokens (T = {T})")
-    delta = np.zeros(num_tokens + 1, dtype=np.int32)
-    np.add.at(delta, s + 1, 1)
-    np.add.at(delta, s + T + 1, -1)
-    times = np.cumsum(delta[:num_tokens], dtype=np.int32)
-    counts = np.bincount(times, minlength=3)
-    return Coverage(int(counts[1]), int(counts[2]), int(counts[3:].sum()), int(counts[0]))
-
-
-def _check_context_length(context_length: object) -> int:
-    if not is_int(context_length) or context_length <= 0:
-        raise ArgumentError(f"context_length must be a positive int, got {context_length!r}")
-    return int(context_length)
-
-
 # --- sidecars ------------------------------------------------------------------------------------------------
 
 
@@ -273,7 +186,7 @@ def write_index(
     checksum: str | None = None,
 ) -> Path:
     """Write the sidecar of ``shard_path`` atomically, stamped with ``stat`` and ``checksum`` (the shard's
-    :func:`lmdata.dataset.sampled_sha256`), both taken before ``positions`` were found, so a shard changed
+    :func:`lmdata.format.sampled_sha256`), both taken before ``positions`` were found, so a shard changed
     meanwhile leaves a sidecar that is stale, never a wrong one trusted; without them, with the shard's size,
     mtime and sampled checksum as they are now (for a writer that has just renamed the shard into place).
 
@@ -285,7 +198,7 @@ def write_index(
     _check_eot_storable(key.eot_id)
     st = stat if stat is not None else os.stat(shard_path)
     if checksum is None:
-        checksum = _sampled_checksum(open_shard(shard_path).tokens)
+        checksum = sampled_sha256(open_shard(shard_path).tokens)
     positions = np.asarray(positions)
     wide = positions.size and int(positions[-1]) >= 1 << 32
     data = positions.astype("<i8" if wide else "<u4", copy=False)
@@ -302,13 +215,6 @@ def write_index(
     return path
 
 
-def _sampled_checksum(tokens: np.ndarray) -> str:
-    # Imported here: lmdata.dataset imports this module. One checksum for fingerprints and sidecars alike.
-    from lmdata.dataset import sampled_sha256
-
-    return sampled_sha256(tokens)
-
-
 EOT_LIMIT = 1 << 63  # the header's int64 eot id: ids at or above it cannot be indexed
 
 
@@ -322,10 +228,11 @@ def read_index(shard_path: str | os.PathLike, key: IndexKey) -> tuple[np.ndarray
     return shard_index(open_shard(shard_path), key)
 
 
-def shard_index(shard: Shard, key: IndexKey) -> tuple[np.ndarray | None, str]:
+def shard_index(shard: Shard, key: IndexKey, checksum: str | None = None) -> tuple[np.ndarray | None, str]:
     """The positions of a valid sidecar of ``shard`` (memory-mapped, read-only) and "", or (None, why not).
 
-    Reads the 128-byte header, two ``stat`` calls and the sampled checksum's runs of tokens; then the positions,
+    Reads the 128-byte header, two ``stat`` calls and the sampled checksum's runs of tokens (unless the caller
+    passes ``checksum``, the shard's :func:`lmdata.format.sampled_sha256` it has just taken); then the positions,
     once, to check they can be the shard's. Never opens anything but a regular file (a FIFO would block).
     """
     path = sidecar_path(shard.path)
@@ -338,7 +245,7 @@ def shard_index(shard: Shard, key: IndexKey) -> tuple[np.ndarray | None, str]:
             if not S_ISREG(own.st_mode):
                 return None, "not a regular file (a FIFO, device or directory sits at its path)"
             raw = f.read(HEADER_BYTES)
-            why = _stale_reason(raw, own.st_size, os.stat(shard.path), key, shard)
+            why = _stale_reason(raw, own.st_size, os.stat(shard.path), key, shard, checksum)
             if why:
                 return None, why
             positions = _map_positions(f, raw)
@@ -361,7 +268,9 @@ def _map_positions(f, raw: bytes) -> np.ndarray:
     return np.memmap(f, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey, shard: Shard) -> str:
+def _stale_reason(
+    raw: bytes, size: int, st: os.stat_result, key: IndexKey, shard: Shard, checksum: str | None = None
+) -> str:
     """Why a sidecar's header does not vouch for ``shard`` as it is now ("" if it does); cheap checks first,
     the sampled checksum (which reads the shard) last."""
     if len(raw) < HEADER_BYTES or raw[:8] != _MAGIC:
@@ -383,7 +292,7 @@ def _stale_reason(raw: bytes, size: int, st: os.stat_result, key: IndexKey, shar
         return "stale: the shard's sha256 in the manifest differs from the index's"
     if eot_id != key.eot_id or DELIMITERS[delim] != key.delimiter:
         return f"made for eot id {eot_id}, delimiter {DELIMITERS[delim]!r}, not {key.eot_id}, {key.delimiter!r}"
-    if sampled.hex() != _sampled_checksum(shard.tokens):
+    if sampled.hex() != (checksum if checksum is not None else sampled_sha256(shard.tokens)):
         return "stale: the shard's tokens changed since it was indexed (sampled checksum; same size and mtime)"
     return ""
 
@@ -453,3 +362,71 @@ def no_index_note(scanned: list[tuple[Path, str]], num_shards: int, key: IndexKe
         f"{len(scanned)} of {num_shards} shards have no valid document index (e.g. {path}: {why}), so it was built "
         f"in memory; to write it once beside the shards (by someone who may write there), run {command}{more}"
     )
+
+
+def document_keys(
+    shards: Sequence[Shard],
+    listings: Sequence[Listing | None],
+    vocab_size: int | None,
+    dtype_limit: int,
+    eot_id: int | None,
+    delimiter: str | None,
+) -> list[IndexKey]:
+    """Per shard of a dataset (its ``listings``, vocab size and dtype limit), the :class:`IndexKey` its document
+    index is made for: :func:`document_key` of each.
+
+    ArgumentError if an explicit ``eot_id`` or ``delimiter`` contradicts a shard's manifest (naming both), if a
+    manifest records no eot id and none is given, if a shard without a manifest lacks either, or if the eot id is
+    not below the vocabulary (else the shards' dtype) and 2**63 (what a sidecar's int64 field holds).
+    """
+    vocab = vocab_size  # an id at or above it is no token: every shard would read as one document
+    bound, what = (vocab, f"vocab_size {vocab}") if vocab is not None else (dtype_limit, "the shards' dtype")
+    if bound > EOT_LIMIT:  # a uint64 dtype: the sidecar's int64 eot id field holds less
+        bound, what = EOT_LIMIT, "what a document index holds"
+    if eot_id is not None and not (is_int(eot_id) and 0 <= eot_id < bound):
+        raise ArgumentError(f"eot_id must be a token id in [0, {bound}) ({what}), got {eot_id!r}")
+    if delimiter is not None:
+        check_delimiter(delimiter)
+    return [document_key(s, x, eot_id, delimiter) for s, x in zip(shards, listings, strict=True)]
+
+
+PROGRESS_BYTES = 1 << 30  # an in-memory document scan of this much shows progress (lmdata.progress)
+
+
+def document_window_starts(
+    shards: Sequence[Shard],
+    keys: Sequence[IndexKey],
+    context_length: int,
+    found: dict[int, tuple[IndexKey, np.ndarray]],
+) -> list[np.ndarray]:
+    """Per shard, its :func:`lmdata.windows.window_starts` (empty for a shard shorter than a window), from the eot
+    positions of each shard's ``keys``. ``found``: shard index -> (key, positions) already found, updated with
+    those this call finds (valid sidecars memory-mapped, else scanned, with one warning for all scanned shards).
+    """
+    T = check_context_length(context_length)
+    wanted = [i for i, s in enumerate(shards) if s.num_tokens >= T + 1]
+    _find_positions(shards, keys, [i for i in wanted if found.get(i, (None,))[0] != keys[i]], found)
+    starts = [np.empty(0, dtype=np.int64) for _ in shards]
+    for i in wanted:
+        starts[i] = window_starts(found[i][1], shards[i].num_tokens, T, keys[i].delimiter)
+    return starts
+
+
+def _find_positions(
+    shards: Sequence[Shard], keys: Sequence[IndexKey], indices: list[int], found: dict[int, tuple[IndexKey, np.ndarray]]
+) -> None:
+    if not indices:
+        return
+    todo = [shards[i] for i in indices]
+    total = sum(s.tokens.nbytes for s in todo)
+    bar = ProgressBar(total, doing="finding documents", unit="B") if total >= PROGRESS_BYTES else None
+    on_chunk = None if bar is None else (lambda nbytes: bar.update(nbytes, nbytes))
+    try:
+        positions, scanned = shard_positions(todo, [keys[i] for i in indices], on_chunk)
+    finally:
+        if bar is not None:
+            bar.close()
+    for i, p in zip(indices, positions, strict=True):
+        found[i] = (keys[i], p)
+    if scanned:  # stacklevel: the caller of TokenDataset.document_starts
+        warnings.warn(no_index_note(scanned, len(shards), keys[indices[0]]), stacklevel=4)

@@ -23,7 +23,7 @@ from numba import njit
 
 from lmdata.gather import ShardTable, gather_windows, shard_table
 from lmdata.mixture import MixtureSampler, rows_into
-from lmdata.sampler import StreamArgs, _Sampler, first_row_of, locate_into
+from lmdata.sampler import Sampler, StreamArgs, first_row_of, locate_into
 
 # Rows of the (5, B) int64 scratch of sample_and_gather: what each stage writes for the next one.
 _WINDOW, _SHARD, _START, _SOURCE, _INDEX = range(5)
@@ -49,7 +49,7 @@ class BatchFiller:
     """Fills a ring of host arrays with consecutive batches of a sampler (one dataset's or a mixture's), for the
     loader's background thread: any number of batches is one Numba call."""
 
-    def __init__(self, sampler: _Sampler | MixtureSampler, shards: Sequence[np.ndarray]):
+    def __init__(self, sampler: Sampler | MixtureSampler, shards: Sequence[np.ndarray]):
         self.sampler = sampler
         self.stream: StreamArgs = sampler.stream_args
         self.shards: ShardTable = shard_table(shards)  # built once: the same pages as the memmaps
@@ -60,18 +60,3 @@ class BatchFiller:
         ``first_step``, steps counted from global row ``base_row``. ``ring`` is a numba.typed.List of
         C-contiguous int64 or int32 arrays."""
         sample_and_gather(self.stream, self.shards, base_row, first_step, count, self._scratch, ring)
-
-
-def gather_batch(
-    shards: ShardTable | Sequence[np.ndarray],
-    shard_ids: np.ndarray,
-    starts: np.ndarray,
-    inputs: np.ndarray,
-    targets: np.ndarray,
-) -> None:
-    """Fill row i of ``inputs``/``targets`` (B, T) with the window at ``starts[i]`` of shard ``shard_ids[i]``: one
-    kernel call. ``shards``: a ShardTable, or a list of 1-D integer arrays (then a table is built for this call:
-    build one with :func:`lmdata.gather.shard_table` to gather many batches)."""
-    if not isinstance(shards, ShardTable):
-        shards = shard_table(shards)
-    gather_windows(shards, shard_ids, starts, inputs, targets)

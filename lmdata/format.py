@@ -41,6 +41,7 @@ so a process's private memory does not grow with the dataset.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,3 +228,21 @@ def check_token_array(tokens: np.ndarray, what: str) -> None:
             f"{what}: token dtype {tokens.dtype} is not in this machine's byte order; "
             f"convert it with arr.astype('{tokens.dtype.newbyteorder('=').str}')"
         )
+
+
+SAMPLE_RUNS, SAMPLE_RUN_TOKENS = 64, 4096  # what sampled_sha256 reads: at most 64 x 4096 tokens of a shard
+
+
+def sampled_sha256(tokens: np.ndarray) -> str:
+    """Hex SHA-256 of a shard's dtype, length and 64 evenly spaced runs of 4096 tokens (all of a small one).
+
+    A fixed cost per shard whatever its size (at most SAMPLE_RUNS x SAMPLE_RUN_TOKENS tokens read), so it is
+    both the fingerprint of a shard without a manifest and the content check of a document index
+    (:mod:`lmdata.docindex`), recomputed each time a sidecar is read.
+    """
+    n = len(tokens)
+    run = min(SAMPLE_RUN_TOKENS, n)
+    digest = hashlib.sha256(f"{tokens.dtype.str}:{n}".encode())
+    for start in np.unique(np.linspace(0, n - run, num=SAMPLE_RUNS).astype(np.int64)):
+        digest.update(np.ascontiguousarray(tokens[start : start + run]).tobytes())
+    return digest.hexdigest()

@@ -172,3 +172,18 @@ def gather_windows(shards, shard_ids, starts, inputs, targets):
     window at a time (bench/bench_get_batch.py measures the kernel with cold caches).
     """
     return _gather(shards, shard_ids, starts, inputs, targets)
+
+
+def gather_batch(
+    shards: ShardTable | Sequence[np.ndarray],
+    shard_ids: np.ndarray,
+    starts: np.ndarray,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+) -> None:
+    """Fill row i of ``inputs``/``targets`` (B, T) with the window at ``starts[i]`` of shard ``shard_ids[i]``: one
+    kernel call. ``shards``: a ShardTable, or a list of 1-D integer arrays (then a table is built for this call:
+    build one with :func:`shard_table` to gather many batches)."""
+    if not isinstance(shards, ShardTable):
+        shards = shard_table(shards)
+    gather_windows(shards, shard_ids, starts, inputs, targets)

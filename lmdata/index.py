@@ -29,26 +29,47 @@ import errno
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmdata.atomic import remove_stale_temporaries
-from lmdata.dataset import TokenDataset, sampled_sha256
+from lmdata.dataset import TokenDataset
 from lmdata.docindex import DELIMITERS, INDEX_SUFFIX, eot_positions, shard_index, sidecar_path, write_index
 from lmdata.errors import LmDataError, OutputError
+from lmdata.format import sampled_sha256
 from lmdata.manifest import MANIFEST_NAME
 from lmdata.progress import Progress
 
 
-def index_dataset(directory: str | os.PathLike, eot_id: int | None = None, delimiter: str | None = None) -> int:
-    """Write a valid sidecar for every shard of ``directory`` that lacks one; returns how many were written.
+@dataclass
+class IndexSummary:
+    """What :func:`index_dataset` did in one dataset directory (a prepared dataset's train/ or val/)."""
+
+    directory: Path
+    shards: int
+    written: int  # sidecars written; the other shards' were valid
+    seconds: float  # spent scanning and writing
+    notes: list[str] = field(default_factory=list)  # what could not be tidied (a killed run's temporary file)
+
+    def __str__(self) -> str:
+        if not self.written:
+            return f"index: {self.directory}: all {self.shards} shards have a valid document index; nothing to do"
+        return (
+            f"index: {self.directory}: wrote the document index of {self.written} of {self.shards} shards "
+            f"in {self.seconds:.1f} s"
+        )
+
+
+def index_dataset(
+    directory: str | os.PathLike, eot_id: int | None = None, delimiter: str | None = None
+) -> list[IndexSummary]:
+    """Write a valid sidecar for every shard of ``directory`` that lacks one; returns what it did per dataset
+    directory (``directory``, or its train/ and val/).
 
     Raises ArgumentError for missing or contradicting eot id/delimiter, OutputError for a directory it cannot
     write, and the errors of :class:`lmdata.TokenDataset` for data it refuses.
     """
-    written = 0
-    for split in _datasets(Path(directory)):
-        written += _index_one(split, eot_id, delimiter)
-    return written
+    return [_index_one(split, eot_id, delimiter) for split in _datasets(Path(directory))]
 
 
 def _datasets(directory: Path) -> list[Path]:
@@ -57,26 +78,30 @@ def _datasets(directory: Path) -> list[Path]:
     return splits if splits and not (directory / MANIFEST_NAME).exists() else [directory]
 
 
-def _index_one(directory: Path, eot_id: int | None, delimiter: str | None) -> int:
+def _index_one(directory: Path, eot_id: int | None, delimiter: str | None) -> IndexSummary:
     dataset = TokenDataset(directory)
     keys = dataset.document_keys(eot_id, delimiter)
-    _remove_dead_temporaries({s.path.parent for s in dataset.shards})
-    todo = [(s, k) for s, k in zip(dataset.shards, keys, strict=True) if shard_index(s, k)[0] is None]
+    notes = _remove_dead_temporaries({s.path.parent for s in dataset.shards})
+    todo = []
+    for shard, key in zip(dataset.shards, keys, strict=True):
+        # taken once, before the scan: checks the sidecar, and stamps the new one (a shard changed meanwhile
+        # then reads stale)
+        stamp = os.stat(shard.path), sampled_sha256(shard.tokens)
+        if shard_index(shard, key, checksum=stamp[1])[0] is None:
+            todo.append((shard, key, stamp))
+    summary = IndexSummary(directory, len(dataset.shards), len(todo), 0.0, notes)
     if not todo:
-        print(f"index: {directory}: all {len(dataset.shards)} shards have a valid document index; nothing to do")
-        return 0
-    for place in {s.path.parent for s, _ in todo}:
+        return summary
+    for place in {s.path.parent for s, _, _ in todo}:
         if not os.access(place, os.W_OK):
             raise OutputError(
                 f"{place}: cannot write the document index here (no write permission); ask the dataset's owner to "
                 "run python -m lmdata.index on it, or train anyway (the index is then built in memory)"
             )
     start = time.perf_counter()
-    progress = Progress(sum(s.tokens.nbytes for s, _ in todo), doing="indexing", unit="B")
+    progress = Progress(sum(s.tokens.nbytes for s, _, _ in todo), doing="indexing", unit="B")
     try:
-        for shard, key in todo:
-            # stamped into the sidecar: a shard changed during the scan reads stale
-            before, checksum = os.stat(shard.path), sampled_sha256(shard.tokens)
+        for shard, key, (before, checksum) in todo:
             positions = eot_positions(shard.tokens, key.eot_id, lambda n: progress.update(n, n))
             try:
                 write_index(shard.path, positions, key, stat=before, checksum=checksum)
@@ -84,22 +109,22 @@ def _index_one(directory: Path, eot_id: int | None, delimiter: str | None) -> in
                 raise OutputError(_cannot_write(shard.path, e)) from None
     finally:
         progress.close()
-    print(
-        f"index: {directory}: wrote the document index of {len(todo)} of {len(dataset.shards)} shards "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
-    return len(todo)
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
-def _remove_dead_temporaries(places: set[Path]) -> None:
-    """Remove the sidecar temporaries of runs that were killed (their PID is gone); a live run's stay."""
+def _remove_dead_temporaries(places: set[Path]) -> list[str]:
+    """Remove the sidecar temporaries of runs that were killed (their PID is gone); a live run's stay. Returns a
+    note for each place where one could not be removed."""
+    notes = []
     for place in places:
         if not os.access(place, os.W_OK):
             continue  # not ours to clean; writing there is refused below if anything needs writing
         try:
             remove_stale_temporaries(place, f"*{INDEX_SUFFIX}", dead_only=True)
         except OSError as e:  # e.g. a sticky directory holding another user's leftover: harmless, say so
-            print(f"index: {place}: cannot remove a killed run's temporary file ({e.strerror})", file=sys.stderr)
+            notes.append(f"index: {place}: cannot remove a killed run's temporary file ({e.strerror})")
+    return notes
 
 
 def _cannot_write(shard_path: Path, e: OSError) -> str:
@@ -131,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        index_dataset(args.directory, args.eot_id, args.delimiter)
+        summaries = index_dataset(args.directory, args.eot_id, args.delimiter)
     except LmDataError as e:
         print(f"index: error: {e}", file=sys.stderr)
         return 2
+    for summary in summaries:
+        for note in summary.notes:
+            print(note, file=sys.stderr)
+        print(summary)
     return 0
 
 

@@ -41,12 +41,12 @@ import numpy as np
 import torch
 from numba.typed import List
 
-from lmdata.dataset import TokenDataset
+from lmdata.dataset import TokenDataset, starts_for_windows
 from lmdata.errors import ArgumentError, SamplerStateError
 from lmdata.fill import BatchFiller
 from lmdata.format import DTYPE_LIMITS
 from lmdata.mixture import Mixture
-from lmdata.sampler import check_windows, make_sampler, window_starts
+from lmdata.sampler import check_windows, make_sampler
 
 _POLL_S = 0.05  # how often blocked threads look at the stop flag: bounds shutdown time
 
@@ -326,9 +326,9 @@ class BatchLoader:
             where |= {"windows": windows, "eot_id": eot_id, "delimiter": delimiter}
             self.sampler = dataset.sampler(sampler, context_length, batch_size, **where)
         else:
-            starts = window_starts(dataset, windows, context_length, eot_id, delimiter)
+            where |= starts_for_windows(dataset, windows, context_length, eot_id, delimiter)
             self.sampler = make_sampler(
-                sampler, dataset.usable_lengths(context_length), context_length, batch_size, starts=starts, **where
+                sampler, dataset.usable_lengths(context_length), context_length, batch_size, **where
             )
         self._filler = BatchFiller(self.sampler, [s.tokens for s in dataset.shards])
         self._base_row = 0  # global rows consumed (by all ranks) when this loader last loaded a state
@@ -420,6 +420,9 @@ def check_state(state: dict, identity: dict[str, int], *, new_stream: bool = Fal
     if not isinstance(state, dict):
         raise SamplerStateError(f"the loader state must be a dict, got {type(state).__name__}")
     state = {"windows": "any", **state}  # saved before windows modes: every window was a start
+    # saved before states recorded what made the document starts: taken to be this loader's, as they were then
+    # (an "any" state has neither: its windows mode, compared below, tells it apart)
+    state = {k: identity[k] for k in ("eot_id", "delimiter") if k in identity} | state
     if "format" not in state and "step" in state:
         raise SamplerStateError(
             "the loader state was saved before lmdata's global sample index: its position counts the batches of "

@@ -38,18 +38,16 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from lmdata.dataset import TokenDataset
+from lmdata.dataset import TokenDataset, starts_for_windows
 from lmdata.errors import ArgumentError, ManifestError
 from lmdata.sampler import (
     SAMPLERS,
+    RankStream,
     StreamArgs,
     check_windows,
-    first_row_of,
     hash3,
-    locate_into,
     make_sampler,
     row_window,
-    window_starts,
 )
 
 _FRACTION_BITS = 32  # p and u are P / 2^32 and U / 2^32
@@ -156,8 +154,8 @@ class Mixture:
     """Datasets mixed by weight: ``Mixture([(TokenDataset(a), 0.7), (TokenDataset(b), 0.3)])``.
 
     Accepted by :class:`lmdata.BatchLoader` wherever a dataset is. Weights must be positive; they are normalised.
-    ``names`` default to each source's directory name and must be unique. All sources must share one tokenizer
-    and end-of-text id where their manifests name them; the vocabulary is the largest of theirs.
+    ``names`` default to each source's directory name and must be unique. All sources must share one tokenizer,
+    end-of-text id and delimiter where their manifests name them; the vocabulary is the largest of theirs.
     """
 
     def __init__(self, sources: Sequence[tuple[TokenDataset, float]], names: Sequence[str] | None = None):
@@ -245,15 +243,26 @@ def _names(datasets: list[TokenDataset], names: Sequence[str] | None) -> list[st
 
 
 def _check_one_tokenizer(datasets: list[TokenDataset], names: list[str]) -> None:
-    """ManifestError if two sources' manifests name different tokenizers or end-of-text ids: their ids would mean
-    different things. A source whose manifest does not name one (no manifest, "unknown") agrees with any."""
-    for what, values in (("tokenizer", [_tokenizer(ds) for ds in datasets]), ("eot_id", [_eot(ds) for ds in datasets])):
-        named = [(n, v) for n, v in zip(names, values, strict=True) if v is not None]
+    """ManifestError if two sources' manifests name different tokenizers, end-of-text ids or delimiters: their ids
+    would mean different things, or their documents start on different sides of the eot id. A source whose
+    manifest does not name one (no manifest, "unknown"; for the delimiter, no eot id) agrees with any."""
+    advice = {
+        "tokenizer": "mix only data prepared with one tokenizer",
+        "eot_id": "mix only data prepared with one tokenizer",
+        "delimiter": "mix only data whose eot id stands on the same side of each document",
+    }
+    values = {
+        "tokenizer": [_tokenizer(ds) for ds in datasets],
+        "eot_id": [_eot(ds) for ds in datasets],
+        "delimiter": [_delimiter(ds) for ds in datasets],
+    }
+    for what, of_sources in values.items():
+        named = [(n, v) for n, v in zip(names, of_sources, strict=True) if v is not None]
         for n, v in named[1:]:
             if v != named[0][1]:
                 raise ManifestError(
                     f"mixture sources disagree on the {what}: {named[0][0]} has {named[0][1]!r}, {n} has {v!r}; "
-                    "mix only data prepared with one tokenizer"
+                    f"{advice[what]}"
                 )
 
 
@@ -266,9 +275,15 @@ def _eot(ds: TokenDataset) -> int | None:
     return ds.manifest.eot_id if ds.manifest is not None else None
 
 
-class MixtureSampler:
+def _delimiter(ds: TokenDataset) -> str | None:
+    """The manifest's delimiter where it records an eot id (without one the delimiter says nothing)."""
+    return ds.manifest.delimiter if _eot(ds) is not None else None
+
+
+class MixtureSampler(RankStream):
     """The global stream of rows of a :class:`Mixture`, and this rank's view of it; like the samplers of
-    :mod:`lmdata.sampler` it holds no position (batch ``step`` counts from the ``base_row`` passed).
+    :mod:`lmdata.sampler` it holds no position (batch ``step`` counts from the ``base_row`` passed); its
+    batches' shard ids index ``mixture.shards``.
 
     ``windows``: "any" (each source's sampler over all its windows) or "document" (over the starts each
     source's ``document_starts(context_length, eot_id=..., delimiter=...)`` gives: 8 bytes per start).
@@ -321,8 +336,17 @@ class MixtureSampler:
             root=self.root,
             ends=self.ends,
             stride=self.sources[0].index.stride,
-            starts=np.concatenate([s.index.starts for s in self.sources]).astype(np.int64),  # empty unless explicit
+            starts=self._shared_starts(),
         )
+
+    def _shared_starts(self) -> np.ndarray:
+        """The sources' explicit window starts concatenated in the shared id space (int64; empty for strided
+        windows), each source's own then replaced by its view into them: one copy of 8 bytes per window, not two."""
+        shared = np.concatenate([s.index.starts for s in self.sources]).astype(np.int64, copy=False)
+        if shared.size:
+            for s, offset in zip(self.sources, self.window_offsets, strict=True):
+                s.index.starts = shared[offset : offset + s.num_windows]
+        return shared
 
     def _source(self, j: int, name: str, eot_id: int | None, delimiter: str | None):
         ds = self.mixture.datasets[j]
@@ -335,7 +359,7 @@ class MixtureSampler:
                 seed=_source_seed(self.seed, j),
                 rank=self.rank,
                 world_size=self.world_size,
-                starts=window_starts(ds, self.windows, self.context_length, eot_id, delimiter),
+                **starts_for_windows(ds, self.windows, self.context_length, eot_id, delimiter),
             )
         except ArgumentError as e:
             raise ArgumentError(f"mixture source {self.mixture.names[j]}: {e}") from None
@@ -352,33 +376,29 @@ class MixtureSampler:
         """Shared window ids, int64 (count,), of global rows ``first_row ..``."""
         return self.assign(first_row, count)[2]
 
-    def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
-        """Shared window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
-        first = first_row_of(base_row, step, self.rank, self.world_size, self.batch_size)
-        return self.row_windows(first, self.batch_size)
-
-    def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(shard_ids into ``mixture.shards``, starts), each int64 (B,), of batch ``step`` on this rank."""
-        window_ids = self.window_ids(step, base_row)
-        shard_ids, starts = np.empty_like(window_ids), np.empty_like(window_ids)
-        args = self.stream_args
-        locate_into(window_ids, args.ends, args.stride, args.starts, shard_ids, starts)
-        return shard_ids, starts
-
     def identity(self) -> dict:
         """What a saved position must agree on: the sampler's fields, and the mixture's names, weights and each
-        source's own sampler identity (ints, strings and floats: loads under ``torch.load(weights_only=True)``)."""
-        return {
+        source's own sampler identity (ints, strings and floats: loads under ``torch.load(weights_only=True)``).
+        With windows "document", also the eot id and delimiter the sources' starts were made from: one value each
+        (:class:`Mixture` makes sources that record an eot id agree on both), or one per source where a source
+        without one resolved another delimiter from its manifest."""
+        stream = ("windows", "eot_id", "delimiter")  # the stream's, at the top: sources' stay as old states saved
+        identity = {
             "kind": self.kind,
             "seed": self.seed,
             "context_length": self.context_length,
             "num_windows": self.num_windows,
             "windows": self.windows,
+        }
+        if self.windows == "document":
+            for k in ("eot_id", "delimiter"):
+                values = [s.identity()[k] for s in self.sources]
+                identity[k] = values[0] if values.count(values[0]) == len(values) else values
+        return identity | {
             "mixture": {
                 "names": list(self.mixture.names),
                 "weights": list(self.mixture.weights),
-                # windows is the stream's, above: the sources' identities stay as states before it saved them
-                "sources": [{k: v for k, v in s.identity().items() if k != "windows"} for s in self.sources],
+                "sources": [{k: v for k, v in s.identity().items() if k not in stream} for s in self.sources],
             },
         }
 

@@ -92,7 +92,7 @@ class StreamArgs(NamedTuple):
 
     One shape for one dataset and for a mixture: a single dataset is a mixture of one source (``root == -1``,
     empty tree arrays, ``seeds == [seed]``), whose row k is row k of its sampler, so its rows are those of
-    :meth:`_Sampler.row_windows`. Window ids of all sources share one id space (source j's start at
+    :meth:`Sampler.row_windows`. Window ids of all sources share one id space (source j's start at
     ``window_offsets[j]``), and their shards one list.
     """
 
@@ -187,7 +187,7 @@ class WindowIndex:
         self.context_length = context_length
         self.stride = stride
         if starts is None:
-            counts = np.where(lengths >= span, (lengths - span) // stride + 1, 0)
+            counts = strided_counts(lengths, span, stride)
             self.starts = np.empty(0, dtype=np.int64)
         else:
             self.starts = _checked_starts(starts, lengths, span)
@@ -203,10 +203,22 @@ class WindowIndex:
 
     def locate(self, window_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard_ids, starts) for an int64 array of window ids."""
-        window_ids = np.ascontiguousarray(window_ids, dtype=np.int64)
-        shard_ids, starts = np.empty_like(window_ids), np.empty_like(window_ids)
-        locate_into(window_ids, self.ends, self.stride, self.starts, shard_ids, starts)
-        return shard_ids, starts
+        return locate(window_ids, self.ends, self.stride, self.starts)
+
+
+def locate(window_ids: np.ndarray, ends: np.ndarray, stride: int, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard_ids, starts), each int64 like ``window_ids``, of window ids over shards whose windows end at ``ends``
+    (:func:`locate_into`: strided by ``stride``, or at the explicit ``starts``)."""
+    window_ids = np.ascontiguousarray(window_ids, dtype=np.int64)
+    shard_ids, out_starts = np.empty_like(window_ids), np.empty_like(window_ids)
+    locate_into(window_ids, ends, stride, starts, shard_ids, out_starts)
+    return shard_ids, out_starts
+
+
+def strided_counts(lengths: np.ndarray, span: int, stride: int) -> np.ndarray:
+    """Windows of ``span`` tokens every ``stride`` tokens of each shard of ``lengths`` tokens, int64 per shard."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.where(lengths >= span, (lengths - span) // stride + 1, 0).astype(np.int64)
 
 
 def _checked_starts(starts: Sequence[np.ndarray], lengths: np.ndarray, span: int) -> np.ndarray:
@@ -230,13 +242,38 @@ def _checked_starts(starts: Sequence[np.ndarray], lengths: np.ndarray, span: int
     return np.ascontiguousarray(np.concatenate(checked) if checked else np.empty(0), dtype=np.int64)
 
 
-class _Sampler:
+class RankStream:
+    """What a stream of rows (a :class:`Sampler`'s or a :class:`lmdata.MixtureSampler`'s) gives one rank: its
+    batches, from the stream's ``row_windows`` and ``stream_args`` (ends, stride, starts) and its rank fields."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    stream_args: StreamArgs  # a property of Sampler, fixed at construction for a mixture
+
+    def row_windows(self, first_row: int, count: int) -> np.ndarray:
+        """Window ids, int64 (count,), of global rows ``first_row ..``: each stream's own rule."""
+        raise NotImplementedError
+
+    def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
+        """Window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
+        first = first_row_of(base_row, step, self.rank, self.world_size, self.batch_size)
+        return self.row_windows(first, self.batch_size)
+
+    def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
+        args = self.stream_args
+        return locate(self.window_ids(step, base_row), args.ends, args.stride, args.starts)
+
+
+class Sampler(RankStream):
     """The global stream of rows of one sampler and dataset, and this rank's view of it.
 
     Holds no position and no iteration state: batch ``step`` counts from a ``base_row`` the caller passes (the
     loader's rows consumed at its last resume), so the stream's only state is that one integer, kept by the
     loader. ``starts``: explicit window starts per shard (see :class:`WindowIndex`; the loader's
-    ``windows="document"``), or None for every position (random) or every T-th (epoch).
+    ``windows="document"``), or None for every position (random) or every T-th (epoch); ``eot_id`` and
+    ``delimiter``: what those starts were made from, part of :meth:`identity` (ignored without starts).
     """
 
     kind: int  # RANDOM or EPOCH
@@ -250,6 +287,8 @@ class _Sampler:
         rank: int = 0,
         world_size: int = 1,
         starts: Sequence[np.ndarray] | None = None,
+        eot_id: int | None = None,
+        delimiter: str | None = None,
     ):
         problems = []
         if batch_size <= 0:
@@ -265,6 +304,8 @@ class _Sampler:
         stride = context_length if self.kind == EPOCH else 1
         self.index = WindowIndex(lengths, context_length, stride, starts)
         self.windows = "any" if starts is None else "document"
+        # what made the explicit starts (identity only): two delimiter rules can give equally many windows
+        self.eot_id, self.delimiter = (None, None) if starts is None else (eot_id, delimiter)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.half_bits = feistel_half_bits(self.num_windows)
 
@@ -306,33 +347,28 @@ class _Sampler:
         row_windows_into(self.kind, self.seed, first_row, self.num_windows, self.half_bits, out)
         return out
 
-    def window_ids(self, step: int, base_row: int = 0) -> np.ndarray:
-        """Global window ids, int64 (B,), of batch ``step`` on this rank, steps counted from ``base_row``."""
-        first = first_row_of(base_row, step, self.rank, self.world_size, self.batch_size)
-        return self.row_windows(first, self.batch_size)
-
-    def batch(self, step: int, base_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(shard_ids, starts), each int64 (B,), of batch ``step`` on this rank. Pure: no state changes."""
-        return self.index.locate(self.window_ids(step, base_row))
-
-    def identity(self) -> dict[str, int | str]:
-        """What a saved position must agree on to continue this stream: ints, and the windows mode."""
-        return {
+    def identity(self) -> dict[str, int | str | None]:
+        """What a saved position must agree on to continue this stream: ints, the windows mode and, for explicit
+        starts, the eot id and delimiter they were made from (windows "any" has neither key)."""
+        identity = {
             "kind": self.kind,
             "seed": self.seed,
             "context_length": self.index.context_length,
             "num_windows": self.num_windows,
             "windows": self.windows,
         }
+        if self.windows == "document":
+            identity |= {"eot_id": self.eot_id, "delimiter": self.delimiter}
+        return identity
 
 
-class RandomSampler(_Sampler):
+class RandomSampler(Sampler):
     """Row i is a uniform window (with replacement) hashed from (seed, i), whichever rank reads it."""
 
     kind = RANDOM
 
 
-class EpochSampler(_Sampler):
+class EpochSampler(Sampler):
     """Row i is position i % n of epoch i // n's shuffled order of the n windows: each window once per epoch."""
 
     kind = EPOCH
@@ -341,7 +377,7 @@ class EpochSampler(_Sampler):
 SAMPLERS = {"random": RandomSampler, "epoch": EpochSampler}
 
 
-def make_sampler(name: str, lengths: np.ndarray, context_length: int, batch_size: int, **kwargs) -> _Sampler:
+def make_sampler(name: str, lengths: np.ndarray, context_length: int, batch_size: int, **kwargs) -> Sampler:
     """Build the sampler called ``name`` ("random" or "epoch")."""
     try:
         cls = SAMPLERS[name]
@@ -357,14 +393,3 @@ def check_windows(windows: str, eot_id: int | None = None, delimiter: str | None
         raise ArgumentError(f"unknown windows {windows!r}; choose one of {list(WINDOWS)}")
     if windows == "any" and (eot_id is not None or delimiter is not None):
         raise ArgumentError('eot_id and delimiter say where documents start: pass them with windows="document"')
-
-
-def window_starts(
-    dataset, windows: str, context_length: int, eot_id: int | None = None, delimiter: str | None = None
-) -> list[np.ndarray] | None:
-    """The explicit window starts of ``windows`` mode for ``dataset`` (a TokenDataset), one int64 array per shard:
-    None for "any" (every position, or every T-th); for "document", ``dataset.document_starts(...)``."""
-    check_windows(windows, eot_id, delimiter)
-    if windows == "any":
-        return None
-    return dataset.document_starts(context_length, eot_id=eot_id, delimiter=delimiter)

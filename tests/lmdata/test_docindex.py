@@ -1,4 +1,4 @@
-"""Document indexes and document window starts (lmdata.docindex, TokenDataset.document_starts, lmdata.index).
+"""Document indexes and window starts (lmdata.docindex, lmdata.windows, TokenDataset.document_starts, lmdata.index).
 
 Shards here are documents of known lengths: document j holds the tokens 1.. (never the eot id 0), and the eot id
 stands after each document ("after") or before it ("before"), so every document start is known exactly.
@@ -19,22 +19,12 @@ import numpy as np
 import pytest
 
 from lmdata import ArgumentError, Manifest, TokenDataset, docindex, validate_shards, write_shards
-from lmdata.docindex import (
-    INDEX_SUFFIX,
-    IndexKey,
-    crop_starts,
-    document_starts_of,
-    eot_positions,
-    read_index,
-    sidecar_path,
-    stride_starts,
-    target_coverage,
-    window_starts,
-    write_index,
-)
+from lmdata.docindex import INDEX_SUFFIX, IndexKey, eot_positions, read_index, sidecar_path, write_index
+from lmdata.format import sampled_sha256
 from lmdata.index import main as index_main
 from lmdata.inputs import expand_inputs
 from lmdata.prepare import prepare
+from lmdata.windows import crop_starts, document_starts_of, stride_starts, target_coverage, window_starts
 from tests.conftest import write_llmc
 
 EOT = 0
@@ -120,6 +110,21 @@ def test_window_starts_match_a_brute_force_reference_on_random_documents(delimit
         assert (cov.once, cov.twice, cov.more, cov.never) == tuple(
             [times.count(1), times.count(2), sum(t > 2 for t in times), times.count(0)]
         )
+
+
+def test_window_starts_allocate_only_their_result():
+    import tracemalloc
+
+    positions = np.arange(2, 300_000, 3, dtype=np.int64)  # documents of 3 tokens at 0, 3, ...: one window each
+    window_starts(positions, 300_000, 8, "after")  # compiled before measuring
+    tracemalloc.start()
+    try:
+        starts = window_starts(positions, 300_000, 8, "after")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert starts.tolist() == list(range(0, 300_000 - 8, 3))  # the shard-end window 299991 is a document's
+    assert peak < starts.nbytes + 64 * 1024  # no temporary per document or window (numpy reports to tracemalloc)
 
 
 @pytest.mark.parametrize("n", [0, 1, T])
@@ -499,6 +504,27 @@ def test_the_cli_on_data_without_a_manifest_needs_the_flags(tmp_path, capsys):
     assert starts[0].tolist() == reference_starts(shard_of([3, 8, 20, 5], "before")[1], 36, T)
 
 
+def test_index_dataset_returns_a_summary_prints_nothing_and_reads_each_sample_once(tmp_path, capsys, monkeypatch):
+    from lmdata import index as index_module
+
+    bare = bare_shards(tmp_path / "bare")
+    calls = []
+
+    def counted(tokens):
+        calls.append(len(tokens))
+        return sampled_sha256(tokens)
+
+    monkeypatch.setattr(index_module, "sampled_sha256", counted)
+    monkeypatch.setattr(docindex, "sampled_sha256", counted)
+    for written in (3, 0):  # a first run writes all three; a second finds them valid
+        calls.clear()
+        (summary,) = index_module.index_dataset(bare, EOT, "before")
+        assert (summary.directory, summary.shards, summary.written, summary.notes) == (bare, 3, written, [])
+        assert len(calls) == 3  # once per shard: checks the sidecar and stamps the new one
+    assert capsys.readouterr() == ("", "")  # library code: main prints the summaries
+    assert str(summary) == f"index: {bare}: all 3 shards have a valid document index; nothing to do"
+
+
 def test_the_cli_help_explains_the_flags(capsys):
     with pytest.raises(SystemExit) as exit_:
         index_main(["--help"])
@@ -688,7 +714,7 @@ def test_a_copy_that_keeps_mtimes_keeps_its_sidecars_valid(tmp_path):
 
 def test_in_a_large_shard_a_change_in_a_sampled_run_is_seen_and_one_outside_is_not(tmp_path):
     """Exactly what the docstring promises, and what it says it does not: the sample is 64 runs of 4096 tokens."""
-    from lmdata.dataset import SAMPLE_RUN_TOKENS, SAMPLE_RUNS
+    from lmdata.format import SAMPLE_RUN_TOKENS, SAMPLE_RUNS
 
     n = SAMPLE_RUNS * SAMPLE_RUN_TOKENS * 2
     tokens = (np.arange(n) % 50 + 1).astype(np.uint16)
@@ -846,3 +872,14 @@ def test_the_cli_removes_the_temporaries_of_killed_runs_only(tmp_path):
     assert index_main([str(bare), "--eot-id", "0", "--delimiter", "before"]) == 0
     assert not dead.exists() and live.exists() and other.exists()
     assert (bare / f".tmp-x.docidx.{int(gone.stdout)}-dir").is_dir()
+
+
+def test_the_document_index_api_is_importable_from_lmdata():
+    import lmdata
+    from lmdata import dataset, sampler, windows
+
+    assert lmdata.window_starts is windows.window_starts is docindex.window_starts  # one function, two homes
+    for name in ("IndexKey", "eot_positions", "read_index", "write_index", "sidecar_path", "DELIMITERS"):
+        assert getattr(lmdata, name) is getattr(docindex, name) and name in lmdata.__all__
+    assert lmdata.check_windows is sampler.check_windows and lmdata.starts_for_windows is dataset.starts_for_windows
+    assert lmdata.DELIMITERS == ("after", "before")

@@ -11,11 +11,13 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
 import torch
 
+import lmdata.loader
 from lmdata import BatchLoader, SamplerStateError, ShardFormatError, TokenDataset
 from lmdata.loader import _Channel
 from tests.conftest import SHARD_BASE, cuda, make_shards
@@ -281,23 +283,35 @@ def test_channel_wakes_the_producer_only_at_the_refill_mark():
         channel.get(0.01)
 
 
-def test_stats_count_batches_and_waiting(dataset):
-    """The consumer's wait is the time it blocks on the thread: a fill that takes 1 s shows up as most of a second
-    (the thread starts just before the consumer's clock does, so a loaded machine may shave a little off)."""
+def test_stats_count_batches_and_waiting(dataset, monkeypatch):
+    """The consumer's wait is the time it blocks on the thread, on the clock the loader reads (a fake here, which
+    the slow fill advances by exactly 1 s once the consumer has read it): all of the first fill, none after."""
+    now = [0.0]
+    consumer_waiting = threading.Event()
+
+    def perf_counter() -> float:
+        consumer_waiting.set()  # only the consumer reads this clock
+        return now[0]
+
+    monkeypatch.setattr(lmdata.loader, "time", types.SimpleNamespace(perf_counter=perf_counter))
     with BatchLoader(dataset, B, T, prefetch=4) as loader:
         real_fill = loader._filler.fill
+        fills = []
 
         def slow_fill(*a, **k):
-            time.sleep(1.0)
+            assert consumer_waiting.wait(10)  # the consumer's clock started before this fill's second
+            now[0] += 1.0
+            fills.append(a[:2])
             real_fill(*a, **k)
 
         loader._filler.fill = slow_fill
-        next(loader)  # the first fill: the consumer waits for all of it
-        assert loader.stats.batches == 1 and loader.stats.wait_seconds >= 0.5
+        next(loader)  # the first fill (all four batches): the consumer waits for all of it
+        assert (loader.stats.batches, loader.stats.wait_seconds) == (1, 1.0)
         loader.stats.reset()
         assert (loader.stats.batches, loader.stats.wait_seconds) == (0, 0.0)
-        next(loader)  # already prefetched by that fill: no wait to speak of
-        assert loader.stats.batches == 1 and loader.stats.wait_seconds < 0.5
+        next(loader)  # already prefetched by that fill: no wait at all
+        assert (loader.stats.batches, loader.stats.wait_seconds) == (1, 0.0)
+        assert fills == [(0, 4)]  # two of four taken: above the refill mark, no second fill yet
 
 
 def test_bad_arguments(dataset):

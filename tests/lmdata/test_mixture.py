@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -263,6 +264,21 @@ def test_tokenizer_or_eot_mismatch_is_refused(tmp_path):
     assert Mixture([(a, 1), (unnamed, 1)]).names == ["a", "d"]
 
 
+def test_a_delimiter_mismatch_is_refused_where_both_record_an_eot_id(tmp_path):
+    after = uint32_source(tmp_path / "after", [100], eot_id=5, delimiter="after")
+    before = uint32_source(tmp_path / "before", [100], eot_id=5, delimiter="before")
+    with pytest.raises(ManifestError) as err:
+        Mixture([(after, 1), (before, 1)])
+    assert str(err.value) == (
+        "mixture sources disagree on the delimiter: after has 'after', before has 'before'; "
+        "mix only data whose eot id stands on the same side of each document"
+    )
+    without_eot = uint32_source(tmp_path / "plain", [100], delimiter="before")  # no eot id: no documents known
+    assert Mixture([(after, 1), (without_eot, 1)]).names == ["after", "plain"]
+    unnamed = TokenDataset(make_shards(tmp_path / "d", [100]))
+    assert Mixture([(before, 1), (unnamed, 1)]).names == ["before", "d"]
+
+
 def test_the_vocabulary_is_the_largest(tmp_path):
     small = uint32_source(tmp_path / "small", [100], vocab_size=B_BASE + 200)
     big = uint32_source(tmp_path / "big", [100], vocab_size=B_BASE + 5000)
@@ -360,3 +376,15 @@ def test_the_trainer_trains_on_a_mixture_and_resumes_it(tmp_path):
     with pytest.raises(ConfigError, match=r"mixture weights: saved \[0.75, 0.25\], now \[0.5, 0.5\]"):
         reweighted.resume(False)
     reweighted.loader.close()
+
+
+def test_sources_resolving_other_delimiters_record_one_per_source(tmp_path):
+    """A source whose manifest records no eot id takes the explicit one and its own manifest's delimiter: the
+    stream's identity then holds each source's (no single value describes the starts)."""
+    after = uint32_source(tmp_path / "after", [100], eot_id=5, delimiter="after")
+    plain = uint32_source(tmp_path / "plain", [100], delimiter="before")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no sidecars: the index is built in memory
+        sampler = Mixture([(after, 1), (plain, 1)]).sampler("epoch", T, 4, windows="document", eot_id=5)
+    identity = sampler.identity()
+    assert (identity["eot_id"], identity["delimiter"]) == (5, ["after", "before"])

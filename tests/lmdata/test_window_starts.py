@@ -21,6 +21,7 @@ from lmdata import (
     WindowIndex,
     gather_batch,
 )
+from lmdata.docindex import IndexKey
 from tests.conftest import SHARD_BASE, make_shards
 
 T = 8
@@ -43,14 +44,19 @@ ALL = sorted((i, int(s)) for i, shard in enumerate(STARTS) for s in shard)
 
 @pytest.fixture
 def dataset(tmp_path, monkeypatch):
-    """Consecutive-integer shards whose document_starts is STARTS, recording the arguments it was called with."""
+    """Consecutive-integer shards whose document_starts is STARTS, recording the arguments it was called with, and
+    whose document_keys are the eot id and delimiter passed (0 and "after" where None)."""
     calls = []
 
     def document_starts(self, context_length, *, eot_id=None, delimiter=None):
         calls.append((context_length, eot_id, delimiter))
         return some_starts([s.num_tokens for s in self.shards], seed=len(self.shards))
 
+    def document_keys(self, eot_id=None, delimiter=None):  # what the starts were made from: the fake's defaults
+        return [IndexKey(0 if eot_id is None else eot_id, delimiter or "after")] * len(self.shards)
+
     monkeypatch.setattr(TokenDataset, "document_starts", document_starts, raising=False)
+    monkeypatch.setattr(TokenDataset, "document_keys", document_keys, raising=False)
     ds = TokenDataset(make_shards(tmp_path / "d", LENGTHS))
     ds.calls = calls
     return ds
@@ -143,9 +149,9 @@ def test_the_row_rule_is_the_strided_one_over_the_count_of_starts(kind):
 @pytest.mark.parametrize("sampler", ["epoch", "random"])
 def test_the_loader_asks_the_dataset_for_document_starts_and_gathers_only_there(dataset, sampler):
     with BatchLoader(
-        dataset, 4, T, sampler=sampler, seed=1, prefetch=2, windows="document", eot_id=7, delimiter=[1, 2]
+        dataset, 4, T, sampler=sampler, seed=1, prefetch=2, windows="document", eot_id=7, delimiter="before"
     ) as loader:
-        assert dataset.calls == [(T, 7, [1, 2])]
+        assert dataset.calls == [(T, 7, "before")]
         assert loader.state_dict()["windows"] == "document"
         allowed = {(i, int(s)) for i, shard in enumerate(some_starts(LENGTHS, seed=4)) for s in shard}
         seen = set()
@@ -212,6 +218,9 @@ def test_a_mixture_gives_each_source_its_own_starts(tmp_path, dataset):
         assert source.num_windows == n
         mine = windows[sources == j] - sampler.window_offsets[j]
         assert sorted(mine[:n].tolist()) == list(range(n))  # each start once per epoch of its source
+        assert source.index.starts.tolist() == np.concatenate(own[j]).tolist()
+        assert source.index.starts.base is sampler.stream_args.starts  # a view: the starts are held once
+    assert sampler.stream_args.starts.nbytes == 8 * sampler.num_windows
     with BatchLoader(mixture, 4, T, sampler="epoch", seed=2, prefetch=2, windows="document", eot_id=3) as loader:
         batches = [next(loader)[0] for _ in range(20)]
     firsts = torch.cat(batches)[:, 0].numpy()
