@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from lmdata.atomic import write_bytes_atomic
+from lmdata.docindex import DELIMITERS
 from lmdata.sampler import WINDOWS
 from lmtrain.datasources import source_problems
-from lmtrain.documents import DELIMITERS
 from lmtrain.errors import ConfigError
 from lmtrain.model import shape_problems
 
