@@ -97,6 +97,7 @@ def token_bytes_on(dataset: TokenDataset, vocab_size: int, device: torch.device)
     return torch.from_numpy(padded).to(device), ""
 
 
+@torch.no_grad()
 def score_batches(
     model: torch.nn.Module,
     batches: Batches,
