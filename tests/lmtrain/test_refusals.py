@@ -315,9 +315,9 @@ def test_document_windows_count_the_val_windows_from_the_document_starts(tmp_pat
 
 
 def test_the_memory_estimate_counts_the_document_window_starts(tmp_path, capsys, monkeypatch):
-    import lmtrain.preflight
+    import lmtrain.host_memory
 
-    monkeypatch.setattr(lmtrain.preflight, "available_memory", lambda: 1)  # every estimate is refused: read it
+    monkeypatch.setattr(lmtrain.host_memory, "available_memory", lambda: 1)  # every estimate is refused: read it
     sets = _small_document_sets(tmp_path)
     flags = ["--windows", "document", "--eot-id", "63", "--delimiter", "after"]
     err = refused(args(Path("unused"), tmp_path / "run", *sets, *flags), capsys)
