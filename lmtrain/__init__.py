@@ -5,7 +5,8 @@ lmtrain knows of data only what lmdata exposes (TokenDataset, BatchLoader).
 
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes, unwrap
 from lmtrain.checkpoint_manager import CheckpointManager
-from lmtrain.documents import DocMask, doc_ids
+from lmtrain.datasources import DataSource, parse_sources
+from lmtrain.documents import DocMask, DocumentAttention, current_document, doc_ids, document_attention
 from lmtrain.errors import (
     CheckpointError,
     ConfigError,
@@ -36,7 +37,9 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "ConfigError",
+    "DataSource",
     "DocMask",
+    "DocumentAttention",
     "InsufficientDiskError",
     "LmTrainError",
     "NonFiniteLossError",
@@ -44,12 +47,15 @@ __all__ = [
     "Score",
     "TransformerLM",
     "capture_rng_state",
+    "current_document",
     "doc_ids",
+    "document_attention",
     "load_checkpoint",
     "load_hf",
     "lr_cosine_schedule",
     "make_optimizer",
     "parameter_groups",
+    "parse_sources",
     "restore_rng_state",
     "save_checkpoint",
     "score_batches",

@@ -3,53 +3,30 @@
 Every field is both a flag (``--d-model``) and a TOML key in its section (``[model] d_model = 512``), and is
 declared once, here: its type (the annotation), its default, its documentation (``help``, which ``--help`` and
 the README's reference show) and what it accepts (``ge``/``gt``/``le``/``lt`` bounds, ``choices``,
-``required``). :func:`field_problems` derives every per-field check from those declarations; the few rules
-that tie fields together are in :data:`CROSS_CHECKS`. All problems are collected and raised as one
-:class:`ConfigError`.
+``required``). :func:`lmtrain.fields.field_problems` derives every per-field check from those declarations
+(:mod:`lmtrain.fields` holds that machinery); the few rules that tie fields together are in
+:data:`CROSS_CHECKS`. All problems are collected and raised as one :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import operator
 import tomllib
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmdata.atomic import write_bytes_atomic
+from lmdata.docindex import DELIMITERS
 from lmdata.sampler import WINDOWS
 from lmtrain.datasources import source_problems
-from lmtrain.documents import DELIMITERS
 from lmtrain.errors import ConfigError
+from lmtrain.fields import FieldSpec, doc, field_problems, field_specs, normalised, type_problem
 from lmtrain.model import shape_problems
 
 CONFIG_NAME = "config.json"  # OUT_DIR/config.json, the resolved config
 MAX_SEED = 2**63 - 1  # seeds are hashed as non-negative int64s by the samplers
-
-
-def doc(default, help: str, **accepts):  # noqa: A002 - "help" reads best at the call sites
-    """A config field: its default, its documentation and what it accepts (see :class:`Accepts`)."""
-    return field(default=default, metadata={"help": help, "accepts": Accepts(**accepts)})
-
-
-@dataclass(frozen=True)
-class Accepts:
-    """What one field accepts besides its type. Floats must also always be finite."""
-
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    choices: tuple[str, ...] | None = None
-    required: bool = False  # None (not given) is a problem
-    nonempty: bool = False  # for strings: "" is a problem (for a list of strings: any "", or no string)
-    rule: Callable[[Any], list[str]] | None = None  # the value's own problems, once its type is right
 
 
 def _train_rule(value: str | list[str]) -> list[str]:
@@ -222,38 +199,8 @@ RESUMABLE_CHANGES = (
 GLOBAL_BATCH_FIELDS = frozenset({("run", "batch_size"), ("run", "grad_accum_steps")})
 
 
-@dataclass(frozen=True)
-class FieldSpec:
-    """One field as declared: resolved type, whether None is allowed, documentation and what it accepts."""
-
-    section: str
-    name: str
-    kind: type  # bool, int, float or str
-    optional: bool
-    many: bool  # a list of ``kind`` is accepted too (declared as ``str | list[str]``)
-    default: Any
-    help: str
-    accepts: Accepts
-
-    @property
-    def label(self) -> str:
-        return f"[{self.section}] {self.name}"
-
-
-def _spec(section: str, f: dataclasses.Field, annotation) -> FieldSpec:
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
-    kind = next((a for a in args if a is not type(None)), annotation)
-    many = any(typing.get_origin(a) is list for a in args)
-    return FieldSpec(
-        section, f.name, kind, type(None) in args, many, f.default, f.metadata["help"], f.metadata["accepts"]
-    )
-
-
 # Every field's spec, by section, in declaration order; get_type_hints resolves the postponed annotations.
-FIELDS: dict[str, dict[str, FieldSpec]] = {
-    section: {f.name: _spec(section, f, typing.get_type_hints(cls)[f.name]) for f in dataclasses.fields(cls)}
-    for section, cls in SECTIONS.items()
-}
+FIELDS: dict[str, dict[str, FieldSpec]] = {section: field_specs(section, cls) for section, cls in SECTIONS.items()}
 
 
 @dataclass
@@ -291,47 +238,6 @@ class TrainConfig:
     def with_documents(self, eot_id: int, delimiter: str) -> TrainConfig:
         """The config with the eot id and delimiter preflight resolved (from the manifests or the flags)."""
         return dataclasses.replace(self, data=dataclasses.replace(self.data, eot_id=eot_id, delimiter=delimiter))
-
-
-# -- checks derived from the declarations ------------------------------------------------------------------------
-def _type_problem(spec: FieldSpec, value: Any) -> str | None:
-    if value is None:
-        return None if spec.optional else f"{spec.label}: expected {spec.kind.__name__}, got None"
-    exact = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[spec.kind]
-
-    def fits(v: Any) -> bool:
-        return isinstance(v, exact) and (spec.kind is bool or not isinstance(v, bool))
-
-    if fits(value) or (spec.many and isinstance(value, list) and all(fits(v) for v in value)):
-        return None
-    expected = spec.kind.__name__ + (f" or a list of {spec.kind.__name__}" if spec.many else "")
-    return f"{spec.label}: expected {expected}, got {value!r} ({type(value).__name__})"
-
-
-_BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
-
-
-def field_problems(spec: FieldSpec, value: Any) -> list[str]:
-    """Everything wrong with ``value`` for the field ``spec``, as declared by its type and :class:`Accepts`."""
-    a, label = spec.accepts, spec.label
-    if value is None:
-        return [f"{label} (--{spec.name.replace('_', '-')}) is required"] if a.required else []
-    bad_type = _type_problem(spec, value)
-    if bad_type:
-        return [bad_type]
-    if spec.kind is float and not math.isfinite(value):
-        return [f"{label} must be a finite number, got {value}"]
-    if a.nonempty and (value == "" or value == [] or (isinstance(value, list) and "" in value)):
-        return [f"{label} must not be empty" + (f", got {value!r}" if isinstance(value, list) else "")]
-    if a.choices is not None and value not in a.choices:
-        return [f"{label} must be one of {', '.join(a.choices)}, got {value!r}"]
-    if a.rule is not None and (found := a.rule(value)):
-        return [f"{label}: {p}" for p in found]
-    return [
-        f"{label} must be {symbol} {limit}, got {value}"
-        for attr, symbol, holds in _BOUNDS
-        if (limit := getattr(a, attr)) is not None and not holds(value, limit)
-    ]
 
 
 def _device_problems(c: TrainConfig) -> list[str]:
@@ -399,7 +305,7 @@ def validate(c: TrainConfig, already_bad: frozenset[str] = frozenset()) -> tuple
     return problems, bad
 
 
-# -- building ------------------------------------------------------------------------------------------------
+# -- building ----------------------------------------------------------------------------------------------------------
 def collect(
     file_values: dict[str, dict], flag_values: dict[str, dict], source: str = "config"
 ) -> tuple[TrainConfig, list[str], set[str]]:
@@ -418,23 +324,15 @@ def collect(
                 spec = FIELDS[section].get(key)
                 if spec is None:
                     problems.append(f"[{section}] {key}: unknown key in {source}")
-                elif (wrong := _type_problem(spec, value)) is not None:
+                elif (wrong := type_problem(spec, value)) is not None:
                     problems.append(wrong)
                     bad.add(f"{section}.{key}")
                 else:
-                    merged[key] = _normalised(spec, value)
+                    merged[key] = normalised(spec, value)
         sections[section] = cls(**merged)
     config = TrainConfig(**sections)
     found, bad = validate(config, frozenset(bad))
     return config, problems + found, bad
-
-
-def _normalised(spec: FieldSpec, value: Any) -> Any:
-    """A well-typed value as the config holds it: ints of a float field as floats; a list of one value of a
-    field that takes lists as that value (the same data as before lists, so a resumed run sees no change)."""
-    if spec.many and isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    return float(value) if spec.kind is float and value is not None else value
 
 
 def raise_problems(problems: list[str]) -> None:

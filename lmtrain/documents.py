@@ -17,6 +17,8 @@ FlexAttention has no CPU backward), and a FlexAttention ``BlockMask`` on CUDA, f
 compiled (its eager form materialises the whole score matrix, an unfused reference), whether or not the model is.
 
 ``DocMask`` (the eot id and the convention) is what generation needs to know: see ``current_document``.
+``documents_of_config`` reads a run's windows and DocMask back from its saved config (sample, evaluate, export),
+``document_ids`` gives the doc ids of a batch for a DocMask or none (the training loop, evaluation).
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-DELIMITERS = ("after", "before")
+from lmdata.docindex import DELIMITERS
+from lmdata.sampler import WINDOWS
+from lmtrain.errors import CheckpointError
 
 
 def _check_delimiter(delimiter: str) -> None:
+    """ValueError (the model API's error for a bad argument) for a delimiter lmdata does not know."""
     if delimiter not in DELIMITERS:
         raise ValueError(f"delimiter must be one of {', '.join(map(repr, DELIMITERS))}, got {delimiter!r}")
 
@@ -168,3 +173,43 @@ def current_document(tokens: list[int], doc_mask: DocMask) -> list[int]:
     if last is None:
         return list(tokens)
     return list(tokens[last + 1 :] if doc_mask.delimiter == "after" else tokens[last:])
+
+
+def document_ids(x: torch.Tensor, doc_mask: DocMask | None) -> torch.Tensor | None:
+    """The doc ids of token ids ``x`` (B, T) for a document-masked model (on x's device, no host sync), or None
+    (no masking) when ``doc_mask`` is None: what ``TransformerLM.forward`` takes as its second argument."""
+    return None if doc_mask is None else doc_ids(x, doc_mask.eot_id, doc_mask.delimiter)
+
+
+def saved_document_key(config: dict) -> DocMask | None:
+    """The eot id and delimiter a run's saved config (a checkpoint's ``config``) records, as a DocMask: a run with
+    a document option (``--windows document``, ``--doc-mask``) saves those preflight resolved; a run without one
+    saves neither (None). CheckpointError for anything else (a bool, negative or float id, an unknown delimiter,
+    one without the other): lmtrain.main would not have saved it."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    eot_id, delimiter = data.get("eot_id"), data.get("delimiter")
+    if eot_id is None and delimiter is None:
+        return None
+    if not (isinstance(eot_id, int) and not isinstance(eot_id, bool) and eot_id >= 0) or delimiter not in DELIMITERS:
+        raise CheckpointError(
+            f"the checkpoint records eot_id {eot_id!r} and delimiter {delimiter!r}; lmtrain.main saves a "
+            f"non-negative int and one of {', '.join(map(repr, DELIMITERS))} (or neither): it was not written by it"
+        )
+    return DocMask(eot_id, delimiter)
+
+
+def documents_of_config(config: dict) -> tuple[str, DocMask | None]:
+    """(windows, DocMask or None) the run of ``config`` (a checkpoint's) trained with: its ``--windows`` and, for
+    a ``--doc-mask`` run, the eot id and delimiter preflight resolved (``saved_document_key``). A run from before
+    these options: ("any", None). CheckpointError for values lmtrain.main would not have saved."""
+    run = config.get("run") if isinstance(config.get("run"), dict) else {}
+    windows, masked = run.get("windows", "any"), run.get("doc_mask", False)
+    if windows not in WINDOWS or not isinstance(masked, bool):
+        raise CheckpointError(f"the checkpoint's windows {windows!r} / doc_mask {masked!r} are not lmtrain.main's")
+    key = saved_document_key(config)
+    if masked and key is None:
+        raise CheckpointError(
+            "the checkpoint is of a --doc-mask run but records no eot_id and delimiter; it was not written by "
+            "lmtrain.main"
+        )
+    return windows, key if masked else None

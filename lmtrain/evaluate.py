@@ -39,10 +39,11 @@ from lmdata import BatchLoader, LmDataError, Manifest, TokenDataset, TokenizerEr
 from lmdata.sampler import WINDOWS
 from lmdata.tokenizer import load_tokenizer, token_byte_lengths
 from lmtrain.datasources import made_by, open_train, parse_sources, source_problems
-from lmtrain.documents import DELIMITERS, DocMask, doc_ids
+from lmtrain.documents import DocMask, document_ids, documents_of_config, saved_document_key
 from lmtrain.errors import ConfigError, LmTrainError
+from lmtrain.metrics import perplexity
 from lmtrain.runtime import resolve_device
-from lmtrain.sample import load_run, trained_documents
+from lmtrain.sample import load_run
 
 EVAL_SEED = 0  # the epoch sampler's seed for the fixed windows: the same for every run and model
 DEFAULT_BATCHES = 20
@@ -65,7 +66,7 @@ class Score:
 
     @property
     def ppl(self) -> float:
-        return math.exp(min(self.loss, 700))  # exp overflows a float past ~709
+        return perplexity(self.loss)
 
     @property
     def bpb(self) -> float | None:
@@ -94,12 +95,6 @@ def token_bytes_on(dataset: TokenDataset, vocab_size: int, device: torch.device)
     padded = np.zeros(max(vocab_size, len(lengths)), dtype=np.int64)
     padded[: len(lengths)] = lengths
     return torch.from_numpy(padded).to(device), ""
-
-
-def document_ids(x: torch.Tensor, doc_mask: DocMask | None) -> torch.Tensor | None:
-    """The model's ``doc_ids`` for token ids ``x`` (B, T): int64 (B, T) on x's device, computed there without a
-    host sync (:func:`lmtrain.doc_ids`); None without document masking."""
-    return None if doc_mask is None else doc_ids(x, doc_mask.eot_id, doc_mask.delimiter)
 
 
 @torch.no_grad()
@@ -214,7 +209,7 @@ def evaluate(
 ) -> Evaluation:
     """Score the model of a run directory (its newest checkpoint) or checkpoint file on ``data``: ``batches``
     fixed batches, or the whole split once when ``batches`` is None. ``batch_size`` defaults to the run's;
-    ``windows`` ("any" or "document") and ``doc_mask`` to the run's (:func:`lmtrain.sample.trained_documents`)."""
+    ``windows`` ("any" or "document") and ``doc_mask`` to the run's (:func:`lmtrain.documents.documents_of_config`)."""
     model, config, trained_fingerprint = load_run(checkpoint)
     T, vocab = config["model"]["context_length"], config["model"]["vocab_size"]
     batch_size = batch_size or config.get("run", {}).get("batch_size") or 8
@@ -242,7 +237,7 @@ def eval_documents(
 ) -> tuple[str, DocMask | None]:
     """(windows, DocMask or None) to evaluate with: the run's, each unless overridden. Where the documents start
     is the run's (saved by a run with a document option), else the evaluated data's manifest's."""
-    trained_windows, trained_mask = trained_documents(config)
+    trained_windows, trained_mask = documents_of_config(config)
     windows = windows or trained_windows
     if doc_mask is None:
         return windows, trained_mask
@@ -251,9 +246,9 @@ def eval_documents(
 
 def _documents_of(config: dict, dataset: TokenDataset) -> DocMask:
     """The eot id and delimiter the run saved (any document option resolves them), else the evaluated data's."""
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    if isinstance(data.get("eot_id"), int) and data.get("delimiter") in DELIMITERS:
-        return DocMask(data["eot_id"], data["delimiter"])
+    saved = saved_document_key(config)
+    if saved is not None:
+        return saved
     try:
         key = dataset.document_keys()[0]
     except LmDataError as e:

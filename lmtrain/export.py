@@ -36,8 +36,9 @@ from lmdata.atomic import dead_pid_dirs
 from lmdata.errors import TokenizerError
 from lmdata.tokenizer import EOT_TEXT, ByteTokenizer, HFTokenizer, byte_level_chars
 from lmtrain import hf
+from lmtrain.documents import documents_of_config
 from lmtrain.errors import ConfigError, LmTrainError
-from lmtrain.sample import load_run, tokenizer_for, trained_documents
+from lmtrain.sample import load_run, tokenizer_for
 
 MODEL_CARD = "README.md"  # written for a --doc-mask run only: what the HF model does not do
 NO_DOC_MASK = (
@@ -90,7 +91,7 @@ def export_run(
         for name in hf.save_weights(llama, partial, max_shard_bytes):
             (partial / name).chmod(0o644)  # safetensors writes 0600; the rest of the directory is 0644
         notes = ["tokenizer: " + (why_not or save_tokenizer(tok, partial, m["context_length"]))]
-        if trained_documents(config)[1] is not None:
+        if documents_of_config(config)[1] is not None:
             (partial / MODEL_CARD).write_text(f"# {out.name}\n\nExported by lmtrain.export.\n\n{NO_DOC_MASK}\n")
             notes.append(f"document masking: {NO_DOC_MASK} (also in {out / MODEL_CARD})")
         partial.chmod(0o755)  # mkdtemp's 0o700 is for the temporary only

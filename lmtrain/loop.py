@@ -43,16 +43,17 @@ from lmtrain.checkpoint import restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED, TrainConfig
 from lmtrain.datasources import as_val_sets, open_train, open_val, val_weights
-from lmtrain.documents import DocMask
+from lmtrain.documents import DocMask, document_ids
 from lmtrain.errors import ConfigError, NonFiniteLossError
-from lmtrain.evaluate import document_ids, score_batches, token_bytes_on, weighted_mean
-from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops
+from lmtrain.evaluate import score_batches, token_bytes_on, weighted_mean
+from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops, perplexity
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
 from lmtrain.resume import check_fits_run, choose_start, starts_new_stream
 from lmtrain.rng import capture_rng_state, restore_rng_state
 from lmtrain.rundir import trim_metrics
 from lmtrain.runtime import Runtime, agree_on_step
+from lmtrain.source_tokens import SourceTokens
 
 VAL_SEED_OFFSET = 1_000_003  # the validation batches' sampler seed: fixed, and distinct from training's
 
@@ -105,10 +106,7 @@ class Trainer:
         self.step = 0
         self.stop_requested = False
         self.log: MetricsLog | None = None
-        # Training tokens per source (a Mixture's) up to the resumed checkpoint, and the global row it resumed
-        # at: counts since then come from the mixture's tree (MixtureSampler.rows_per_source), never a replay.
-        self.source_tokens_before: dict[str, int] = {}
-        self.resumed_row = 0
+        self.tokens_per_source = SourceTokens(self.train_data, c.model.context_length)  # a Mixture's tokens/NAME
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.rt.distributed:
@@ -172,36 +170,14 @@ class Trainer:
         except SamplerStateError as e:
             raise ConfigError(f"{path}: {e}") from None
         self.step = obj["iteration"]
-        self._resume_source_tokens(path, obj)
+        self.tokens_per_source.resume(obj, self.loader, self._say, str(path))
         if writer:
             trim_metrics(self.out_dir, self.step)
         self._say(f"resumed from {path} at step {self.step}")
 
-    def _resume_source_tokens(self, path: Path, obj: dict) -> None:
-        """The per-source token counts of the checkpoint; a checkpoint written before they were saved resumes
-        with the counts its rows give (exact when it read this same mixture; else unknown, so not counted)."""
-        self.resumed_row = self.loader.rows
-        saved = obj.get("source_tokens")
-        counts = saved.values() if isinstance(saved, dict) else [None]
-        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
-            self.source_tokens_before = {str(k): v for k, v in saved.items()}
-        elif isinstance(self.train_data, Mixture):
-            if obj["loader"].get("mixture") == self.loader.sampler.identity()["mixture"]:
-                self.resumed_row = 0  # counted from row 0 with this mixture's tree, the one that read them
-            else:
-                self._say(f"{path}: holds no per-source token counts; tokens/NAME count from step {self.step}")
-
     def source_tokens(self) -> dict[str, int]:
-        """Training tokens read from each source of a Mixture so far, cumulative across resumes (those before a
-        resume as its checkpoint saved them, sources since dropped included); {} for one dataset."""
-        counts = dict(self.source_tokens_before)
-        if not isinstance(self.train_data, Mixture):
-            return counts
-        sampler, T = self.loader.sampler, self.c.model.context_length
-        now, then = sampler.rows_per_source(self.loader.rows), sampler.rows_per_source(self.resumed_row)
-        for name, a, b in zip(self.train_data.names, now, then, strict=True):
-            counts[name] = counts.get(name, 0) + (a - b) * T
-        return counts
+        """Training tokens read from each source of a Mixture so far ({} for one dataset): ``SourceTokens``."""
+        return self.tokens_per_source.counts(self.loader)
 
     def data_fingerprint(self) -> dict:
         """The train data's fingerprint and the val data's: one set's as before, several by name."""
@@ -372,7 +348,7 @@ class Trainer:
                 "step": self.step,
                 "tokens": self._tokens_seen(),
                 "val_loss": loss,
-                "val_ppl": math.exp(min(loss, 700)),
+                "val_ppl": perplexity(loss),
             }
             if bpb is not None:
                 record["val_bpb"] = bpb

@@ -51,7 +51,7 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, Preflight, bool
     allow_change = getattr(args, "allow_config_change", False)
     config = config.with_vocab_size(derived.vocab_size)
     if derived.documents is not None:  # saved resolved, so that a resume, evaluate and sample read the same
-        config = config.with_documents(*derived.documents)
+        config = config.with_documents(derived.documents.eot_id, derived.documents.delimiter)
     return config, derived, allow_change, is_demo
 
 

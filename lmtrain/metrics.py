@@ -9,6 +9,7 @@ line in ``out_dir/metrics.jsonl``, flushed as written so that a killed run keeps
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,12 @@ def flops_per_token(non_embedding_parameters: int, num_layers: int, d_model: int
     6 per matmul weight (the token-embedding lookup is a gather, not a matmul, so it is excluded; the untied LM
     head is a matmul and counts) plus 12 * layers * d_model * T for the attention scores and their weighted sum."""
     return 6 * non_embedding_parameters + 12 * num_layers * d_model * context_length
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the mean cross-entropy in nats as a perplexity; capped at exp(700), since exp overflows a float
+    past about 709 (a diverged model's loss stays printable)."""
+    return math.exp(min(loss, 700))
 
 
 def format_duration(seconds: float) -> str:

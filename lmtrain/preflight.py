@@ -24,11 +24,12 @@ from lmdata.commit import inside_prepared
 from lmdata.manifest import MANIFEST_NAME
 from lmtrain.checkpoint_manager import CHECKPOINTS_NAME, checkpoint_tensor_bytes, free_bytes_needed
 from lmtrain.config import CONFIG_NAME, RESUME_MODES, SECTIONS, TrainConfig
-from lmtrain.datasources import DataSource, as_specs, combine, made_by, parse_sources
+from lmtrain.datasources import DataSource, combine, made_by, parse_sources
+from lmtrain.documents import DocMask
+from lmtrain.host_memory import check_memory, document_starts_per_set
 from lmtrain.metrics import METRICS_NAME
 from lmtrain.model import TransformerLM
 
-TRAINING_BYTES_PER_PARAM = 16  # float32 weights, gradients and AdamW's two moments
 PROGRESS_AFTER_S = 3.0  # a token scan that runs longer than this prints its progress
 RUN_DIR_ENTRIES = {CONFIG_NAME: False, METRICS_NAME: False, CHECKPOINTS_NAME: True}  # name: is a directory
 
@@ -42,7 +43,7 @@ class Preflight:
     train: TokenDataset | Mixture  # a Mixture when --train-data gives weights (lmtrain.datasources)
     val: dict[str, TokenDataset]  # by name, in the order given
     warnings: tuple[str, ...] = ()  # settings that are allowed but probably not what was meant
-    documents: tuple[int, str] | None = None  # (eot id, delimiter) of every source, when a document option is on
+    documents: DocMask | None = None  # the eot id and delimiter of every source, when a document option is on
 
 
 def count_parameters(c: TrainConfig, vocab_size: int) -> int:
@@ -83,11 +84,12 @@ def _open(c: TrainConfig) -> tuple[dict[str, list[_Opened]], list[str]]:
     return opened, problems
 
 
-def check_documents(c: TrainConfig, sources: list[_Opened]) -> tuple[tuple[int, str] | None, list[str]]:
-    """((eot id, delimiter), problems) for a document option (--windows document, --doc-mask): every source, train
-    and val, must say where its documents start, by its manifest or by --eot-id and --delimiter (which must not
-    contradict a manifest), and all of them alike: one doc_ids rule serves every batch. Reads the manifests only."""
-    keys: dict[tuple[int, str], str] = {}  # each (eot id, delimiter) found: the first source that has it
+def check_documents(c: TrainConfig, sources: list[_Opened]) -> tuple[DocMask | None, list[str]]:
+    """(DocMask, problems) for a document option (--windows document, --doc-mask): every source, train and val,
+    must say where its documents start (the eot id and delimiter), by its manifest or by --eot-id and --delimiter
+    (which must not contradict a manifest), and all of them alike: one doc_ids rule serves every batch. Reads
+    the manifests only."""
+    keys: dict[DocMask, str] = {}  # each (eot id, delimiter) found: the first source that has it
     problems = []
     options = " and ".join(
         f for f, on in (("--windows document", c.run.windows == "document"), ("--doc-mask", c.run.doc_mask)) if on
@@ -99,9 +101,11 @@ def check_documents(c: TrainConfig, sources: list[_Opened]) -> tuple[tuple[int, 
             problems.append(f"{options}: the {o.label} data ({o.source.path}): {e}")
             continue
         for key in found:
-            keys.setdefault((key.eot_id, key.delimiter), o.label)
+            keys.setdefault(DocMask(key.eot_id, key.delimiter), o.label)
     if len(keys) > 1:
-        described = "; ".join(f"the {label} data: eot_id {k[0]}, delimiter {k[1]!r}" for k, label in keys.items())
+        described = "; ".join(
+            f"the {label} data: eot_id {k.eot_id}, delimiter {k.delimiter!r}" for k, label in keys.items()
+        )
         problems.append(f"{options}: the sources disagree on where documents start ({described}); prepare them alike")
     return (next(iter(keys)) if len(keys) == 1 and not problems else None), problems
 
@@ -112,7 +116,7 @@ class DataChecked(NamedTuple):
     vocab_size: int | None
     train: TokenDataset | Mixture | None
     val: dict[str, TokenDataset]
-    documents: tuple[int, str] | None  # (eot id, delimiter), for a document option
+    documents: DocMask | None  # the eot id and delimiter, for a document option
     problems: list[str]
 
 
@@ -143,9 +147,9 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
     if vocab_size is None:
         problems.append("--vocab-size is required: the training data has no manifest.json that states it")
         return DataChecked(None, train, val, key, problems)
-    if key is not None and key[0] >= vocab_size:
+    if key is not None and key.eot_id >= vocab_size:
         problems.append(
-            f"--eot-id {key[0]} is not a token of the vocabulary (vocab_size {vocab_size}): no document would ever "
+            f"--eot-id {key.eot_id} is not a token of the vocabulary (vocab_size {vocab_size}): no document would ever "
             "end; pass the data's end-of-text id"
         )
     for o in (*train_sources, *val_sources):
@@ -277,43 +281,15 @@ def _out_dir_problems(out: Path, num_parameters: int | None) -> list[str]:
     return []
 
 
-def available_memory() -> int | None:
-    """Bytes of memory the OS can give this process now (Linux MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_memory(c: TrainConfig, num_parameters: int) -> list[str]:
-    """The host batches (the loader's ring, the fixed validation batches) and, on the CPU, the model with its
-    gradients and AdamW state fit in memory."""
-    r, val_sets = c.run, len(as_specs(c.data.val_data))
-    # prefetch + 2 batches in the loader's ring, and the fixed validation batches of each val set kept for every
-    # evaluation, each an int64 (B, T) for inputs and one for targets.
-    batches = r.prefetch + 2 + c.log.eval_batches * val_sets
-    buffers = batches * 2 * r.batch_size * c.model.context_length * 8
-    on_cpu = r.device == "cpu" or (r.device == "auto" and not torch.cuda.is_available())
-    model = num_parameters * TRAINING_BYTES_PER_PARAM if on_cpu else 0
-    available = available_memory()
-    if available is None or buffers + model <= available:
-        return []
-    what = f"the host batches ({buffers / 2**30:,.2f} GiB: (prefetch + 2 + eval_batches x val sets) x 2 x batch_size x "
-    what += "context_length x 8 bytes)"
-    if model:
-        what += f" and the model's training state ({model / 2**30:,.2f} GiB)"
-    return [
-        f"{what} need more than the {available / 2**30:,.2f} GiB of memory available; lower --batch-size, "
-        "--prefetch, --eval-batches or --context-length (or the model size)"
-    ]
-
-
-def surprising_settings(c: TrainConfig, train: TokenDataset | Mixture, val: dict[str, TokenDataset]) -> list[str]:
-    """Settings that are each valid but together are probably a mistake: said, not refused."""
+def surprising_settings(
+    c: TrainConfig,
+    train: TokenDataset | Mixture,
+    val: dict[str, TokenDataset],
+    document_starts: dict[str, int] | None = None,
+) -> list[str]:
+    """Settings that are each valid but together are probably a mistake: said, not refused. ``document_starts``:
+    the window starts of ``--windows document`` (:func:`lmtrain.host_memory.document_starts_per_set`), where the
+    val loader draws from those only."""
     notes = []
     if c.optim.warmup_steps >= c.run.max_steps:
         notes.append(
@@ -323,7 +299,10 @@ def surprising_settings(c: TrainConfig, train: TokenDataset | Mixture, val: dict
     trained = train.datasets if isinstance(train, Mixture) else [train]
     for name, ds in val.items():
         what = "the val data" if len(val) == 1 else f"the val set {name}"
-        windows = int((ds.lengths - c.model.context_length).clip(min=0).sum())  # start positions, as the val loader
+        if document_starts is not None:  # --windows document: the val loader draws from the document starts only
+            windows = document_starts[f"val {name}"]
+        else:  # every start position, as the val loader
+            windows = int((ds.lengths - c.model.context_length).clip(min=0).sum())
         if c.log.eval_batches * c.run.batch_size > max(windows, 1):
             notes.append(
                 f"--eval-batches {c.log.eval_batches} x --batch-size {c.run.batch_size} windows is more than the "
@@ -389,8 +368,12 @@ def preflight(c: TrainConfig, bad: set[str] = frozenset()) -> tuple[Preflight | 
             problems.append(f"[model] the model is too large to build ({e}); lower d_model, d_ff or num_layers")
     if _usable(bad, "data.out_dir"):
         problems += check_out_dir(c, num_parameters)
+    starts = None  # --windows document: the window starts of each train source and val set
+    if documents is not None and c.run.windows == "document" and not problems:
+        starts, start_problems = document_starts_per_set(c, documents, train, val)
+        problems += start_problems
     if num_parameters is not None and _usable(bad, "run.", "data.val_data"):
-        problems += check_memory(c, num_parameters)
+        problems += check_memory(c, num_parameters, sum((starts or {}).values()))
     if vocab_size is None or problems:
         return None, problems
-    return Preflight(vocab_size, train, val, tuple(surprising_settings(c, train, val)), documents), problems
+    return Preflight(vocab_size, train, val, tuple(surprising_settings(c, train, val, starts)), documents), problems

@@ -27,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmdata import SamplerStateError
+from lmdata.loader import check_state
 from lmtrain.checkpoint import load_object
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import FIELDS, TrainConfig, config_diff
@@ -199,9 +200,13 @@ def starts_new_stream(saved: dict, identity: dict, allow_config_change: bool) ->
     (``BatchLoader.load_state_dict(new_stream=True)``): with --allow-config-change the data may change (other
     sources or weights of a mixture, a mixture for a dataset, other windows), the rows consumed staying as they
     were. SamplerStateError if the sampler, seed or context length changed: not new data but another order of
-    rows, whose position the saved one is not. Without the flag the loader compares everything itself."""
+    rows, whose position the saved one is not. Without the flag the loader compares everything itself.
+
+    The state's format is checked first (lmdata's ``check_state``): a state saved before the global sample index,
+    or of another format, says so, rather than that its (per-rank) sampler differs."""
     if not allow_config_change:
         return False
+    check_state(saved, identity, new_stream=True)  # its format and rows: the row order below presumes the format
     diffs = [f"{k}: saved {saved.get(k)}, now {identity[k]}" for k in ROW_ORDER_KEYS if saved.get(k) != identity[k]]
     if diffs:
         raise SamplerStateError(

@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 
 from lmdata import DatasetNotFoundError, LmDataError, TokenDataset, TokenizerError
-from lmdata.sampler import WINDOWS
 from lmdata.tokenizer import load_tokenizer, open_tokenizer
 from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED
 from lmtrain.datasources import combine, parse_sources
-from lmtrain.documents import DELIMITERS, DocMask, current_document
+from lmtrain.documents import DocMask, current_document, documents_of_config
 from lmtrain.errors import CheckpointError, LmTrainError
 from lmtrain.model import TransformerLM
 
@@ -70,26 +69,6 @@ def _load_run(path: Path) -> tuple[TransformerLM, dict, dict | None]:
     restore(obj, model)
     data = obj.get("data")
     return model.eval(), config, data.get("train") if isinstance(data, dict) else None
-
-
-def trained_documents(config: dict) -> tuple[str, DocMask | None]:
-    """(windows, DocMask or None) the run of ``config`` (a checkpoint's) trained with: its ``--windows`` and, for a
-    ``--doc-mask`` run, the eot id and delimiter preflight resolved. A run from before these options: ("any",
-    None). CheckpointError for values lmtrain.main would not have saved."""
-    run = config.get("run") if isinstance(config.get("run"), dict) else {}
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    windows, masked = run.get("windows", "any"), run.get("doc_mask", False)
-    if windows not in WINDOWS or not isinstance(masked, bool):
-        raise CheckpointError(f"the checkpoint's windows {windows!r} / doc_mask {masked!r} are not lmtrain.main's")
-    if not masked:
-        return windows, None
-    eot_id, delimiter = data.get("eot_id"), data.get("delimiter")
-    if not (isinstance(eot_id, int) and not isinstance(eot_id, bool) and eot_id >= 0) or delimiter not in DELIMITERS:
-        raise CheckpointError(
-            f"the checkpoint is of a --doc-mask run but records eot_id {eot_id!r} and delimiter {delimiter!r}; it "
-            "was not written by lmtrain.main"
-        )
-    return windows, DocMask(eot_id, delimiter)
 
 
 def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None):
@@ -242,7 +221,7 @@ def sample_text(
             "pass the --tokenizer the training data was made with"
         )
     ids = [int(i) for i in tok.encode_batch([prompt])[0]] if prompt else [tok.eot_id]
-    _, doc_mask = trained_documents(config)  # a --doc-mask run: an eot in the prompt starts a new document
+    _, doc_mask = documents_of_config(config)  # a --doc-mask run: an eot in the prompt starts a new document
     new = generate(model, ids, max_new_tokens, temperature, top_p, seed, tok.eot_id, doc_mask=doc_mask)
     return prompt + tok.decode(new)
 

@@ -340,3 +340,18 @@ def test_flex_attention_on_cuda_equals_each_document_alone_and_trains(variant):
     model.cuda().train()
     model(x, doc_ids=ids).float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_package_exports_its_documented_names():
+    import lmtrain
+    from lmtrain import datasources, documents
+
+    assert [getattr(lmtrain, name) for name in lmtrain.__all__]  # every listed name resolves
+    assert lmtrain.document_attention is documents.document_attention
+    assert lmtrain.current_document is documents.current_document
+    assert lmtrain.DocumentAttention is documents.DocumentAttention
+    assert lmtrain.parse_sources(["web=a@0.7", "b@0.3"], weighted=True) == [
+        lmtrain.DataSource("web", "a", 0.7),
+        lmtrain.DataSource("b", "b", 0.3),
+    ]
+    assert lmtrain.DataSource is datasources.DataSource

@@ -15,7 +15,7 @@ from lmdata import TokenDataset
 from lmdata.prepare import prepare
 from lmtrain import evaluate as evaluate_module
 from lmtrain import sample as sample_module
-from lmtrain.documents import DocMask
+from lmtrain.documents import DocMask, documents_of_config
 from lmtrain.evaluate import fixed_batches
 from lmtrain.evaluate import main as evaluate_main
 from lmtrain.main import main
@@ -39,6 +39,19 @@ def _write_documents(directory, count: int, seed: int) -> list[str]:
         path.write_text(" ".join(sentences) + "\n")
         paths.append(str(path))
     return paths
+
+
+def windows_at_starts(directory) -> set[bytes]:
+    """Every (T+1)-token window (inputs and the last target) at a document-aware start of the data."""
+    ds = TokenDataset(directory)
+    starts = ds.document_starts(32, eot_id=EOT, delimiter="after")
+    shards = [np.asarray(s.tokens, dtype=np.int64) for s in ds.shards]
+    return {shards[i][s : s + 33].tobytes() for i, per in enumerate(starts) for s in per}
+
+
+def rows(x, y) -> list[bytes]:
+    """Each row of a batch as its (T+1)-token window: the inputs and the last target."""
+    return [np.append(a, b[-1]).tobytes() for a, b in zip(x.numpy(), y.numpy(), strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +99,7 @@ def test_training_windows_start_at_documents(docs, tmp_path):
     config = build_config({}, flags)
     trainer = Trainer(config, start("cpu", "float32"))
 
-    def windows_at_starts(split: str) -> set[bytes]:
-        """Every (T+1)-token window (inputs and the last target) at a document-aware start of the split."""
-        ds = TokenDataset(docs / split)
-        starts = ds.document_starts(32, eot_id=EOT, delimiter="after")
-        shards = [np.asarray(s.tokens, dtype=np.int64) for s in ds.shards]
-        return {shards[i][s : s + 33].tobytes() for i, per in enumerate(starts) for s in per}
-
-    def rows(x, y) -> list[bytes]:
-        return [np.append(a, b[-1]).tobytes() for a, b in zip(x.numpy(), y.numpy(), strict=True)]
-
-    train, val = windows_at_starts("train"), windows_at_starts("val")
+    train, val = windows_at_starts(docs / "train"), windows_at_starts(docs / "val")
     assert len(train) < TokenDataset(docs / "train").num_tokens // 4  # far fewer starts than positions
     for _ in range(5):
         assert set(rows(*next(trainer.loader))) <= train
@@ -289,28 +292,46 @@ def test_sample_generates_with_the_runs_doc_mask(doc_run, monkeypatch):
     assert seen["doc_mask"] == DocMask(EOT, "after")
 
 
-def test_sample_cli_runs_on_a_doc_mask_run(doc_run):
+def test_generation_with_the_runs_doc_mask_continues_the_prompts_last_document(doc_run):
+    """Greedy and seeded, as the CLI's --temperature and --seed give: with the run's DocMask the context is the
+    prompt's last document alone, so a prompt with an earlier document and an eot continues exactly as that
+    document alone does; unmasked, the model reads the earlier document too. (A prompt's text cannot
+    hold an eot: the byte tokenizer has no text for 256, and special-token text stays text: checked on ids.)"""
+    model, config, _ = load_run(doc_run)
+    _, doc_mask = documents_of_config(config)
+    assert doc_mask == DocMask(EOT, "after")
+    last = list(b"the cat sat on")
+    both = [*b"dogs ran far away from home and then came back.", EOT, *last]
+    for temperature in (0.0, 1.0):  # greedy, and seeded sampling (which every logit steers)
+        settings = dict(max_new_tokens=24, temperature=temperature, top_p=1.0, seed=3, eot_id=EOT)
+        masked = sample_module.generate(model, both, **settings, doc_mask=doc_mask)
+        assert len(masked) > 0 and masked == sample_module.generate(model, last, **settings, doc_mask=doc_mask)
+    # what generation reads: the last document, at positions from 0 (unmasked: all of it, which the model sees
+    # otherwise: its next-token logits differ)
+    assert sample_module.ContextWindow(model, both, doc_mask=doc_mask).tokens == last
+    window = both[-model.context_length :]  # the prompt is longer than the context
+    assert sample_module.ContextWindow(model, both).tokens == window
+    with torch.no_grad():
+        unmasked, alone = model(torch.tensor([window]))[0, -1], model(torch.tensor([last]))[0, -1]
+    assert not torch.allclose(unmasked, alone, atol=1e-4)
+
+
+def test_sample_cli_greedy_on_a_doc_mask_run_is_the_masked_generation(doc_run):
     import subprocess
     import sys
 
+    prompt, flags = "the cat sat on", ["--temperature", "0", "--seed", "3", "--max-new-tokens", "24"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmtrain.sample",
-            "--checkpoint",
-            str(doc_run),
-            "--prompt",
-            "the",
-            "--max-new-tokens",
-            "8",
-        ],
+        [sys.executable, "-m", "lmtrain.sample", "--checkpoint", str(doc_run), "--prompt", prompt, *flags],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("the")
+    model, config, _ = load_run(doc_run)
+    greedy = dict(max_new_tokens=24, temperature=0.0, top_p=1.0, seed=3, eot_id=EOT)
+    new = sample_module.generate(model, list(prompt.encode()), **greedy, doc_mask=documents_of_config(config)[1])
+    assert done.stdout == prompt + bytes(i for i in new if i < 256).decode("utf-8", errors="replace") + "\n"
 
 
 def test_export_of_a_doc_mask_run_says_the_hf_model_has_no_masking(doc_run, tmp_path, capsys):
@@ -333,8 +354,27 @@ def test_a_mixture_with_document_windows_trains(docs, tmp_path):
     assert main([*train, *val, *args(docs, out, *DOCS, "--max-steps", "20", "--eval-interval", "10")[4:]]) == 0
     last = records(out, "eval")[-1]
     assert {"val_loss/a", "val_loss/b"} <= last.keys()
-    assert records(out, "train")[-1]["tokens/a"] + records(out, "train")[-1]["tokens/b"] == 20 * 8 * 32
+    # Each source's share of the 20 x 8 rows: its weight's within the tree depth (1 for two sources), and exactly
+    # the rows assign gives (a replay of the stream, which the trainer never does).
+    from tests.lmtrain.test_mixture_cli import brute_force_tokens
+
+    tokens = {name: records(out, "train")[-1][f"tokens/{name}"] for name in ("a", "b")}
+    for name, weight in (("a", 0.7), ("b", 0.3)):
+        assert abs(tokens[name] / 32 - weight * 20 * 8) < 1
+    assert tokens == brute_force_tokens(out, 0, 20 * 8)
     assert torch.load(out / "checkpoints" / "step_00000020.pt", weights_only=False)["loader"]["windows"] == "document"
+    # the training windows, of either source, start where windows="document" says: at documents' starts
+    from lmtrain.config import build_config
+    from lmtrain.loop import Trainer
+    from lmtrain.runtime import start
+
+    config = json.loads((out / "config.json").read_text())
+    c = build_config({}, {**config, "data": {**config["data"], "out_dir": str(tmp_path / "probe")}})
+    trainer = Trainer(c, start("cpu", "float32"))
+    at_starts = windows_at_starts(docs / "train") | windows_at_starts(other / "train")
+    seen = [row for _ in range(5) for row in rows(*next(trainer.loader))]
+    trainer.loader.close()
+    assert set(seen) <= at_starts
 
 
 def test_torchrun_document_training_matches_one_process_at_the_same_global_batch(docs, tmp_path):
@@ -354,7 +394,13 @@ def test_torchrun_document_training_matches_one_process_at_the_same_global_batch
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"data": {"eot_id": None}}, "a --doc-mask run but records eot_id None and delimiter 'after'"),
+        ({"data": {"eot_id": None}}, "records eot_id None and delimiter 'after'"),
+        ({"data": {"eot_id": None, "delimiter": None}}, "a --doc-mask run but records no eot_id and delimiter"),
+        ({"data": {"eot_id": True}}, "records eot_id True and delimiter 'after'"),  # a bool is not a token id
+        ({"data": {"eot_id": 256.0}}, "records eot_id 256.0 and delimiter 'after'"),
+        ({"data": {"eot_id": -1}}, "records eot_id -1 and delimiter 'after'"),
+        # one rule for every reader: an unmasked run's saved document key too (evaluate would use it)
+        ({"run": {"doc_mask": False}, "data": {"eot_id": True}}, "records eot_id True and delimiter 'after'"),
         ({"data": {"delimiter": "middle"}}, "records eot_id 256 and delimiter 'middle'"),
         ({"run": {"doc_mask": "yes"}}, "windows 'document' / doc_mask 'yes' are not lmtrain.main's"),
         ({"run": {"windows": 3}}, "windows 3 / doc_mask True are not lmtrain.main's"),

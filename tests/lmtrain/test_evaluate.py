@@ -238,3 +238,18 @@ def test_data_of_the_models_tokenizer_is_accepted_after_the_training_data_was_re
     capsys.readouterr()
     assert evaluate_main([str(tmp_path / "run"), "--data", str(tmp_path / "original" / "val"), "--batches", "1"]) == 0
     assert "bpb" in capsys.readouterr().out
+
+
+def test_score_batches_builds_no_autograd_graph():
+    """Scoring runs under torch.no_grad: no graph is kept for the val batches (memory), whatever the caller's
+    grad mode."""
+    from lmtrain import TransformerLM
+    from lmtrain.evaluate import score_batches
+
+    model = TransformerLM(vocab_size=16, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    x = torch.arange(16).reshape(2, 8) % 16
+    assert torch.is_grad_enabled()
+    score = score_batches(model, [(x, x)])
+    assert seen == [False] and score.tokens == 16

@@ -309,6 +309,30 @@ def test_a_checkpoint_from_before_the_global_sample_index_is_refused(corpus, tmp
     assert "--init-from PATH in another --out-dir" in err
 
 
+@pytest.mark.parametrize(
+    "loader, message",
+    [
+        ({"kind": 0, "step": 2, "seed": 0, "world_size": 1, "rank": 0, "batch_size": 8}, "global sample index"),
+        ({"format": 3, "kind": 0, "seed": 0, "context_length": 32, "rows": 16}, "has format 3; this lmdata reads 2"),
+    ],
+)
+def test_a_loader_state_of_another_format_is_refused_before_the_row_order_check(
+    corpus, tmp_path, capsys, loader, message
+):
+    # With another --sampler and --allow-config-change, the format is what is wrong, not the order of the rows.
+    out = tmp_path / "run"
+    assert main(args(corpus, out, "--max-steps", "2", "--eval-interval", "0")) == 0
+    ckpt = out / "checkpoints" / "step_00000002.pt"
+    obj = torch.load(ckpt, weights_only=True)
+    obj["loader"] = {**loader, "context_length": 32, "num_windows": 1}
+    torch.save(obj, ckpt)
+    flags = ("--max-steps", "4", "--eval-interval", "0", "--sampler", "epoch", "--allow-config-change")
+    assert main(args(corpus, out, *flags)) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "the order of rows changed" not in err
+
+
 def test_torchrun_two_processes_track_one_process_with_the_same_global_batch(corpus, tmp_path):
     common = ["--max-steps", "40", "--eval-interval", "40", "--checkpoint-interval", "40", "--lr", "3e-3"]
     single = tmp_path / "single"

@@ -284,3 +284,44 @@ def test_a_value_of_the_wrong_type_is_one_problem(tmp_path):
 def test_an_out_dir_below_a_dangling_link_is_refused(corpus, tmp_path, capsys):
     (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
     assert "is a link to nothing" in refused(args(corpus, tmp_path / "dang" / "x"), capsys)
+
+
+def _small_document_sets(tmp_path: Path) -> list[str]:
+    """Train and val data with the end-of-text 63 at known positions, as --train-data/--val-data flags.
+
+    With "after" and context length 32: train (200 tokens, eots at 63, 127, 191) has documents at 0, 64, 128, 192
+    and window starts 0, 32, 64, 96, 128, 160 and the shard-end 167 (7); val (100 tokens, eots at 9, 49) has
+    documents at 0, 10, 50 and starts 0, 10, 42, 50 and the shard-end 67 (5)."""
+    import numpy as np
+
+    from lmdata import write_shards
+
+    train, val = np.arange(200) % 64, np.arange(100) % 64 % 62  # val holds no 63 but where it is put
+    val[[9, 49]] = 63
+    write_shards([train], tmp_path / "doc_train", vocab_size=64)
+    write_shards([val], tmp_path / "doc_val", vocab_size=64)
+    return ["--train-data", str(tmp_path / "doc_train"), "--val-data", str(tmp_path / "doc_val")]
+
+
+def test_document_windows_count_the_val_windows_from_the_document_starts(tmp_path, capsys):
+    sets = _small_document_sets(tmp_path)
+    flags = ["--windows", "document", "--eot-id", "63", "--delimiter", "after", "--eval-batches", "1"]
+    argv = args(Path("unused"), tmp_path / "run", *sets, *flags, "--max-steps", "1", "--eval-interval", "0")
+    assert main(argv) == 0
+    # 1 x 8 windows asked: more than the 5 document starts, though the val data has 68 start positions
+    assert "--eval-batches 1 x --batch-size 8 windows is more than the 5 distinct windows of the val data" in (
+        capsys.readouterr().err
+    )
+
+
+def test_the_memory_estimate_counts_the_document_window_starts(tmp_path, capsys, monkeypatch):
+    import lmtrain.host_memory
+
+    monkeypatch.setattr(lmtrain.host_memory, "available_memory", lambda: 1)  # every estimate is refused: read it
+    sets = _small_document_sets(tmp_path)
+    flags = ["--windows", "document", "--eot-id", "63", "--delimiter", "after"]
+    err = refused(args(Path("unused"), tmp_path / "run", *sets, *flags), capsys)
+    assert "the --windows document starts (0.00 GiB: 12 starts of the train sources and val sets x 8 bytes" in err
+    assert "held by every rank" in err
+    err = refused(args(Path("unused"), tmp_path / "run", *sets), capsys)  # windows any: no starts held
+    assert "the host batches" in err and "--windows document starts" not in err
