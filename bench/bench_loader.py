@@ -2,6 +2,7 @@
 
     pytest bench/bench_loader.py -s                          # the full measure (minutes)
     LMDATA_BENCH_QUICK=1 pytest bench/bench_loader.py -q -x  # a few rounds: checks it runs, figures meaningless
+    LMDATA_BENCH_ROUNDS=100 pytest bench/bench_loader.py -s  # fewer rounds than the default 250
 
 * ``in_memory`` (baseline): batches already in memory, the ceiling;
 * ``get_batch_inline``: ``lmdata.get_batch`` called in the loop, as in nanoGPT;
@@ -31,7 +32,7 @@ from lmdata import BatchLoader, TokenDataset, get_batch
 B, T = 32, 1024
 STEPS = 12  # steps per feeder per round: short rounds, a whole number of the loader's refills (12 batches each)
 # The per-round ratios spread widely on a shared machine: the median needs many rounds.
-ROUNDS = 10 if os.environ.get("LMDATA_BENCH_QUICK") else 250
+ROUNDS = 10 if os.environ.get("LMDATA_BENCH_QUICK") else int(os.environ.get("LMDATA_BENCH_ROUNDS", "250"))
 TARGET_STEP_S = 0.010
 
 
