@@ -37,8 +37,10 @@ block) whose header matches the shard as it is now: size and mtime from one ``st
 the shard's tokens (recomputed on every read: a fixed number of evenly spaced runs of tokens, so its cost does
 not grow with the shard), the manifest entry's sha256 where there is one, the eot id and delimiter asked for; a
 count between 0 and the shard's token count, a file exactly as long as the header says (checked before
-anything is mapped), and positions that are non-negative, increasing and inside the shard. Anything else is
-*stale* (or damaged): never used, the index is built in memory instead.
+anything is mapped), positions that are non-negative, increasing and inside the shard, and the eot id as the
+shard's token at a fixed sample of them (``SPOT_CHECKS``, evenly spaced, the first and last always: a position
+shifted by damage is caught there, at a cost that does not grow with the shard). Anything else is *stale* (or
+damaged): never used, the index is built in memory instead.
 
 What this guarantees: a sidecar is not trusted for a shard of another size or mtime; nor for a shard whose
 sampled tokens differ from the indexed ones, whatever its size and mtime (a shard rewritten and ``touch -r``'d
@@ -255,6 +257,8 @@ def shard_index(shard: Shard, key: IndexKey, checksum: str | None = None) -> tup
         return None, f"cannot read it ({e.strerror})"
     if not _plausible(positions, shard.num_tokens):
         return None, "damaged: its positions are not increasing, negative, or run past the shard's end"
+    if not _eots_at(positions, shard.tokens, key.eot_id):
+        return None, "damaged: the shard's token at one of its positions is not the eot id"
     return positions, ""
 
 
@@ -320,6 +324,19 @@ def _plausible(positions: np.ndarray, num_tokens: int) -> bool:
         return True
     in_shard = int(positions[0]) >= 0 and int(positions[-1]) < num_tokens
     return in_shard and bool(np.all(positions[1:] > positions[:-1]))
+
+
+SPOT_CHECKS = 64  # positions of a sidecar whose token is read on every use: a fixed cost whatever the shard
+
+
+def _eots_at(positions: np.ndarray, tokens: np.ndarray, eot_id: int) -> bool:
+    """Whether the token at up to SPOT_CHECKS evenly spaced positions (always the first and the last) is the eot
+    id: a sidecar damaged into positions that are increasing and in range, yet shifted, would start windows in
+    the middle of documents. A fixed number of reads of the shard (its memmap), not a rescan."""
+    if positions.size == 0:
+        return True
+    sample = np.unique(np.linspace(0, positions.size - 1, min(positions.size, SPOT_CHECKS)).astype(np.int64))
+    return bool(np.all(tokens[positions[sample].astype(np.int64)] == eot_id))
 
 
 # --- which key a dataset's shard needs, and what to say when it has no sidecar -----------------------------
