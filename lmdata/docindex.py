@@ -355,18 +355,19 @@ def document_key(shard: Shard, listing: Listing | None, eot_id: int | None, deli
             )
         return IndexKey(eot_id, delimiter)
     where = listing.manifest_path
-    if listing.eot_id is None and eot_id is None:
-        raise ArgumentError(f"{where}: records no eot_id, so documents cannot be found; pass eot_id (--eot-id N)")
-    if eot_id is not None and listing.eot_id is not None and eot_id != listing.eot_id:
+    if listing.eot_id is None:  # it states no delimiter either (lmdata.manifest): both must be given
+        if eot_id is None or delimiter is None:
+            raise ArgumentError(f"{where}: records no eot_id, so documents cannot be found; {flags}")
+    elif eot_id is not None and eot_id != listing.eot_id:
         raise ArgumentError(f"eot_id {eot_id} contradicts eot_id {listing.eot_id} of {where}; drop the argument")
-    if delimiter is not None and delimiter != listing.delimiter:
+    if delimiter is not None and listing.delimiter is not None and delimiter != listing.delimiter:
         raise ArgumentError(
             f"delimiter {delimiter!r} contradicts delimiter {listing.delimiter!r} of {where}; drop the argument"
         )
     chosen = listing.eot_id if listing.eot_id is not None else eot_id
     if chosen >= EOT_LIMIT:  # a uint64 dataset's eot id: the sidecar's int64 field cannot hold it
         raise ArgumentError(f"{where}: eot_id {chosen} is 2**63 or more, which a document index cannot hold")
-    return IndexKey(chosen, listing.delimiter, listing.entry.sha256)
+    return IndexKey(chosen, listing.delimiter or delimiter, listing.entry.sha256)
 
 
 def no_index_note(scanned: list[tuple[Path, str]], num_shards: int, key: IndexKey) -> str:

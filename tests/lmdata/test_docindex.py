@@ -381,8 +381,10 @@ def test_a_manifest_without_an_eot_id_needs_one(tmp_path):
     write_shards([tokens], out, shard_tokens=100, vocab_size=100)
     with pytest.raises(ArgumentError, match="records no eot_id"):
         TokenDataset(out).document_starts(T)
+    with pytest.raises(ArgumentError, match="records no eot_id.*--eot-id N --delimiter before|after"):
+        TokenDataset(out).document_starts(T, eot_id=EOT)  # nor a delimiter: the manifest says nothing of either
     with pytest.warns(UserWarning, match="no valid document index"):
-        assert TokenDataset(out).document_starts(T, eot_id=EOT)[0].tolist() == [0, 3, 11, 19, 27]
+        assert TokenDataset(out).document_starts(T, eot_id=EOT, delimiter="after")[0].tolist() == [0, 3, 11, 19, 27]
 
 
 def test_a_manifest_from_before_the_delimiter_field_means_after(tmp_path):
