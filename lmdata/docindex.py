@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,8 +78,9 @@ import numpy as np
 from numba import njit
 
 from lmdata.atomic import atomic_write
-from lmdata.errors import ArgumentError
+from lmdata.errors import ArgumentError, ManifestError
 from lmdata.format import Shard, is_int, open_shard, sampled_sha256
+from lmdata.manifest import Manifest
 from lmdata.progress import Progress as ProgressBar
 from lmdata.windows import DELIMITERS as DELIMITERS  # re-exported: docindex's public names before the split
 from lmdata.windows import Coverage as Coverage
@@ -370,11 +372,22 @@ def document_key(shard: Shard, listing: Listing | None, eot_id: int | None, deli
     return IndexKey(chosen, listing.delimiter or delimiter, listing.entry.sha256)
 
 
+def _manifest_states(directory: Path, key: IndexKey) -> bool:
+    """Whether ``directory``'s manifest records ``key``'s eot id and delimiter (read only to word a warning)."""
+    try:
+        m = Manifest.load(directory)
+    except (ManifestError, OSError):
+        return False
+    return (m.eot_id, m.delimiter) == (key.eot_id, key.delimiter)
+
+
 def no_index_note(scanned: list[tuple[Path, str]], num_shards: int, key: IndexKey) -> str:
     """One warning for every shard whose document index was built in memory, saying how to write it once."""
     directories = sorted({str(path.parent) for path, _ in scanned})
     path, why = scanned[0]
-    command = f"python -m lmdata.index {directories[0]} --eot-id {key.eot_id} --delimiter {key.delimiter}"
+    command = f"python -m lmdata.index {directories[0]}"
+    if not _manifest_states(Path(directories[0]), key):  # else the index CLI reads them from the manifest
+        command += f" --eot-id {key.eot_id} --delimiter {key.delimiter}"
     more = f" (and likewise for {len(directories) - 1} more directories)" if len(directories) > 1 else ""
     return (
         f"{len(scanned)} of {num_shards} shards have no valid document index (e.g. {path}: {why}), so it was built "
@@ -446,5 +459,17 @@ def _find_positions(
             bar.close()
     for i, p in zip(indices, positions, strict=True):
         found[i] = (keys[i], p)
-    if scanned:  # stacklevel: the caller of TokenDataset.document_starts
-        warnings.warn(no_index_note(scanned, len(shards), keys[indices[0]]), stacklevel=4)
+    if scanned:  # at the first caller outside lmdata, whatever path led here (a dataset, a mixture, a loader)
+        warnings.warn(no_index_note(scanned, len(shards), keys[indices[0]]), stacklevel=_outside_lmdata())
+
+
+_LMDATA_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+def _outside_lmdata() -> int:
+    """The ``stacklevel`` of the innermost frame of the caller's stack that is not lmdata's own code: where a
+    warning about the user's data belongs (Python 3.11 has no ``skip_file_prefixes``)."""
+    frame, level = sys._getframe(1), 1  # the caller of this function is level 1 to warnings.warn
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_LMDATA_DIR):
+        frame, level = frame.f_back, level + 1
+    return level

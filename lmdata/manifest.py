@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmdata.atomic import write_bytes_atomic
-from lmdata.docindex import DELIMITERS
 from lmdata.errors import ManifestError
 from lmdata.format import DTYPE_LIMITS, SHARD_SUFFIXES, is_int
+from lmdata.windows import DELIMITERS
 
 MANIFEST_NAME = "manifest.json"
 _FORMAT = "lmdata.manifest"
