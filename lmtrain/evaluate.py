@@ -230,8 +230,8 @@ def evaluate(
     key = _documents_of(config, dataset, data, eot_id, delimiter) if windows == "document" or mask_on else None
     if key is not None and key.eot_id >= vocab:
         raise ConfigError(
-            f"--eot-id {key.eot_id} is not a token of the model's vocabulary (vocab_size {vocab}); pass the data's "
-            "end-of-text id"
+            f"{data}: eot id {key.eot_id} (--eot-id, else the data's manifest's) is not a token of the model's "
+            f"vocabulary (vocab_size {vocab}); pass the data's end-of-text id"
         )
     mask = key if mask_on else None
     token_bytes, no_bpb = token_bytes_on(dataset, vocab, dev)
@@ -286,7 +286,8 @@ def _documents_of(
     clash = [f"{flag} {mine}" for flag, (mine, run) in given.items() if mine is not None and mine != run]
     trained = f"the run was trained with eot id {saved.eot_id} and delimiter {saved.delimiter!r}"
     if clash:
-        raise ConfigError(f"{' and '.join(clash)} contradict the checkpoint: {trained}; drop the flag")
+        verb = "contradicts" if len(clash) == 1 else "contradict"
+        raise ConfigError(f"{' and '.join(clash)} {verb} the checkpoint: {trained}; drop the flag")
     advice = "score it with --windows any --no-doc-mask, or on data prepared alike"
     for own in _stated_keys(dataset):
         if own != saved:

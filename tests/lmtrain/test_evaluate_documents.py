@@ -83,10 +83,10 @@ def test_document_windows_on_data_without_a_manifest_need_eot_id_and_delimiter(r
         ("plain", ["--eot-id", "256"], "--eot-id say where documents start, which only --windows document or"),
         ("plain", ["--windows", "any", "--delimiter", "after"], "--delimiter say where documents start"),
         ("plain", ["--windows", "document", "--eot-id", "-1"], "[data] eot_id must be >= 0, got -1"),
-        ("plain", ["--windows", "document", "--eot-id", "257", "--delimiter", "after"], "--eot-id 257 is not a tok"),
+        ("plain", ["--windows", "document", "--eot-id", "257", "--delimiter", "after"], "eot id 257 (--eot-id, else"),
         ("plain", ["--windows", "document", "--eot-id", "3"], "pass both eot_id and delimiter"),
-        ("doc", ["--eot-id", "10"], "--eot-id 10 contradict the checkpoint: the run was trained with eot id 256"),
-        ("doc", ["--delimiter", "before"], "--delimiter before contradict the checkpoint"),
+        ("doc", ["--eot-id", "10"], "--eot-id 10 contradicts the checkpoint: the run was trained with eot id 256"),
+        ("doc", ["--delimiter", "before"], "--delimiter before contradicts the checkpoint"),
     ],
 )
 def test_the_cli_checks_eot_id_and_delimiter_as_the_trainer(runs, others, capsys, run, extra, message):
