@@ -37,8 +37,10 @@ block) whose header matches the shard as it is now: size and mtime from one ``st
 the shard's tokens (recomputed on every read: a fixed number of evenly spaced runs of tokens, so its cost does
 not grow with the shard), the manifest entry's sha256 where there is one, the eot id and delimiter asked for; a
 count between 0 and the shard's token count, a file exactly as long as the header says (checked before
-anything is mapped), and positions that are non-negative, increasing and inside the shard. Anything else is
-*stale* (or damaged): never used, the index is built in memory instead.
+anything is mapped), positions that are non-negative, increasing and inside the shard, and the eot id as the
+shard's token at a fixed sample of them (``SPOT_CHECKS``, evenly spaced, the first and last always: a position
+shifted by damage is caught there, at a cost that does not grow with the shard). Anything else is *stale* (or
+damaged): never used, the index is built in memory instead.
 
 What this guarantees: a sidecar is not trusted for a shard of another size or mtime; nor for a shard whose
 sampled tokens differ from the indexed ones, whatever its size and mtime (a shard rewritten and ``touch -r``'d
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,8 +78,9 @@ import numpy as np
 from numba import njit
 
 from lmdata.atomic import atomic_write
-from lmdata.errors import ArgumentError
+from lmdata.errors import ArgumentError, ManifestError
 from lmdata.format import Shard, is_int, open_shard, sampled_sha256
+from lmdata.manifest import Manifest
 from lmdata.progress import Progress as ProgressBar
 from lmdata.windows import DELIMITERS as DELIMITERS  # re-exported: docindex's public names before the split
 from lmdata.windows import Coverage as Coverage
@@ -255,6 +259,8 @@ def shard_index(shard: Shard, key: IndexKey, checksum: str | None = None) -> tup
         return None, f"cannot read it ({e.strerror})"
     if not _plausible(positions, shard.num_tokens):
         return None, "damaged: its positions are not increasing, negative, or run past the shard's end"
+    if not _eots_at(positions, shard.tokens, key.eot_id):
+        return None, "damaged: the shard's token at one of its positions is not the eot id"
     return positions, ""
 
 
@@ -322,6 +328,19 @@ def _plausible(positions: np.ndarray, num_tokens: int) -> bool:
     return in_shard and bool(np.all(positions[1:] > positions[:-1]))
 
 
+SPOT_CHECKS = 64  # positions of a sidecar whose token is read on every use: a fixed cost whatever the shard
+
+
+def _eots_at(positions: np.ndarray, tokens: np.ndarray, eot_id: int) -> bool:
+    """Whether the token at up to SPOT_CHECKS evenly spaced positions (always the first and the last) is the eot
+    id: a sidecar damaged into positions that are increasing and in range, yet shifted, would start windows in
+    the middle of documents. A fixed number of reads of the shard (its memmap), not a rescan."""
+    if positions.size == 0:
+        return True
+    sample = np.unique(np.linspace(0, positions.size - 1, min(positions.size, SPOT_CHECKS)).astype(np.int64))
+    return bool(np.all(tokens[positions[sample].astype(np.int64)] == eot_id))
+
+
 # --- which key a dataset's shard needs, and what to say when it has no sidecar -----------------------------
 
 
@@ -338,25 +357,37 @@ def document_key(shard: Shard, listing: Listing | None, eot_id: int | None, deli
             )
         return IndexKey(eot_id, delimiter)
     where = listing.manifest_path
-    if listing.eot_id is None and eot_id is None:
-        raise ArgumentError(f"{where}: records no eot_id, so documents cannot be found; pass eot_id (--eot-id N)")
-    if eot_id is not None and listing.eot_id is not None and eot_id != listing.eot_id:
+    if listing.eot_id is None:  # it states no delimiter either (lmdata.manifest): both must be given
+        if eot_id is None or delimiter is None:
+            raise ArgumentError(f"{where}: records no eot_id, so documents cannot be found; {flags}")
+    elif eot_id is not None and eot_id != listing.eot_id:
         raise ArgumentError(f"eot_id {eot_id} contradicts eot_id {listing.eot_id} of {where}; drop the argument")
-    if delimiter is not None and delimiter != listing.delimiter:
+    if delimiter is not None and listing.delimiter is not None and delimiter != listing.delimiter:
         raise ArgumentError(
             f"delimiter {delimiter!r} contradicts delimiter {listing.delimiter!r} of {where}; drop the argument"
         )
     chosen = listing.eot_id if listing.eot_id is not None else eot_id
     if chosen >= EOT_LIMIT:  # a uint64 dataset's eot id: the sidecar's int64 field cannot hold it
         raise ArgumentError(f"{where}: eot_id {chosen} is 2**63 or more, which a document index cannot hold")
-    return IndexKey(chosen, listing.delimiter, listing.entry.sha256)
+    return IndexKey(chosen, listing.delimiter or delimiter, listing.entry.sha256)
+
+
+def _manifest_states(directory: Path, key: IndexKey) -> bool:
+    """Whether ``directory``'s manifest records ``key``'s eot id and delimiter (read only to word a warning)."""
+    try:
+        m = Manifest.load(directory)
+    except (ManifestError, OSError):
+        return False
+    return (m.eot_id, m.delimiter) == (key.eot_id, key.delimiter)
 
 
 def no_index_note(scanned: list[tuple[Path, str]], num_shards: int, key: IndexKey) -> str:
     """One warning for every shard whose document index was built in memory, saying how to write it once."""
     directories = sorted({str(path.parent) for path, _ in scanned})
     path, why = scanned[0]
-    command = f"python -m lmdata.index {directories[0]} --eot-id {key.eot_id} --delimiter {key.delimiter}"
+    command = f"python -m lmdata.index {directories[0]}"
+    if not _manifest_states(Path(directories[0]), key):  # else the index CLI reads them from the manifest
+        command += f" --eot-id {key.eot_id} --delimiter {key.delimiter}"
     more = f" (and likewise for {len(directories) - 1} more directories)" if len(directories) > 1 else ""
     return (
         f"{len(scanned)} of {num_shards} shards have no valid document index (e.g. {path}: {why}), so it was built "
@@ -428,5 +459,17 @@ def _find_positions(
             bar.close()
     for i, p in zip(indices, positions, strict=True):
         found[i] = (keys[i], p)
-    if scanned:  # stacklevel: the caller of TokenDataset.document_starts
-        warnings.warn(no_index_note(scanned, len(shards), keys[indices[0]]), stacklevel=4)
+    if scanned:  # at the first caller outside lmdata, whatever path led here (a dataset, a mixture, a loader)
+        warnings.warn(no_index_note(scanned, len(shards), keys[indices[0]]), stacklevel=_outside_lmdata())
+
+
+_LMDATA_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+def _outside_lmdata() -> int:
+    """The ``stacklevel`` of the innermost frame of the caller's stack that is not lmdata's own code: where a
+    warning about the user's data belongs (Python 3.11 has no ``skip_file_prefixes``)."""
+    frame, level = sys._getframe(1), 1  # the caller of this function is level 1 to warnings.warn
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_LMDATA_DIR):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -35,8 +35,8 @@ from pathlib import Path
 from lmdata.atomic import remove_stale_temporaries
 from lmdata.dataset import TokenDataset
 from lmdata.docindex import DELIMITERS, INDEX_SUFFIX, eot_positions, shard_index, sidecar_path, write_index
-from lmdata.errors import LmDataError, OutputError
-from lmdata.format import sampled_sha256
+from lmdata.errors import DatasetNotFoundError, LmDataError, OutputError
+from lmdata.format import SHARD_SUFFIXES, sampled_sha256
 from lmdata.manifest import MANIFEST_NAME
 from lmdata.progress import Progress
 
@@ -78,7 +78,28 @@ def _datasets(directory: Path) -> list[Path]:
     return splits if splits and not (directory / MANIFEST_NAME).exists() else [directory]
 
 
+def _bare_splits(directory: Path) -> list[Path]:
+    """The train/ and val/ of ``directory`` that hold shards without a manifest, when it holds no shard itself."""
+    if (directory / MANIFEST_NAME).exists() or not directory.is_dir():
+        return []
+    if any(p.suffix in SHARD_SUFFIXES and p.is_file() for p in directory.iterdir()):
+        return []
+    return [
+        d
+        for d in (directory / name for name in ("train", "val"))
+        if d.is_dir() and any(p.suffix in SHARD_SUFFIXES and p.is_file() for p in d.iterdir())
+    ]
+
+
 def _index_one(directory: Path, eot_id: int | None, delimiter: str | None) -> IndexSummary:
+    splits = _bare_splits(directory)
+    if splits:  # without manifests nothing says these are one dataset's splits: each is indexed on its own
+        flags = f"--eot-id {eot_id if eot_id is not None else 'N'} --delimiter {delimiter or 'before|after'}"
+        each = "; ".join(f"python -m lmdata.index {d} {flags}" for d in splits)
+        raise DatasetNotFoundError(
+            f"{directory}: holds no .bin or .npy shard itself, but {' and '.join(d.name + '/' for d in splits)} "
+            f"do (without a manifest): index each split: {each}"
+        )
     dataset = TokenDataset(directory)
     keys = dataset.document_keys(eot_id, delimiter)
     notes = _remove_dead_temporaries({s.path.parent for s in dataset.shards})

@@ -9,8 +9,9 @@ Example::
 
 ``delimiter`` says where the end-of-text id ``eot_id`` stands: ``"after"`` each document (what lmdata's writer
 and prepare write) or ``"before"`` it (a BOS, as llm.c and modded-nanogpt shards); a manifest written before the
-field existed was written by our prepare, so a missing ``delimiter`` reads as ``"after"``. ``lmdata.docindex``
-finds document starts from it.
+field existed was written by our prepare, so a missing (or null) ``delimiter`` reads as ``"after"``; a manifest
+without ``eot_id`` states no delimiter (null, whatever the file says: an older writer recorded its default
+there). ``lmdata.docindex`` finds document starts from it. A null ``tokenizer`` reads as ``"unknown"``.
 
 ``dtype`` is the shards' token dtype: ``uint16`` (llm.c v1 shards) or ``uint32`` (v7, for vocabularies above
 65,536); opening a listed shard checks that the file holds it. ``counts`` (optional) is what the preparation
@@ -37,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmdata.atomic import write_bytes_atomic
-from lmdata.docindex import DELIMITERS
 from lmdata.errors import ManifestError
 from lmdata.format import DTYPE_LIMITS, SHARD_SUFFIXES, is_int
+from lmdata.windows import DELIMITERS
 
 MANIFEST_NAME = "manifest.json"
 _FORMAT = "lmdata.manifest"
@@ -64,18 +65,28 @@ class ShardEntry:
 class Manifest:
     shards: list[ShardEntry] = field(default_factory=list)
     tokenizer: str = "unknown"
-    """How the tokens were made, e.g. ``byte``, ``bpe:8192`` or ``tiktoken:gpt2``."""
+    """How the tokens were made, e.g. ``byte``, ``bpe:8192`` or ``tiktoken:gpt2``; "unknown" when unknown (None
+    reads as it)."""
     vocab_size: int | None = None
     """Every token id is below this; None when unknown."""
     eot_id: int | None = None
     """The end-of-text id placed between documents; None when unknown."""
-    delimiter: str = "after"
-    """Where ``eot_id`` stands: "after" each document (ours) or "before" it (llm.c's BOS); see the docstring."""
+    delimiter: str | None = None
+    """Where ``eot_id`` stands: "after" each document (ours) or "before" it (llm.c's BOS); None without an eot id
+    (see the docstring and ``__post_init__``)."""
     dtype: str = "uint16"
     """The shards' token dtype, a key of ``lmdata.format.DTYPE_LIMITS`` (the writer makes uint16 or uint32)."""
     counts: dict[str, int] | None = None
     """Counts the preparation kept about its input (e.g. ``{"bad_records_skipped": 3}``); None when it kept none.
     Manifests written before the field existed lack it."""
+
+    def __post_init__(self) -> None:
+        # One rule for what is written and what is read. A delimiter says where eot_id stands, so a manifest
+        # without an eot id states none (an older writer recorded its default "after" there); one with an eot id
+        # and no delimiter is of our prepare from before the field existed: "after". No tokenizer is "unknown".
+        object.__setattr__(self, "delimiter", None if self.eot_id is None else self.delimiter or "after")
+        if self.tokenizer is None:
+            object.__setattr__(self, "tokenizer", "unknown")
 
     @property
     def num_tokens(self) -> int:
@@ -145,10 +156,10 @@ _TOP_FIELDS: dict[str, _Rule] = {
     "format": (True, lambda v: v == _FORMAT, f"must be {_FORMAT!r}"),
     "version": (True, lambda v: is_int(v) and v == _VERSION, f"must be {_VERSION}"),
     "shards": (True, lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "must be a list"),
-    "tokenizer": (False, lambda v: isinstance(v, str), "must be a string"),
+    "tokenizer": (False, lambda v: v is None or isinstance(v, str), "must be a string or null"),
     "vocab_size": (False, lambda v: v is None or (is_int(v) and v > 0), "must be a positive int or null"),
     "eot_id": (False, lambda v: v is None or is_int(v), "must be an int or null"),
-    "delimiter": (False, lambda v: isinstance(v, str) and v in DELIMITERS, "must be 'after' or 'before'"),
+    "delimiter": (False, lambda v: v is None or v in DELIMITERS, "must be 'after', 'before' or null"),
     "dtype": (False, lambda v: isinstance(v, str) and v in DTYPE_LIMITS, f"must be one of {', '.join(DTYPE_LIMITS)}"),
     "counts": (False, is_counts, "must be an object of names to counts (ints >= 0), or null"),
 }

@@ -106,7 +106,9 @@ class ShardWriter:
     holds ``vocab_size`` (``lmdata.format.token_dtype_for``), so a vocabulary above 65,536 gets uint32 shards.
 
     ``delimiter`` says where ``eot_id`` stands in the tokens written: "after" each document (as prepare writes
-    them) or "before" it (a BOS, as llm.c's shards); it goes into the manifest and the document indexes.
+    them; the default with an ``eot_id``) or "before" it (a BOS, as llm.c's shards); it goes into the manifest and
+    the document indexes. Without an ``eot_id`` there is none to place: the manifest records null. ``tokenizer``
+    None is recorded as "unknown" (:class:`lmdata.manifest.Manifest`).
     """
 
     def __init__(
@@ -115,17 +117,22 @@ class ShardWriter:
         *,
         shard_tokens: int = 100_000_000,
         prefix: str = "shard",
-        tokenizer: str = "unknown",
+        tokenizer: str | None = "unknown",
         vocab_size: int | None = None,
         eot_id: int | None = None,
         dtype: str | np.dtype | None = None,
-        delimiter: str = "after",
+        delimiter: str | None = None,
     ):
         self.dtype = _check_arguments(shard_tokens, prefix, vocab_size, eot_id, dtype)
-        try:
-            check_delimiter(delimiter)
-        except ArgumentError as e:
-            raise ShardWriterError(str(e)) from None
+        if delimiter is not None or eot_id is not None:
+            try:
+                check_delimiter(delimiter or "after")
+            except ArgumentError as e:
+                raise ShardWriterError(str(e)) from None
+        # where an eot id stands, with none written, says nothing: the manifest records null (lmdata.manifest)
+        delimiter = None if eot_id is None else delimiter or "after"
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            raise ShardWriterError(f"tokenizer must be a string (or None: unknown), got {tokenizer!r}")
         self.out_dir = Path(out_dir)
         self.shard_tokens = int(shard_tokens)
         self.prefix = prefix

@@ -53,8 +53,8 @@ def doc_ids(x: torch.Tensor, eot_id: int, delimiter: str = "after") -> torch.Ten
         eot = operator.index(eot_id)  # an int (numpy's too), not a float, None or a bool
     except TypeError:
         raise ValueError(f"eot_id must be an integer token id, got {eot_id!r}") from None
-    if isinstance(eot_id, bool):
-        raise ValueError(f"eot_id must be an integer token id, got {eot_id!r}")
+    if isinstance(eot_id, bool) or eot < 0:  # a negative id is no token: every row would be one document
+        raise ValueError(f"eot_id must be an integer token id (>= 0), got {eot_id!r}")
     is_eot = (x == eot).long()  # (..., T)
     if delimiter == "after":  # a token's id: the eots strictly before it
         return is_eot.cumsum(-1) - is_eot

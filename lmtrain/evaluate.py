@@ -2,6 +2,7 @@
 
     python -m lmtrain.evaluate RUN_DIR|CHECKPOINT --data [NAME=]PATH [--data ...] [--batches N | --all]
                                [--batch-size B] [--device D] [--windows any|document] [--doc-mask|--no-doc-mask]
+                               [--eot-id N --delimiter before|after]
 
 PATH is anything lmdata.TokenDataset opens (a split directory, a shard, a glob); several ``--data`` are scored
 one after the other, each reported under its name (named as ``--val-data`` of lmtrain.main names them). By
@@ -12,7 +13,8 @@ whole split once (see :func:`all_windows`).
 Windows and masking are the run's, from its checkpoint (``--windows``, ``--doc-mask``), as its val loss was
 measured: document windows start at the documents' starts, and a ``--doc-mask`` model attends within each document.
 ``--windows`` and ``--doc-mask/--no-doc-mask`` override them, so that runs trained differently are scored on the
-same windows the same way (the eot id and delimiter: the run's, else the evaluated data's manifest's).
+same windows the same way (the eot id and delimiter: the run's, else ``--eot-id``/``--delimiter``, else the
+evaluated data's manifest's; a manifest that contradicts the run's is refused, as the trainer refuses it).
 
 Bits per byte divides the summed loss, in bits, by the number of UTF-8 bytes of text the target tokens stand for
 (:func:`lmdata.tokenizer.token_byte_lengths`; end-of-text is 0 bytes). Unlike the loss per token it does not
@@ -36,11 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from lmdata import BatchLoader, LmDataError, Manifest, TokenDataset, TokenizerError
+from lmdata.docindex import DELIMITERS
 from lmdata.sampler import WINDOWS
 from lmdata.tokenizer import load_tokenizer, token_byte_lengths
+from lmtrain.config import FIELDS, DataConfig, RunConfig, TrainConfig, _document_flag_problems
 from lmtrain.datasources import made_by, open_train, parse_sources, source_problems
 from lmtrain.documents import DocMask, document_ids, documents_of_config, saved_document_key
 from lmtrain.errors import ConfigError, LmTrainError
+from lmtrain.fields import field_problems
 from lmtrain.metrics import perplexity
 from lmtrain.runtime import resolve_device
 from lmtrain.sample import load_run
@@ -206,24 +211,35 @@ def evaluate(
     device: str = "auto",
     windows: str | None = None,
     doc_mask: bool | None = None,
+    eot_id: int | None = None,
+    delimiter: str | None = None,
 ) -> Evaluation:
     """Score the model of a run directory (its newest checkpoint) or checkpoint file on ``data``: ``batches``
     fixed batches, or the whole split once when ``batches`` is None. ``batch_size`` defaults to the run's;
-    ``windows`` ("any" or "document") and ``doc_mask`` to the run's (:func:`lmtrain.documents.documents_of_config`)."""
+    ``windows`` ("any" or "document") and ``doc_mask`` to the run's (:func:`lmtrain.documents.documents_of_config`);
+    ``eot_id`` and ``delimiter`` say where documents start in data without a manifest, for a run that saved
+    neither (only with document windows or masking, as lmtrain.main takes them)."""
     model, config, trained_fingerprint = load_run(checkpoint)
     T, vocab = config["model"]["context_length"], config["model"]["vocab_size"]
     batch_size = batch_size or config.get("run", {}).get("batch_size") or 8
     dev = resolve_device(device)
     dataset = TokenDataset(data)
     _check_fits_model(dataset, data, config, trained_fingerprint)
-    windows, mask = eval_documents(config, dataset, windows, doc_mask)
+    windows, mask_on = eval_documents(config, windows, doc_mask)
+    _check_document_flags(eot_id, delimiter, windows, mask_on)
+    key = _documents_of(config, dataset, data, eot_id, delimiter) if windows == "document" or mask_on else None
+    if key is not None and key.eot_id >= vocab:
+        raise ConfigError(
+            f"{data}: eot id {key.eot_id} (--eot-id, else the data's manifest's) is not a token of the model's "
+            f"vocabulary (vocab_size {vocab}); pass the data's end-of-text id"
+        )
+    mask = key if mask_on else None
     token_bytes, no_bpb = token_bytes_on(dataset, vocab, dev)
     if batches is None:
         stream = _to_device(all_windows(dataset, T, batch_size), dev)
     else:
         where = {"windows": windows}
         if windows == "document":
-            key = mask or _documents_of(config, dataset)
             where |= {"eot_id": key.eot_id, "delimiter": key.delimiter}
         stream = fixed_batches(dataset, batch_size, T, batches, dev, where)
     score = score_batches(model.to(dev), stream, token_bytes, doc_mask=mask)
@@ -232,28 +248,66 @@ def evaluate(
     return Evaluation(score, no_bpb, batch_size, T, batches, windows, mask is not None)
 
 
-def eval_documents(
-    config: dict, dataset: TokenDataset, windows: str | None, doc_mask: bool | None
-) -> tuple[str, DocMask | None]:
-    """(windows, DocMask or None) to evaluate with: the run's, each unless overridden. Where the documents start
-    is the run's (saved by a run with a document option), else the evaluated data's manifest's."""
+def eval_documents(config: dict, windows: str | None, doc_mask: bool | None) -> tuple[str, bool]:
+    """(windows, whether to mask) to evaluate with: the run's (``documents_of_config``), each unless overridden."""
     trained_windows, trained_mask = documents_of_config(config)
-    windows = windows or trained_windows
-    if doc_mask is None:
-        return windows, trained_mask
-    return windows, (trained_mask or _documents_of(config, dataset)) if doc_mask else None
+    return windows or trained_windows, trained_mask is not None if doc_mask is None else doc_mask
 
 
-def _documents_of(config: dict, dataset: TokenDataset) -> DocMask:
-    """The eot id and delimiter the run saved (any document option resolves them), else the evaluated data's."""
+def _check_document_flags(eot_id: int | None, delimiter: str | None, windows: str, doc_mask: bool) -> None:
+    """ConfigError for --eot-id/--delimiter values lmtrain.main would refuse, or given with neither document
+    windows nor masking: the trainer's rules (its config's field specs and cross-check), not a copy of them."""
+    problems = field_problems(FIELDS["data"]["eot_id"], eot_id) + field_problems(FIELDS["data"]["delimiter"], delimiter)
+    if not problems:
+        documents = TrainConfig(
+            data=DataConfig(eot_id=eot_id, delimiter=delimiter), run=RunConfig(windows=windows, doc_mask=doc_mask)
+        )
+        problems = _document_flag_problems(documents)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _documents_of(
+    config: dict, dataset: TokenDataset, data: str | Path, eot_id: int | None, delimiter: str | None
+) -> DocMask:
+    """Where documents start, for document windows or masking: the eot id and delimiter the run saved (any
+    document option resolves them), else the flags', else the evaluated data's manifest's. Whichever it is, the
+    data's manifest must agree (as lmtrain.main checks every source): ConfigError otherwise."""
     saved = saved_document_key(config)
-    if saved is not None:
-        return saved
+    if saved is None:
+        try:
+            key = dataset.document_keys(eot_id, delimiter)[0]
+        except LmDataError as e:
+            raise ConfigError(
+                f"{data}: the run records no eot id and delimiter, so the data must say them: {e}"
+            ) from None
+        return DocMask(key.eot_id, key.delimiter)
+    given = {"--eot-id": (eot_id, saved.eot_id), "--delimiter": (delimiter, saved.delimiter)}
+    clash = [f"{flag} {mine}" for flag, (mine, run) in given.items() if mine is not None and mine != run]
+    trained = f"the run was trained with eot id {saved.eot_id} and delimiter {saved.delimiter!r}"
+    if clash:
+        verb = "contradicts" if len(clash) == 1 else "contradict"
+        raise ConfigError(f"{' and '.join(clash)} {verb} the checkpoint: {trained}; drop the flag")
+    advice = "score it with --windows any --no-doc-mask, or on data prepared alike"
+    for own in _stated_keys(dataset):
+        if own != saved:
+            raise ConfigError(
+                f"{data}: its manifest says eot id {own.eot_id} and delimiter {own.delimiter!r}, but {trained}: "
+                f"its documents would be cut wrong; {advice}"
+            )
     try:
-        key = dataset.document_keys()[0]
+        dataset.document_keys(saved.eot_id, saved.delimiter)
     except LmDataError as e:
-        raise ConfigError(f"the run records no eot id, and the evaluated data says none either: {e}") from None
-    return DocMask(key.eot_id, key.delimiter)
+        raise ConfigError(f"{data}: {trained}, which the data cannot take ({e}); {advice}") from None
+    return saved
+
+
+def _stated_keys(dataset: TokenDataset) -> set[DocMask]:
+    """The eot ids and delimiters the data's manifests state (none for data without one, or one without eot_id)."""
+    try:
+        return {DocMask(k.eot_id, k.delimiter) for k in dataset.document_keys()}
+    except LmDataError:
+        return set()
 
 
 def _check_fits_model(dataset: TokenDataset, data: str | Path, config: dict, fingerprint: dict | None) -> None:
@@ -335,6 +389,19 @@ def main(argv: list[str] | None = None) -> int:
         help="score with attention confined to each document (default: as the run was trained, its --doc-mask); "
         "give the same --windows and --doc-mask/--no-doc-mask to compare two runs on the same windows",
     )
+    parser.add_argument(
+        "--eot-id",
+        type=int,
+        default=None,
+        help="the end-of-text id that separates documents, for data without a manifest scored by a run that saved "
+        "none, with document windows or masking (default: the run's, else the data's manifest's)",
+    )
+    parser.add_argument(
+        "--delimiter",
+        choices=DELIMITERS,
+        default=None,
+        help="where the end-of-text stands, after each document or before it (a BOS), as --eot-id",
+    )
     args = parser.parse_args(argv)
     problems = []
     if args.batches < 1:
@@ -348,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in sets:
         try:
             batches = None if args.all else args.batches
-            ev = evaluate(args.checkpoint, s.path, batches, args.batch_size, args.device, args.windows, args.doc_mask)
+            ev = evaluate(
+                args.checkpoint, s.path, batches, args.batch_size, args.device, args.windows, args.doc_mask,
+                args.eot_id, args.delimiter,
+            )  # fmt: skip
         except (LmTrainError, LmDataError) as e:
             print(f"evaluate: error: {e}", file=sys.stderr)
             return 2

@@ -5,16 +5,20 @@
 Writes into DIR (new or empty): ``config.json`` (LlamaConfig), ``generation_config.json``, ``model.safetensors``
 (sharded with an index past 5 GiB), and the tokenizer, by kind:
 
-* ``bpe:N`` and ``hf:PATH``: ``tokenizer.json`` (without a post-processor, so no BOS is ever added: the model was
-  trained without one) and ``tokenizer_config.json`` (end-of-text as eos, bos and pad token; special-token text
-  inside a document encoded as text, as ours);
+* ``bpe:N`` and ``hf:PATH``: ``tokenizer.json`` and ``tokenizer_config.json`` (end-of-text as eos, bos and pad
+  token; special-token text inside a document encoded as text, as ours);
 * ``byte``: an equivalent byte-level ``tokenizer.json`` (ids 0..255 the UTF-8 bytes, 256 end-of-text);
 * ``tiktoken:NAME``: no tokenizer files (transformers has no exact equivalent of a tiktoken encoding here); use
   ``tiktoken.get_encoding(NAME)``, whose end-of-text id is the config's eos_token_id.
 
+The tokenizer adds no BOS (its post-processor is removed: the model was trained without one), except for a run
+whose documents began with the end-of-text (delimiter ``"before"``): then it puts the end-of-text before each
+text, as in training (a post-processor, and ``add_bos_token: true`` in tokenizer_config.json).
+
 A run trained with ``--doc-mask`` exports the same weights, but the HF model has no document masking (it attends
-across documents; positions do not restart): the export says so, and writes it into DIR's ``README.md``, the
-model card the Hub shows.
+across documents; positions do not restart): the export says so, and how to feed it one document at a time
+(for a ``"before"`` run, each starting with the end-of-text), and writes it into DIR's ``README.md``, the model
+card the Hub shows.
 
 The run is only read (safe while it trains). Exit 0 done, 2 a user error (one message, no traceback).
 """
@@ -36,18 +40,29 @@ from lmdata.atomic import dead_pid_dirs
 from lmdata.errors import TokenizerError
 from lmdata.tokenizer import EOT_TEXT, ByteTokenizer, HFTokenizer, byte_level_chars
 from lmtrain import hf
-from lmtrain.documents import documents_of_config
+from lmtrain.documents import documents_of_config, saved_document_key
 from lmtrain.errors import ConfigError, LmTrainError
 from lmtrain.sample import load_run, tokenizer_for
 
 MODEL_CARD = "README.md"  # written for a --doc-mask run only: what the HF model does not do
-NO_DOC_MASK = (
-    "This model was trained with document masking (lmtrain --doc-mask): attention confined to each document "
-    "inside a window, positions restarting at each document. The Hugging Face Llama model has no document "
-    "masking: it attends across documents and its positions do not restart at an end-of-text, so give it one "
-    "document at a time (text after an end-of-text is not what it was trained on); lmtrain.sample generates as "
-    "it was trained"
-)
+
+
+def no_doc_mask_note(delimiter: str, eot: str) -> str:
+    """What a --doc-mask run's HF model does not do, and how to feed it so, for the run's ``delimiter``; ``eot``
+    names its end-of-text token (its text and id)."""
+    if delimiter == "before":  # every document began with the eot (a BOS), its position 0
+        one_at_a_time = (
+            f"start each document with the end-of-text token {eot}, as every document began in training (the "
+            "exported tokenizer adds it), and give it one document at a time"
+        )
+    else:
+        one_at_a_time = "give it one document at a time (text after an end-of-text is not what it was trained on)"
+    return (
+        "This model was trained with document masking (lmtrain --doc-mask): attention confined to each document "
+        "inside a window, positions restarting at each document. The Hugging Face Llama model has no document "
+        f"masking: it attends across documents and its positions do not restart at an end-of-text, so "
+        f"{one_at_a_time}; lmtrain.sample generates as it was trained"
+    )
 
 
 def export_run(
@@ -90,10 +105,14 @@ def export_run(
         transformers.GenerationConfig(**ids).save_pretrained(partial)
         for name in hf.save_weights(llama, partial, max_shard_bytes):
             (partial / name).chmod(0o644)  # safetensors writes 0600; the rest of the directory is 0644
-        notes = ["tokenizer: " + (why_not or save_tokenizer(tok, partial, m["context_length"]))]
+        key = saved_document_key(config)  # a "before" run's documents began with the eot: the tokenizer adds it
+        bos = key is not None and key.delimiter == "before"
+        notes = ["tokenizer: " + (why_not or save_tokenizer(tok, partial, m["context_length"], bos))]
         if documents_of_config(config)[1] is not None:
-            (partial / MODEL_CARD).write_text(f"# {out.name}\n\nExported by lmtrain.export.\n\n{NO_DOC_MASK}\n")
-            notes.append(f"document masking: {NO_DOC_MASK} (also in {out / MODEL_CARD})")
+            eot = f"id {key.eot_id}" if tok is None else f"{_token_text(tok, key.eot_id)!r} (id {key.eot_id})"
+            note = no_doc_mask_note(key.delimiter, eot)
+            (partial / MODEL_CARD).write_text(f"# {out.name}\n\nExported by lmtrain.export.\n\n{note}\n")
+            notes.append(f"document masking: {note} (also in {out / MODEL_CARD})")
         partial.chmod(0o755)  # mkdtemp's 0o700 is for the temporary only
         os.replace(partial, out)  # onto an empty directory too (POSIX rename)
     except BaseException:
@@ -131,25 +150,41 @@ def _tokenizer(config: dict, spec: str | None, trained_on: dict | None):
         return None, f"no tokenizer files and no bos/eos/pad ids: {e} (pass --tokenizer SPEC to write them)"
 
 
-def save_tokenizer(tok, out: Path, context_length: int) -> str:
-    """The tokenizer files for ``tok`` (see the module's docstring); returns what was written, for the user."""
+def _token_text(tok, token_id: int) -> str:
+    """The text of ``token_id`` under ``tok`` (its special-token text for the end-of-text), for a note."""
+    return EOT_TEXT if token_id == tok.eot_id else tok.decode([token_id])
+
+
+def save_tokenizer(tok, out: Path, context_length: int, bos: bool = False) -> str:
+    """The tokenizer files for ``tok`` (see the module's docstring); returns what was written, for the user.
+    ``bos``: the run's documents began with the end-of-text (delimiter "before"), so the tokenizer puts it before
+    every text it encodes (a post-processor in tokenizer.json, which transformers 4 and 5 both apply, and
+    ``add_bos_token`` in tokenizer_config.json); otherwise it adds nothing."""
+    added = f"the end-of-text {EOT_TEXT} added before each text, as a BOS" if bos else "no BOS added"
     if isinstance(tok, HFTokenizer):
         backend = tok.tok
-        what = f"tokenizer.json and tokenizer_config.json ({tok.name}, no BOS added)"
+        what = f"tokenizer.json and tokenizer_config.json ({tok.name}, {added})"
     elif isinstance(tok, ByteTokenizer):
         backend = byte_level_tokenizer()
-        what = "tokenizer.json and tokenizer_config.json (byte: an equivalent byte-level tokenizer)"
+        what = f"tokenizer.json and tokenizer_config.json (byte: an equivalent byte-level tokenizer, {added})"
     else:
+        bos_note = f"; put the end-of-text id {tok.eot_id} before each document, as in training" if bos else ""
         return (
             f"no tokenizer files: {tok.name} has no exact transformers equivalent here; use "
-            f"tiktoken.get_encoding({tok.name.partition(':')[2]!r}) (end-of-text id {tok.eot_id})"
+            f"tiktoken.get_encoding({tok.name.partition(':')[2]!r}) (end-of-text id {tok.eot_id}){bos_note}"
         )
     body = json.loads(backend.to_str())
     body["post_processor"] = None  # e.g. Llama 3's adds <|begin_of_text|>; the model never saw one
     tokenizers = hf.import_module("tokenizers")
     eot = backend.id_to_token(tok.eot_id)
+    backend = tokenizers.Tokenizer.from_str(json.dumps(body))
+    if bos:  # the eot at every document's position 0, as in training; add_special_tokens=False leaves it out
+        processors = tokenizers.processors
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{eot} $A", pair=f"{eot} $A {eot} $B", special_tokens=[(eot, tok.eot_id)]
+        )
     fast = hf.import_module("transformers").PreTrainedTokenizerFast(
-        tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(body)),
+        tokenizer_object=backend,
         eos_token=eot,
         bos_token=eot,
         pad_token=eot,
@@ -160,6 +195,7 @@ def save_tokenizer(tok, out: Path, context_length: int) -> str:
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name transformers 4 and 5 both know
+    config["add_bos_token"] = bos
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return what
 

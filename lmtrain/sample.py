@@ -10,6 +10,7 @@ any spec prepare takes (``hf:PATH`` reads PATH). Generation stops at the end-of-
 --max-new-tokens, and the same seed gives the same text. Past the context length, see ``CONTEXT_POLICY``. A
 model trained with ``--doc-mask`` generates as it was trained: an end-of-text in the prompt is a document boundary
 (the eot id and delimiter are the run's data's, saved in its config), so the text continues the last document.
+A run whose documents began with the end-of-text (delimiter ``"before"``, a BOS) gets it before the prompt too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED
 from lmtrain.datasources import combine, parse_sources
-from lmtrain.documents import DocMask, current_document, documents_of_config
+from lmtrain.documents import DocMask, current_document, documents_of_config, saved_document_key
 from lmtrain.errors import CheckpointError, LmTrainError
 from lmtrain.model import TransformerLM
 
@@ -221,6 +222,9 @@ def sample_text(
             "pass the --tokenizer the training data was made with"
         )
     ids = [int(i) for i in tok.encode_batch([prompt])[0]] if prompt else [tok.eot_id]
+    key = saved_document_key(config)  # a "before" run saw every document begin with its eot (a BOS): so does this
+    if prompt and key is not None and key.delimiter == "before" and ids[:1] != [key.eot_id]:
+        ids = [key.eot_id, *ids]
     _, doc_mask = documents_of_config(config)  # a --doc-mask run: an eot in the prompt starts a new document
     new = generate(model, ids, max_new_tokens, temperature, top_p, seed, tok.eot_id, doc_mask=doc_mask)
     return prompt + tok.decode(new)
@@ -231,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m lmtrain.sample", description=__doc__.split("\n\n")[0], epilog=CONTEXT_POLICY
     )
     parser.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a .pt file")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument(
+        "--prompt",
+        default="",
+        help="text to continue (default: start a new document); for a run trained with --delimiter before (an "
+        "end-of-text before each document, a BOS) the end-of-text is put before a prompt that does not begin with "
+        "it, as every document began in training",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold, in (0, 1]")

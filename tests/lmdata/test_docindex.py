@@ -331,7 +331,9 @@ def test_without_sidecars_the_index_is_built_in_memory_with_one_warning(tmp_path
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "4 of 4 shards have no valid document index" in message
-    assert f"python -m lmdata.index {os.path.realpath(out)} --eot-id 0 --delimiter after" in message
+    # the manifest records the eot id and delimiter: the command needs no flags (that it might contradict)
+    assert message.endswith(f"run python -m lmdata.index {os.path.realpath(out)}") and "--eot-id" not in message
+    assert caught[0].filename == __file__  # at the caller, not inside lmdata
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # positions kept: no second scan, no second warning
@@ -381,8 +383,10 @@ def test_a_manifest_without_an_eot_id_needs_one(tmp_path):
     write_shards([tokens], out, shard_tokens=100, vocab_size=100)
     with pytest.raises(ArgumentError, match="records no eot_id"):
         TokenDataset(out).document_starts(T)
+    with pytest.raises(ArgumentError, match="records no eot_id.*--eot-id N --delimiter before|after"):
+        TokenDataset(out).document_starts(T, eot_id=EOT)  # nor a delimiter: the manifest says nothing of either
     with pytest.warns(UserWarning, match="no valid document index"):
-        assert TokenDataset(out).document_starts(T, eot_id=EOT)[0].tolist() == [0, 3, 11, 19, 27]
+        assert TokenDataset(out).document_starts(T, eot_id=EOT, delimiter="after")[0].tolist() == [0, 3, 11, 19, 27]
 
 
 def test_a_manifest_from_before_the_delimiter_field_means_after(tmp_path):

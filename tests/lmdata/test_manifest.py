@@ -89,9 +89,8 @@ BAD_MANIFESTS = {
     "eot-over-vocab": (manifest_body(eot_id=257), "eot_id 257: must be an int in [0, vocab_size 257)"),
     "eot-str": (manifest_body(eot_id="256"), "eot_id '256': must be an int"),
     "dtype-unknown": (manifest_body(dtype="float32"), "dtype 'float32': must be one of"),
-    "delimiter-unknown": (manifest_body(delimiter="between"), "delimiter 'between': must be 'after' or 'before'"),
-    "delimiter-null": (manifest_body(delimiter=None), "delimiter None: must be 'after' or 'before'"),
-    "delimiter-number": (manifest_body(delimiter=1), "delimiter 1: must be 'after' or 'before'"),
+    "delimiter-unknown": (manifest_body(delimiter="between"), "delimiter 'between': must be 'after', 'before' or"),
+    "delimiter-number": (manifest_body(delimiter=1), "delimiter 1: must be 'after', 'before' or null"),
     "dtype-list": (manifest_body(dtype=["uint16"]), "dtype ['uint16']: must be one of"),
     "vocab-over-uint32": (
         manifest_body(dtype="uint32", vocab_size=2**32 + 1),
@@ -227,3 +226,21 @@ def test_random_damage_to_a_manifest_raises_only_manifest_error(tmp_path):
             Manifest.load(tmp_path)
         except ManifestError as e:
             assert "\n" not in str(e)
+
+
+def test_a_manifest_without_an_eot_id_states_no_delimiter(tmp_path):
+    """What an older writer recorded (its default "after" beside a null eot id) says nothing; with an eot id and
+    no delimiter (or null), it is our older prepare's: "after"."""
+    for written, read in [("after", None), ("before", None), (None, None)]:
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest_body(eot_id=None, delimiter=written)))
+        assert Manifest.load(tmp_path).delimiter == read
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest_body(delimiter=None)))
+    assert Manifest.load(tmp_path).delimiter == "after"
+    assert Manifest(shards=[], eot_id=None, delimiter="before").delimiter is None
+    assert Manifest(shards=[], eot_id=3).delimiter == "after"
+
+
+def test_a_null_tokenizer_reads_as_unknown(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest_body(tokenizer=None)))
+    assert Manifest.load(tmp_path).tokenizer == "unknown"
+    assert Manifest(shards=[], tokenizer=None).tokenizer == "unknown"

@@ -378,13 +378,16 @@ def test_the_trainer_trains_on_a_mixture_and_resumes_it(tmp_path):
     reweighted.loader.close()
 
 
-def test_sources_resolving_other_delimiters_record_one_per_source(tmp_path):
-    """A source whose manifest records no eot id takes the explicit one and its own manifest's delimiter: the
-    stream's identity then holds each source's (no single value describes the starts)."""
+def test_a_source_whose_manifest_records_no_eot_id_takes_the_explicit_eot_id_and_delimiter(tmp_path):
+    """Such a manifest states no delimiter either (lmdata.manifest; the writer's "before" here is dropped), so
+    both must be given, and the source takes them: the sources cannot resolve different delimiters."""
     after = uint32_source(tmp_path / "after", [100], eot_id=5, delimiter="after")
     plain = uint32_source(tmp_path / "plain", [100], delimiter="before")
+    with pytest.raises(ArgumentError, match="plain/manifest.json: records no eot_id"):
+        Mixture([(after, 1), (plain, 1)]).sampler("epoch", T, 4, windows="document", eot_id=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no sidecars: the index is built in memory
-        sampler = Mixture([(after, 1), (plain, 1)]).sampler("epoch", T, 4, windows="document", eot_id=5)
+        sampler = Mixture([(after, 1), (plain, 1)]).sampler("epoch", T, 4, windows="document", eot_id=5,
+                                                            delimiter="after")  # fmt: skip
     identity = sampler.identity()
-    assert (identity["eot_id"], identity["delimiter"]) == (5, ["after", "before"])
+    assert (identity["eot_id"], identity["delimiter"]) == (5, "after")

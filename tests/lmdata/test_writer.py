@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -97,6 +98,9 @@ def test_vocab_too_large_for_uint16_shards_is_refused(tmp_path):
         ({"dtype": 3}, "dtype must be one of 'uint16', 'uint32' or None, got 3"),
         ({"vocab_size": 2**32 + 1}, "vocab_size 4294967297 is more than any shard dtype holds (uint32: 4294967296"),
         ({"prefix": "a/b"}, "prefix 'a/b' must be a plain name"),
+        ({"delimiter": "middle"}, "delimiter must be 'after' or 'before', got 'middle'"),
+        ({"eot_id": 3, "delimiter": "middle"}, "delimiter must be 'after' or 'before', got 'middle'"),
+        ({"tokenizer": 3}, "tokenizer must be a string (or None: unknown), got 3"),
     ],
 )
 def test_bad_writer_arguments_are_typed_errors(tmp_path, kwargs, message):
@@ -226,3 +230,25 @@ def test_a_directory_at_a_sidecar_path_is_named_with_its_cause(tmp_path, eot_id)
     assert "Is a directory" in text and "remove the directory there and re-run" in text
     assert "free disk space" not in text
     assert (out / MARKER_NAME).exists()  # unfinished, as for any failed write
+
+
+def test_the_manifest_records_a_delimiter_only_with_an_eot_id(tmp_path):
+    tokens = np.arange(1, 40, dtype=np.uint16) % 7
+    write_shards([tokens], tmp_path / "none", vocab_size=100)
+    assert json.loads((tmp_path / "none" / "manifest.json").read_text())["delimiter"] is None
+    assert Manifest.load(tmp_path / "none").delimiter is None
+    write_shards([tokens], tmp_path / "given", vocab_size=100, delimiter="before")  # of no eot id: nothing
+    assert json.loads((tmp_path / "given" / "manifest.json").read_text())["delimiter"] is None
+    # so explicit values are what the data says, whichever they are (nothing in the manifest to contradict)
+    keys = TokenDataset(tmp_path / "none").document_keys(3, "before")
+    assert [(k.eot_id, k.delimiter) for k in keys] == [(3, "before")]
+    write_shards([tokens], tmp_path / "eot", vocab_size=100, eot_id=0)
+    assert json.loads((tmp_path / "eot" / "manifest.json").read_text())["delimiter"] == "after"  # the default
+    write_shards([tokens], tmp_path / "bos", vocab_size=100, eot_id=0, delimiter="before")
+    assert Manifest.load(tmp_path / "bos").delimiter == "before"
+
+
+def test_no_tokenizer_is_written_as_unknown_which_the_reader_accepts(tmp_path):
+    write_shards([np.arange(1, 40, dtype=np.uint16)], tmp_path, vocab_size=100, tokenizer=None)
+    assert json.loads((tmp_path / "manifest.json").read_text())["tokenizer"] == "unknown"
+    assert TokenDataset(tmp_path).manifest.tokenizer == "unknown"

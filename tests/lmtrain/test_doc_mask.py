@@ -4,6 +4,7 @@ and generation past an end-of-text in the prompt."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ def test_doc_ids_refuses_a_bad_delimiter_and_non_integer_tokens():
         doc_ids(torch.zeros(1, 3), EOT)
     with pytest.raises(ValueError, match="got a scalar"):
         doc_ids(torch.tensor(3), EOT)
-    for bad in (None, 0.0, True, "0"):
+    for bad in (None, 0.0, True, "0", -1, np.int64(-3)):  # a negative id is no token: all zeros, silently
         with pytest.raises(ValueError, match="eot_id must be an integer token id"):
             doc_ids(packed([[1, 2]]), bad)
 

@@ -166,8 +166,11 @@ def test_eot_flags_without_a_document_option_are_refused(docs, tmp_path, capsys)
 def test_a_manifest_without_an_eot_id_is_refused_naming_the_manifest(corpus, tmp_path, capsys):
     assert main(args(corpus, tmp_path / "run", "--max-steps", "2", "--doc-mask")) == 2
     err = capsys.readouterr().err
-    assert f"{corpus / 'train' / 'manifest.json'}: records no eot_id" in err and "--eot-id N" in err
-    assert main(args(corpus, tmp_path / "run", "--max-steps", "2", "--doc-mask", "--eot-id", "63")) == 0
+    assert f"{corpus / 'train' / 'manifest.json'}: records no eot_id" in err and "--eot-id N --delimiter" in err
+    # nor a delimiter, so either is accepted (the writer's default "after" is not in its manifest to contradict)
+    for delimiter in ("after", "before"):
+        run = args(corpus, tmp_path / delimiter, "--max-steps", "2", "--doc-mask", "--eot-id", "63")
+        assert main([*run, "--delimiter", delimiter]) == 0
 
 
 def test_kill_9_and_resume_gives_bitwise_identical_weights(docs, tmp_path):
