@@ -28,6 +28,7 @@ from lmdata.errors import DatasetNotFoundError, LmDataError, ManifestError, Unfi
 from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, open_shard, sampled_sha256
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from lmdata.sampler import check_windows
+from lmdata.tokenizer import TOKENIZER_FILE, tokenizer_identity
 from lmdata.writer import MARKER_NAME
 
 PathLike = str | os.PathLike
@@ -203,6 +204,25 @@ def check_one_tokenizer(listings: list[Listing | None]) -> None:
     if len(made_by) > 1:
         shown = "; ".join(f"{t} (vocab {v}) in {p}" for (t, v), p in made_by.items())
         raise ManifestError(f"these shards were made by different tokenizers: {shown}; train on one dataset")
+
+
+def tokenizer_disagreement(named: Sequence[tuple[str, TokenDataset]]) -> str | None:
+    """Why the datasets of ``named`` (label, dataset) pairs were not made by one tokenizer, naming the first two
+    that differ; None when they agree. A dataset whose manifests name none (or "unknown") agrees with any. Beyond
+    the name, the bytes of the ``tokenizer.json`` each reads count (two ``bpe:300`` trained apart differ)."""
+    known = [(label, made, ds) for label, ds in named if (made := ds.made_by) is not None and made[0] != "unknown"]
+    identities = [tokenizer_identity(made[0], ds.shards[0].path.parent) for _, made, ds in known]
+    for (label, made, _), identity in zip(known[1:], identities[1:], strict=True):
+        first_label, first_made, _ = known[0]
+        if identity[0] != identities[0][0]:
+            return f"{first_label} has {first_made[0]!r}, {label} has {made[0]!r}; prepare them with one tokenizer"
+        if identity[1] != identities[0][1]:
+            return (
+                f"{first_label} and {label} both name tokenizer {made[0]!r} but their {TOKENIZER_FILE} files differ "
+                "(the same ids stand for different text); prepare them with one tokenizer (prepare's "
+                f"--tokenizer hf:PATH with the {TOKENIZER_FILE} of one of them)"
+            )
+    return None
 
 
 class TokenDataset:

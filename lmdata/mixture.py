@@ -31,14 +31,17 @@ shared id space.
 
 from __future__ import annotations
 
+import glob
 import math
 import numbers
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from numba import njit
 
-from lmdata.dataset import TokenDataset, starts_for_windows
+from lmdata.dataset import TokenDataset, starts_for_windows, tokenizer_disagreement
 from lmdata.errors import ArgumentError, ManifestError
 from lmdata.sampler import (
     SAMPLERS,
@@ -223,17 +226,36 @@ def _normalised(weights: list) -> list[float]:
     return [float(w) / total for w in weights]
 
 
+SPLIT_DIRS = ("train", "val")  # what prepare writes under its OUT: such a source is named by OUT's name
+
+
+def source_name(path: str | os.PathLike) -> str:
+    """The name of a source given without one: its directory's, or for ``train``/``val`` its parent's. From the
+    path as written (made absolute, links not followed: prepare's ``OUT/train`` is a link into a generation)."""
+    p = Path(os.path.abspath(path))
+    if glob.has_magic(p.name) or p.is_file():
+        p = p.parent
+    if p.name in SPLIT_DIRS and p.parent.name:
+        p = p.parent
+    return p.name
+
+
 def _names(datasets: list[TokenDataset], names: Sequence[str] | None) -> list[str]:
     if names is None:
-        names = [ds.shards[0].path.parent.name for ds in datasets]
+        names = [source_name(ds.shards[0].path) for ds in datasets]
         how = "the sources' directory names"
     else:
+        if isinstance(names, (str, bytes)):  # list("ab") would be two one-letter names
+            raise ArgumentError(f"names must be a list of strings (one per source), got the string {names!r}")
         names = list(names)
         how = "the names given"
         if len(names) != len(datasets):
             raise ArgumentError(f"a Mixture of {len(datasets)} sources got {len(names)} names: {names}")
         if not all(isinstance(n, str) and n for n in names):
             raise ArgumentError(f"mixture source names must be non-empty strings, got {names}")
+    bad = [n for n in names if "/" in n or "=" in n]
+    if bad:  # names become metric keys (val_loss/NAME) and NAME=PATH specs
+        raise ArgumentError(f"mixture source names cannot contain '/' or '=', but {how} are {bad}; pass names=[...]")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ArgumentError(
@@ -243,16 +265,18 @@ def _names(datasets: list[TokenDataset], names: Sequence[str] | None) -> list[st
 
 
 def _check_one_tokenizer(datasets: list[TokenDataset], names: list[str]) -> None:
-    """ManifestError if two sources' manifests name different tokenizers, end-of-text ids or delimiters: their ids
-    would mean different things, or their documents start on different sides of the eot id. A source whose
-    manifest does not name one (no manifest, "unknown"; for the delimiter, no eot id) agrees with any."""
+    """ManifestError if two sources' manifests name different tokenizers (or their tokenizer.json files differ),
+    end-of-text ids or delimiters: their ids would mean different things, or their documents start on different
+    sides of the eot id. A source whose manifest does not name one (no manifest, "unknown"; for the delimiter, no
+    eot id) agrees with any."""
+    differ = tokenizer_disagreement(list(zip(names, datasets, strict=True)))
+    if differ is not None:
+        raise ManifestError(f"mixture sources disagree on the tokenizer: {differ}")
     advice = {
-        "tokenizer": "mix only data prepared with one tokenizer",
         "eot_id": "mix only data prepared with one tokenizer",
         "delimiter": "mix only data whose eot id stands on the same side of each document",
     }
     values = {
-        "tokenizer": [_tokenizer(ds) for ds in datasets],
         "eot_id": [_eot(ds) for ds in datasets],
         "delimiter": [_delimiter(ds) for ds in datasets],
     }
@@ -264,11 +288,6 @@ def _check_one_tokenizer(datasets: list[TokenDataset], names: list[str]) -> None
                     f"mixture sources disagree on the {what}: {named[0][0]} has {named[0][1]!r}, {n} has {v!r}; "
                     f"{advice[what]}"
                 )
-
-
-def _tokenizer(ds: TokenDataset) -> str | None:
-    made = ds.made_by
-    return made[0] if made is not None and made[0] != "unknown" else None
 
 
 def _eot(ds: TokenDataset) -> int | None:

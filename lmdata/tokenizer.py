@@ -22,6 +22,7 @@ The end-of-text id of ``hf`` and ``tiktoken`` is, in this order: the ``--eot-tok
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -402,11 +403,26 @@ def load_tokenizer(name: str, directory: Path, eot_id: int | None = None) -> Tok
     if kind == "tiktoken":
         return TiktokenTokenizer(rest, eot_id=eot_id)
     if kind in ("bpe", "hf"):
-        for candidate in (directory / TOKENIZER_FILE, directory.parent / TOKENIZER_FILE):
-            if candidate.exists():
-                return HFTokenizer.load(candidate, name, eot_id=eot_id)
+        found = tokenizer_file(name, directory)
+        if found is not None:
+            return HFTokenizer.load(found, name, eot_id=eot_id)
         raise TokenizerError(f"{directory}: no {TOKENIZER_FILE} here or in its parent for tokenizer {name}")
     raise TokenizerError(f"unknown tokenizer {name!r}: expected {SPECS}")
+
+
+def tokenizer_file(name: str, directory: Path) -> Path | None:
+    """The ``tokenizer.json`` :func:`load_tokenizer` reads for ``name`` in ``directory`` (a split's shards, else its
+    parent), or None: ``byte`` and ``tiktoken`` read none, and a bpe/hf one may be missing."""
+    if name.partition(":")[0] not in ("bpe", "hf"):
+        return None
+    return next((c for c in (directory / TOKENIZER_FILE, directory.parent / TOKENIZER_FILE) if c.exists()), None)
+
+
+def tokenizer_identity(name: str, directory: Path) -> tuple[str, str | None]:
+    """(name, sha256 of the tokenizer.json it reads, or None): two ``bpe:300`` trained on different text share the
+    name but not the ids' meaning, so the name alone does not say two datasets agree."""
+    found = tokenizer_file(name, directory)
+    return name, hashlib.sha256(found.read_bytes()).hexdigest() if found is not None else None
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:

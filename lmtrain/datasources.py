@@ -19,17 +19,13 @@ than a wish for equal ones, and ``@1`` on each says the latter in two characters
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from lmdata import Mixture, TokenDataset
+from lmdata.mixture import source_name
 from lmtrain.errors import ConfigError
-
-SPLIT_DIRS = ("train", "val")  # what prepare writes under its OUT: such a source is named by OUT's name
 
 
 @dataclass(frozen=True)
@@ -39,17 +35,6 @@ class DataSource:
     name: str
     path: str
     weight: float | None = None
-
-
-def default_name(path: str) -> str:
-    """The name of a source given without one: its directory's, or for ``train``/``val`` its parent's. From the
-    path as written (made absolute, links not followed: prepare's ``OUT/train`` is a link into a generation)."""
-    p = Path(os.path.abspath(path))
-    if glob.has_magic(p.name) or p.is_file():
-        p = p.parent
-    if p.name in SPLIT_DIRS and p.parent.name:
-        p = p.parent
-    return p.name
 
 
 def _as_number(text: str) -> float | None:
@@ -78,7 +63,7 @@ def parse_spec(spec: str, weighted: bool) -> tuple[DataSource | None, list[str]]
     if name == "":
         return None, [f"{spec!r}: the name before '=' is empty; write NAME=PATH or just PATH"]
     # a default name that cannot be a metric key is a problem only where names are used (_name_problems)
-    return DataSource(default_name(path) if name is None else name, path, weight), []
+    return DataSource(source_name(path) if name is None else name, path, weight), []
 
 
 def as_specs(value: str | Sequence[str] | None) -> list[str]:

@@ -21,10 +21,11 @@ import torch
 
 from lmdata import LmDataError, Mixture, TokenDataset
 from lmdata.commit import inside_prepared
+from lmdata.dataset import tokenizer_disagreement
 from lmdata.manifest import MANIFEST_NAME
 from lmtrain.checkpoint_manager import CHECKPOINTS_NAME, checkpoint_tensor_bytes, free_bytes_needed
 from lmtrain.config import CONFIG_NAME, RESUME_MODES, SECTIONS, TrainConfig
-from lmtrain.datasources import DataSource, combine, made_by, parse_sources
+from lmtrain.datasources import DataSource, combine, parse_sources
 from lmtrain.documents import DocMask
 from lmtrain.host_memory import check_memory, document_starts_per_set
 from lmtrain.metrics import METRICS_NAME
@@ -136,12 +137,12 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
     key = None
     if documents and c.uses_documents:
         key, problems = check_documents(c, [*train_sources, *val_sources])
-    trained = made_by(train)
+    trained = [(f"the {o.label} data", o.dataset) for o in train_sources]
     for o in val_sources:
-        if trained and o.dataset.made_by and trained != o.dataset.made_by:
+        differ = tokenizer_disagreement([*trained, (f"the {o.label} data", o.dataset)])
+        if differ is not None:
             problems.append(
-                f"the train and {o.label} data were made by different tokenizers ({trained[0]}, vocab "
-                f"{trained[1]}; {o.dataset.made_by[0]}, vocab {o.dataset.made_by[1]}): the val loss would mean nothing"
+                f"the train and val data were made by different tokenizers: {differ}; the val loss would mean nothing"
             )
     vocab_size = c.model.vocab_size or train.vocab_size
     if vocab_size is None:
