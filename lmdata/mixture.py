@@ -55,6 +55,7 @@ from lmdata.sampler import (
 
 _FRACTION_BITS = 32  # p and u are P / 2^32 and U / 2^32
 _ONE = 1 << _FRACTION_BITS
+_RESOLUTION = 1 / _ONE  # the smallest weight, relative to the largest, a source may have
 _SOURCE_SEED_KEY = 0x50C3  # hash3(seed, source, this): the seed of a source's own sampler
 _NODE_KEY = 0x7EE  # hash3(seed, node, this): a node's offset u
 
@@ -169,7 +170,7 @@ class Mixture:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], TokenDataset)):
                 raise ArgumentError(f"Mixture source {i} must be a (TokenDataset, weight) pair, got {pair!r}")
         self.datasets = [ds for ds, _ in sources]
-        self.weights = _normalised([w for _, w in sources])
+        self.weights = normalised_weights([w for _, w in sources])
         self.names = _names(self.datasets, names)
         _check_one_tokenizer(self.datasets, self.names)
         self.shards = [s for ds in self.datasets for s in ds.shards]
@@ -216,14 +217,26 @@ class Mixture:
         return f"Mixture({parts}; {self.num_tokens:,} tokens)"
 
 
-def _normalised(weights: list) -> list[float]:
+def normalised_weights(weights: Sequence) -> list[float]:
+    """``weights`` scaled to sum to 1; ArgumentError naming them unless each is a positive finite number at least
+    2^-32 of the largest (the tree's resolution: a smaller one would get next to no rows, and its share could
+    underflow to 0). Scaled by the largest first, so weights near the float limits (1e308) do not overflow."""
+    weights = list(weights)
     bad = [
         w for w in weights if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w) or w <= 0
     ]
     if bad:
         raise ArgumentError(f"mixture weights must be positive finite numbers, got {weights}")
-    total = math.fsum(weights)
-    return [float(w) / total for w in weights]
+    largest = max(float(w) for w in weights)
+    ratios = [float(w) / largest for w in weights]
+    tiny = [w for w, r in zip(weights, ratios, strict=True) if r < _RESOLUTION]
+    if tiny:
+        raise ArgumentError(
+            f"mixture weights {tiny} are below 2^-32 of the largest ({largest!r}) of {weights}: such a source would "
+            "get next to no rows; drop it or give it a larger weight"
+        )
+    total = math.fsum(ratios)
+    return [r / total for r in ratios]
 
 
 SPLIT_DIRS = ("train", "val")  # what prepare writes under its OUT: such a source is named by OUT's name

@@ -19,12 +19,15 @@ than a wish for equal ones, and ``@1`` on each says the latter in two characters
 
 from __future__ import annotations
 
+import glob
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lmdata import Mixture, TokenDataset
-from lmdata.mixture import source_name
+from lmdata.errors import ArgumentError
+from lmdata.mixture import normalised_weights, source_name
 from lmtrain.errors import ConfigError
 
 
@@ -37,11 +40,30 @@ class DataSource:
     weight: float | None = None
 
 
+_PLAIN_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")  # ASCII only, no _ or spaces
+
+
 def _as_number(text: str) -> float | None:
+    """``text`` as a number if it reads as one (Python's grammar: what a user may have meant as a weight), else
+    None (then it is part of the path)."""
     try:
         return float(text)
     except ValueError:
         return None
+
+
+def _weight_problem(spec: str, text: str, number: float) -> str | None:
+    """Why ``text`` (reading as ``number``) is no weight: only plain decimal or scientific ASCII numbers are (not
+    Python's ``1_000``, other scripts' digits or surrounding spaces), positive and representable."""
+    if not _PLAIN_NUMBER.fullmatch(text):
+        if math.isfinite(number) and number > 0:
+            return f"{spec!r}: the weight {text!r} must be a plain decimal number such as 0.5, 3 or 1e-3"
+        return f"{spec!r}: the weight {text!r} must be a positive finite number"
+    if number == 0 and any(d in text.partition("e")[0].partition("E")[0] for d in "123456789"):
+        return f"{spec!r}: the weight {text!r} underflows to 0 as a float; give the weights on a larger scale"
+    if not (math.isfinite(number) and number > 0):
+        return f"{spec!r}: the weight {text!r} must be a positive finite number"
+    return None
 
 
 def parse_spec(spec: str, weighted: bool) -> tuple[DataSource | None, list[str]]:
@@ -55,8 +77,8 @@ def parse_spec(spec: str, weighted: bool) -> tuple[DataSource | None, list[str]]
     if at and (number := _as_number(after)) is not None:
         if not weighted:
             return None, [f"{spec!r}: a val set takes no @WEIGHT (val_loss is weighted by the train weights)"]
-        if not (math.isfinite(number) and number > 0):
-            return None, [f"{spec!r}: the weight {after!r} must be a positive finite number"]
+        if (problem := _weight_problem(spec, after, number)) is not None:
+            return None, [problem]
         weight, path = number, before
     if path == "":
         return None, [f"{spec!r}: no path"]
@@ -64,6 +86,24 @@ def parse_spec(spec: str, weighted: bool) -> tuple[DataSource | None, list[str]]
         return None, [f"{spec!r}: the name before '=' is empty; write NAME=PATH or just PATH"]
     # a default name that cannot be a metric key is a problem only where names are used (_name_problems)
     return DataSource(source_name(path) if name is None else name, path, weight), []
+
+
+def spec_hint(spec_path: str) -> str:
+    """A hint for a source path that does not exist ('' if it does, or nothing is suspect): one that reads like
+    NAME=PATH with a ``/`` in NAME (``é/=data/x``, one part before the ``=`` or an existing path after it: names
+    cannot contain '/', so it is all path), or like several
+    specs in one string (``"a@0.5, b@0.5"``, where a TOML list was meant)."""
+    if glob.glob(spec_path):
+        return ""
+    head, eq, tail = spec_path.partition("=")
+    if eq and tail and "/" in head and ("/" not in head.rstrip("/") or glob.glob(tail)):
+        return f" (if {head!r} was meant as a name: names cannot contain '/', so the whole spec was read as a path)"
+    if "," in spec_path:
+        return (
+            " (several sources in one string? give one spec each: a TOML list such as train_data = "
+            '["a@0.5", "b@0.5"], or --train-data once per source)'
+        )
+    return ""
 
 
 def as_specs(value: str | Sequence[str] | None) -> list[str]:
@@ -103,6 +143,11 @@ def _parse(value: str | Sequence[str], weighted: bool) -> tuple[list[DataSource]
     if any(weights) and not all(weights):
         unweighted = [spec for spec, w in zip(specs, weights, strict=True) if not w]
         problems.append(f"a weight on some sources but not all (none on {unweighted}): give @WEIGHT to each")
+    elif all(weights) and sources:
+        try:
+            normalised_weights([s.weight for s in sources])
+        except ArgumentError as e:
+            problems.append(str(e))
     elif weighted and len(sources) > 1 and not any(weights):
         problems.append(
             f"{len(sources)} training sources without weights: give @WEIGHT to each (such as "
@@ -115,7 +160,10 @@ def _name_problems(specs: list[str], sources: list[DataSource]) -> list[str]:
     problems, seen = [], {}
     for spec, source in zip(specs, sources, strict=True):
         if source.name == "" or "=" in source.name:  # only a default name can be so ("/" never is)
-            problems.append(f"{spec!r}: its directory gives no usable name ({source.name!r}); write NAME=PATH")
+            problems.append(
+                f"{spec!r}: its directory gives no usable name ({source.name!r}); write NAME=PATH"
+                + spec_hint(source.path)
+            )
         if source.name in seen:
             problems.append(
                 f"{seen[source.name]!r} and {spec!r} are both named {source.name!r}: names must be unique "

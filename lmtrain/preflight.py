@@ -25,7 +25,7 @@ from lmdata.dataset import tokenizer_disagreement
 from lmdata.manifest import MANIFEST_NAME
 from lmtrain.checkpoint_manager import CHECKPOINTS_NAME, checkpoint_tensor_bytes, free_bytes_needed
 from lmtrain.config import CONFIG_NAME, RESUME_MODES, SECTIONS, TrainConfig
-from lmtrain.datasources import DataSource, combine, parse_sources
+from lmtrain.datasources import DataSource, combine, parse_sources, spec_hint
 from lmtrain.documents import DocMask
 from lmtrain.host_memory import check_memory, document_starts_per_set
 from lmtrain.metrics import METRICS_NAME
@@ -79,7 +79,7 @@ def _open(c: TrainConfig) -> tuple[dict[str, list[_Opened]], list[str]]:
                 try:
                     opened[field_name].append(_Opened(s, TokenDataset(s.path), label))
                 except LmDataError as e:
-                    problems.append(f"{flag}{'' if len(specs) == 1 else ' ' + s.name}: {e}")
+                    problems.append(f"{flag}{'' if len(specs) == 1 else ' ' + s.name}: {e}{spec_hint(s.path)}")
         if before == [os.path.realpath(path) for path in paths]:
             break
     return opened, problems

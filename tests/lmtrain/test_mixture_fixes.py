@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lmdata import ArgumentError, ManifestError, Mixture, TokenDataset, write_shards
+from lmtrain.datasources import DataSource, parse_spec, source_problems, val_weights
 from lmtrain.main import main
 from tests.conftest import TINY
 
@@ -60,3 +61,71 @@ def test_mixture_default_names_follow_the_cli_rule_and_bad_names_are_refused(tmp
     for bad in (["a/b", "c"], ["a", "c=d"]):
         with pytest.raises(ArgumentError, match="cannot contain '/' or '='"):
             Mixture(pairs, names=bad)
+
+
+# -- weights at the float limits ---------------------------------------------------------------------------------
+def test_huge_weights_normalise_by_the_largest_and_tiny_ratios_are_refused_naming_them(tmp_path):
+    web, code = bpe_source(tmp_path, "web", "{}"), bpe_source(tmp_path, "code", "{}")
+    pairs = [TokenDataset(web / "train"), TokenDataset(code / "train")]
+    mix = Mixture([(pairs[0], 1e308), (pairs[1], 1e308)])
+    assert mix.weights == [0.5, 0.5]
+    assert val_weights(mix, ["web", "code"]) == {"web": 0.5, "code": 0.5}
+    assert Mixture([(pairs[0], 3e307), (pairs[1], 1e308)]).weights == pytest.approx([3 / 13, 10 / 13], rel=1e-15)
+    for tiny in (1e-300, 2.0**-33):
+        with pytest.raises(ArgumentError, match=rf"mixture weights \[{tiny!r}\] are below 2\^-32 of the largest"):
+            Mixture([(pairs[0], 1.0 if tiny > 1e-200 else 1e300), (pairs[1], tiny)])
+    assert Mixture([(pairs[0], 1.0), (pairs[1], 2.0**-32)]).weights[1] > 0  # at the resolution: kept
+
+
+def test_weights_the_tree_cannot_hold_exit_2_from_the_cli_naming_them(tmp_path, capsys):
+    web, code = bpe_source(tmp_path, "web", "{}"), bpe_source(tmp_path, "code", "{}")
+    argv = ["--train-data", f"{web}/train@1e300", "--train-data", f"{code}/train@1e-300", "--out-dir",
+            str(tmp_path / "run"), *TINY]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "mixture weights [1e-300] are below 2^-32 of the largest (1e+300)" in err and "Traceback" not in err
+    assert source_problems([f"{web}/train@1e308", f"{code}/train@1e308"], True) == []
+    assert not (tmp_path / "run").exists()
+
+
+# -- spec parsing ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("weight", "says"),
+    [
+        ("1_000", "must be a plain decimal number such as 0.5, 3 or 1e-3"),
+        ("\u0661", "must be a plain decimal number"),  # ARABIC-INDIC DIGIT ONE: float() reads it
+        (" 1", "must be a plain decimal number"),
+        ("1\n", "must be a plain decimal number"),
+        ("+1", "must be a plain decimal number"),
+        ("1e-400", "underflows to 0 as a float"),
+        ("0.000e-400", "must be a positive finite number"),
+        ("1e400", "must be a positive finite number"),
+        ("-inf", "must be a positive finite number"),
+    ],
+)
+def test_only_plain_decimal_weights_are_weights(weight, says):
+    source, problems = parse_spec(f"data/web@{weight}", weighted=True)
+    assert source is None and len(problems) == 1
+    assert problems[0].startswith(f"{f'data/web@{weight}'!r}: the weight {weight!r} {says}")
+
+
+@pytest.mark.parametrize("weight", ["1", "0.5", ".5", "5.", "1e-3", "1E+3", "007"])
+def test_plain_weights_parse(weight):
+    source, problems = parse_spec(f"web=data/web@{weight}", weighted=True)
+    assert problems == [] and source == DataSource("web", "data/web", float(weight))
+
+
+def test_a_missing_path_that_looks_like_a_name_or_a_list_says_so(tmp_path, capsys, monkeypatch):
+    bpe_source(tmp_path, "web", "{}")
+    bpe_source(tmp_path, "code", "{}")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--train-data", "\u00e9/=web/train@1", "--train-data", "code/train@1", "--val-data", "code/val",
+            "--out-dir", "run", *TINY]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "(if '\u00e9/' was meant as a name: names cannot contain '/', so the whole spec was read as a path)" in err
+    (tmp_path / "run.toml").write_text('[data]\ntrain_data = "web/train@0.5, code/train@0.5"\n')
+    assert main(["--config", "run.toml", "--val-data", "code/val", "--out-dir", "run", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "several sources in one string? give one spec each: a TOML list such as train_data = [" in err
+    assert not (tmp_path / "run").exists()
