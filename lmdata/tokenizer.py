@@ -30,11 +30,16 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lmdata.errors import TokenizerError
 from lmdata.format import DTYPE_LIMITS, token_dtype_for
+from lmdata.manifest import Manifest
+
+if TYPE_CHECKING:
+    from lmdata.dataset import TokenDataset
 
 EOT_TEXT = "<|endoftext|>"
 MAX_VOCAB = DTYPE_LIMITS["uint32"]  # ids 0 .. 2**32 - 1 fit the widest shards
@@ -408,6 +413,18 @@ def load_tokenizer(name: str, directory: Path, eot_id: int | None = None) -> Tok
             return HFTokenizer.load(found, name, eot_id=eot_id)
         raise TokenizerError(f"{directory}: no {TOKENIZER_FILE} here or in its parent for tokenizer {name}")
     raise TokenizerError(f"unknown tokenizer {name!r}: expected {SPECS}")
+
+
+def dataset_tokenizer(dataset: TokenDataset) -> Tokenizer:
+    """The tokenizer ``dataset``'s manifest names, with its end-of-text id: a directory's manifest, or for a glob,
+    shard file or list of listed shards the manifest that lists them (one made them all: TokenDataset checks).
+    TokenizerError when none names one (shards written without a tokenizer, nanoGPT/llm.c files)."""
+    manifest, directory = dataset.manifest, dataset.shards[0].path.parent  # listed shards lie in its directory
+    if manifest is None and dataset.made_by is not None:
+        manifest = Manifest.load(directory)
+    if manifest is None or manifest.tokenizer == "unknown":
+        raise TokenizerError(f"{directory}: no manifest.json names the tokenizer the tokens were made with")
+    return load_tokenizer(manifest.tokenizer, directory, manifest.eot_id)
 
 
 def tokenizer_file(name: str, directory: Path) -> Path | None:

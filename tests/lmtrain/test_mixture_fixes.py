@@ -10,7 +10,9 @@ import pytest
 
 from lmdata import ArgumentError, ManifestError, Mixture, TokenDataset, write_shards
 from lmtrain.datasources import DataSource, parse_spec, source_problems, val_weights
+from lmtrain.evaluate import dataset_token_bytes
 from lmtrain.main import main
+from lmtrain.sample import tokenizer_for
 from tests.conftest import TINY
 
 
@@ -129,3 +131,18 @@ def test_a_missing_path_that_looks_like_a_name_or_a_list_says_so(tmp_path, capsy
     err = capsys.readouterr().err
     assert "several sources in one string? give one spec each: a TOML list such as train_data = [" in err
     assert not (tmp_path / "run").exists()
+
+
+# -- the tokenizer of a run trained on a glob or a shard file -----------------------------------------------------
+@pytest.mark.parametrize("spec", ["{d}/train/*.bin", "{d}/train/shard_000000.bin", "{d}/train/*.bin@1"])
+def test_sample_finds_the_tokenizer_of_a_glob_or_a_shard_file_as_evaluate_does(tmp_path, spec):
+    write_shards([np.arange(3000) % 64], tmp_path / "web" / "train", vocab_size=64, tokenizer="byte")
+    shards = sorted((tmp_path / "web" / "train").glob("*.bin"))
+    spec = spec.format(d=tmp_path / "web").replace("shard_000000.bin", shards[0].name)
+    tok = tokenizer_for({"data": {"train_data": [spec]}}, None)
+    assert tok.name == "byte"
+    assert dataset_token_bytes(TokenDataset(spec.partition("@")[0])).shape == (tok.vocab_size,)
+    (tmp_path / "web" / "tokenizer.json").write_text("{}")  # a bpe override is the one beside the data
+    with pytest.raises(Exception) as e:
+        tokenizer_for({"data": {"train_data": [spec]}}, "bpe:300")
+    assert "no tokenizer.json here" not in str(e.value)
