@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmdata import ArgumentError, ManifestError, Mixture, TokenDataset, write_shards
 from lmtrain.datasources import DataSource, parse_spec, source_problems, val_weights
@@ -14,6 +15,11 @@ from lmtrain.evaluate import dataset_token_bytes
 from lmtrain.main import main
 from lmtrain.sample import tokenizer_for
 from tests.conftest import TINY
+from tests.lmtrain import test_mixture_cli
+from tests.lmtrain.test_main import records
+from tests.lmtrain.test_mixture_cli import brute_force_tokens, mix_args
+
+two = test_mixture_cli.two  # the two-source fixture: ROOT/{web,code}/{train,val}
 
 
 def bpe_source(root: Path, name: str, vocab_json: str, n: int = 3000) -> Path:
@@ -146,3 +152,21 @@ def test_sample_finds_the_tokenizer_of_a_glob_or_a_shard_file_as_evaluate_does(t
     with pytest.raises(Exception) as e:
         tokenizer_for({"data": {"train_data": [spec]}}, "bpe:300")
     assert "no tokenizer.json here" not in str(e.value)
+
+
+# -- tokens/NAME across a switch between a mixture and one dataset -------------------------------------------------
+def test_one_dataset_logs_no_tokens_by_source_and_a_mixture_after_it_counts_from_the_switch(two, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--eval-interval", "0", "--allow-config-change"]
+    assert main([*mix_args(two, out, "0.5", "0.5"), "--max-steps", "2", *flags]) == 0
+    assert records(out, "train")[-1]["tokens/web"] > 0
+    one = ["--train-data", f"{two}/web/train", "--val-data", f"{two}/web/val", "--out-dir", str(out), *TINY]
+    assert main([*one, "--max-steps", "4", *flags]) == 0
+    single = [r for r in records(out, "train") if r["step"] > 2]
+    assert single and not [k for r in single for k in r if k.startswith("tokens/")]  # no frozen counts
+    saved = torch.load(out / "checkpoints" / "step_00000004.pt", weights_only=True)
+    assert saved["source_tokens"] == {}
+    assert main([*mix_args(two, out, "0.5", "0.5"), "--max-steps", "6", *flags]) == 0
+    last = records(out, "train")[-1]
+    new = brute_force_tokens(out, 4 * 8, 2 * 8)  # the rows read under the mixture since the switch
+    assert (last["tokens/web"], last["tokens/code"]) == (new["web"], new["code"])
