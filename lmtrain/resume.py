@@ -28,9 +28,11 @@ from pathlib import Path
 
 from lmdata import SamplerStateError
 from lmdata.loader import check_state
+from lmdata.mixture import normalised_weights
 from lmtrain.checkpoint import load_object
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import FIELDS, TrainConfig, config_diff
+from lmtrain.datasources import is_mixture, parse_sources
 from lmtrain.errors import CheckpointError, ConfigError
 
 # What a training checkpoint holds, and the type of each part.
@@ -141,6 +143,35 @@ def with_defaults(saved: dict) -> dict:
     return out
 
 
+def resume_diff(saved: dict, now: dict) -> list[str]:
+    """:func:`config_diff`, less the data specs that name the same sources: the same names, paths and normalised
+    weights in the same order (``@7``/``@3`` is ``@0.7``/``@0.3``; a default name is the same explicit name), and
+    val sets in any order (each is scored on its own)."""
+    lines = config_diff(saved, now)
+    same = [
+        f"[data] {key}: "
+        for key in ("train_data", "val_data")
+        if _sources_of(saved, key) is not None and _sources_of(saved, key) == _sources_of(now, key)
+    ]
+    return [line for line in lines if not any(line.startswith(prefix) for prefix in same)]
+
+
+def _sources_of(config: dict, key: str) -> tuple | None:
+    """The parsed sources of a config's ``[data] key`` in a form equal for equivalent specs; None if it does not
+    parse (then the raw values compare)."""
+    value = config.get("data", {}).get(key) if isinstance(config.get("data"), dict) else None
+    try:
+        sources = parse_sources(value, weighted=key == "train_data") if value else []
+    except (ConfigError, TypeError):
+        return None
+    if key == "val_data":
+        return tuple(sorted((s.name, s.path) for s in sources)) if len(sources) > 1 else tuple(s.path for s in sources)
+    if not is_mixture(sources):
+        return tuple(s.path for s in sources)  # one dataset: its name is never used
+    weights = normalised_weights([s.weight for s in sources])
+    return tuple((s.name, s.path, f"{w:.12g}") for s, w in zip(sources, weights, strict=True))
+
+
 def check_fits_run(
     path: Path, obj: dict, c: TrainConfig, data: dict, allow_config_change: bool, world_size: int
 ) -> None:
@@ -152,12 +183,14 @@ def check_fits_run(
             f"{path}: the checkpoint is at step {step}, beyond --max-steps {c.run.max_steps}; raise --max-steps "
             "to train further, or use another --out-dir for a new run"
         )
+    diff = resume_diff(with_defaults(obj["config"]), c.to_dict())
     if not same_data(obj["data"], data) and not allow_config_change:
+        specs = [line for line in diff if line.startswith("[data] ")]
         raise ConfigError(
-            f"{path}: the data differs from the data this run was trained on (file names, "
-            "sizes or checksums changed); pass --allow-config-change to resume anyway"
+            f"{path}: the data differs from the data this run was trained on ("
+            + ("the data specs changed:\n  " + "\n  ".join(specs) + "\n" if specs else "")
+            + "file names, sizes or checksums changed); pass --allow-config-change to resume anyway"
         )
-    diff = config_diff(with_defaults(obj["config"]), c.to_dict())
     if diff and not allow_config_change:
         raise ConfigError(
             f"{path}: settings changed since this run started:\n  "

@@ -170,3 +170,27 @@ def test_one_dataset_logs_no_tokens_by_source_and_a_mixture_after_it_counts_from
     last = records(out, "train")[-1]
     new = brute_force_tokens(out, 4 * 8, 2 * 8)  # the rows read under the mixture since the switch
     assert (last["tokens/web"], last["tokens/code"]) == (new["web"], new["code"])
+
+
+# -- resume: equivalent specs are no change; a changed one is named ---------------------------------------------
+def test_equivalent_specs_resume_and_reordered_sources_name_the_changed_specs(two, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*mix_args(two, out, "0.75", "0.25"), "--max-steps", "2", "--eval-interval", "0"]) == 0
+    same = [  # @3/@1 is @0.75/@0.25, the default names given explicitly, the val sets in the other order
+        "--train-data", f"web={two}/web/train@3", "--train-data", f"code={two}/code/train@1",
+        "--val-data", f"{two}/code/val", "--val-data", f"web={two}/web/val", "--out-dir", str(out), *TINY,
+    ]  # fmt: skip
+    assert main([*same, "--max-steps", "4", "--eval-interval", "0"]) == 0
+    assert records(out, "train")[-1]["step"] == 4
+    capsys.readouterr()
+    swapped = mix_args(two, out, "0.75", "0.25", "--max-steps", "6", "--eval-interval", "0")
+    swapped[1], swapped[3] = swapped[3], swapped[1]  # code first: another tree, so other rows
+    assert main(swapped) == 2
+    err = capsys.readouterr().err
+    assert "the data differs from the data this run was trained on (the data specs changed:\n" in err
+    saved = f"['web={two}/web/train@3', 'code={two}/code/train@1']"  # as the last run wrote them
+    assert f"[data] train_data: {saved} -> ['{two}/code/train@0.25', '{two}/web/train@0.75']\n" in err
+    renamed = mix_args(two, out, "0.75", "0.25", "--max-steps", "6", "--eval-interval", "0")
+    renamed[1] = f"w={two}/web/train@0.75"
+    assert main(renamed) == 2
+    assert f"-> ['w={two}/web/train@0.75'" in capsys.readouterr().err
