@@ -29,6 +29,7 @@ from pathlib import Path
 from lmdata import SamplerStateError
 from lmdata.loader import check_state
 from lmdata.mixture import normalised_weights
+from lmdata.sampler import EPOCH, RANDOM
 from lmtrain.checkpoint import load_object
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import FIELDS, TrainConfig, config_diff
@@ -240,7 +241,11 @@ def starts_new_stream(saved: dict, identity: dict, allow_config_change: bool) ->
     if not allow_config_change:
         return False
     check_state(saved, identity, new_stream=True)  # its format and rows: the row order below presumes the format
-    diffs = [f"{k}: saved {saved.get(k)}, now {identity[k]}" for k in ROW_ORDER_KEYS if saved.get(k) != identity[k]]
+    diffs = [
+        f"{k}: saved {_shown(k, saved.get(k))}, now {_shown(k, identity[k])}"
+        for k in ROW_ORDER_KEYS
+        if saved.get(k) != identity[k]
+    ]
     if diffs:
         raise SamplerStateError(
             f"the order of rows changed ({'; '.join(diffs)}), which even --allow-config-change cannot continue: "
@@ -248,3 +253,28 @@ def starts_new_stream(saved: dict, identity: dict, allow_config_change: bool) ->
             "weights (--init-from PATH in another --out-dir)"
         )
     return True
+
+
+def _shown(key: str, value) -> str:
+    """A loader state's value as the user wrote it: the sampler's name for its kind (states hold ints only)."""
+    names = {kind: name for name, kind in (("random", RANDOM), ("epoch", EPOCH))}
+    return names.get(value, str(value)) if key == "kind" else str(value)
+
+
+def epoch_warning(saved: dict, identity: dict) -> str | None:
+    """The warning for a ``--sampler epoch`` run that continues another stream (other data or weights, with
+    --allow-config-change) mid-run, or None: the new stream starts at the saved row, inside an epoch of each
+    source's new order, so that epoch's promise of each window once is broken (later epochs keep it)."""
+    if identity.get("kind") != EPOCH or not saved.get("rows"):
+        return None
+    changed = [k for k in identity if k not in ROW_ORDER_KEYS and saved.get(k) != identity[k]]
+    if isinstance(saved.get("mixture"), dict) and isinstance(identity.get("mixture"), dict):
+        changed += [f"mixture {k}" for k, v in identity["mixture"].items() if saved["mixture"].get(k) != v]
+        changed = [k for k in changed if k != "mixture"]
+    if not changed:
+        return None
+    return (
+        f"warning: --sampler epoch: the data changed ({', '.join(changed)}) at row {saved['rows']}, inside an epoch: "
+        "in the current epoch, windows of a source may repeat or be skipped (each window once per epoch holds "
+        "again from each source's next epoch)"
+    )

@@ -194,3 +194,18 @@ def test_equivalent_specs_resume_and_reordered_sources_name_the_changed_specs(tw
     renamed[1] = f"w={two}/web/train@0.75"
     assert main(renamed) == 2
     assert f"-> ['w={two}/web/train@0.75'" in capsys.readouterr().err
+
+
+def test_an_epoch_run_resumed_with_other_weights_warns_that_the_epoch_is_broken(two, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--sampler", "epoch", "--eval-interval", "0", "--allow-config-change"]
+    assert main([*mix_args(two, out, "0.75", "0.25"), "--max-steps", "2", *flags]) == 0
+    assert main([*mix_args(two, out, "0.75", "0.25"), "--max-steps", "3", *flags]) == 0
+    assert "--sampler epoch" not in capsys.readouterr().out  # the same stream: no warning
+    assert main([*mix_args(two, out, "0.5", "0.5"), "--max-steps", "4", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: --sampler epoch: the data changed (mixture weights) at row 24, inside an epoch: in the current " \
+        "epoch, windows of a source may repeat or be skipped" in printed  # fmt: skip
+    flags[1] = "random"
+    assert main([*mix_args(two, out, "0.5", "0.5"), "--max-steps", "5", *flags]) == 2
+    assert "the order of rows changed (kind: saved epoch, now random)" in capsys.readouterr().err
