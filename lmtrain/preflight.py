@@ -125,18 +125,20 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
     """Open every source, settle the vocabulary (the given one, or the largest of the training manifests'), check
     each source's windows fit and its ids, and (``documents``, when a document option is on) where its documents
     start."""
-    opened, problems = _open(c)
-    if problems:
-        return DataChecked(None, None, {}, None, problems)
+    opened, unopened = _open(c)
     train_sources, val_sources = opened["train_data"], opened["val_data"]
+    problems = unopened + _too_short(c, [*train_sources, *val_sources])  # every bad source at once
+    if unopened:
+        return DataChecked(None, None, {}, None, problems)
     try:  # a Mixture refuses sources of different tokenizers or end-of-text ids, naming both
         train = combine([o.source for o in train_sources], [o.dataset for o in train_sources])
     except LmDataError as e:
-        return DataChecked(None, None, {}, None, [f"--train-data: {e}"])
+        return DataChecked(None, None, {}, None, [*problems, f"--train-data: {e}"])
     val = {o.source.name: o.dataset for o in val_sources}
     key = None
     if documents and c.uses_documents:
-        key, problems = check_documents(c, [*train_sources, *val_sources])
+        key, found = check_documents(c, [*train_sources, *val_sources])
+        problems += found
     trained = [(f"the {o.label} data", o.dataset) for o in train_sources]
     for o in val_sources:
         differ = tokenizer_disagreement([*trained, (f"the {o.label} data", o.dataset)])
@@ -146,7 +148,11 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
             )
     vocab_size = c.model.vocab_size or train.vocab_size
     if vocab_size is None:
-        problems.append("--vocab-size is required: the training data has no manifest.json that states it")
+        lacking = [f"the {o.label} data ({o.source.path})" for o in train_sources if o.dataset.vocab_size is None]
+        problems.append(
+            f"--vocab-size is required: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no "
+            "manifest.json that states the vocabulary size"
+        )
         return DataChecked(None, train, val, key, problems)
     if key is not None and key.eot_id >= vocab_size:
         problems.append(
@@ -154,14 +160,21 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
             "end; pass the data's end-of-text id"
         )
     for o in (*train_sources, *val_sources):
+        problems += _token_range_problems(o.label, o.dataset, vocab_size, given=c.model.vocab_size is not None)
+    return DataChecked(vocab_size, train, val, key, problems)
+
+
+def _too_short(c: TrainConfig, sources: list[_Opened]) -> list[str]:
+    """A problem for each source whose longest shard holds no window of context_length + 1 tokens."""
+    problems = []
+    for o in sources:
         longest = int(o.dataset.lengths.max())
         if longest < c.model.context_length + 1:
             problems.append(
                 f"--context-length {c.model.context_length} is too long for the {o.label} data: its longest shard "
                 f"has {longest} tokens and a window needs context_length + 1"
             )
-        problems += _token_range_problems(o.label, o.dataset, vocab_size, given=c.model.vocab_size is not None)
-    return DataChecked(vocab_size, train, val, key, problems)
+    return problems
 
 
 def _token_range_problems(name: str, ds: TokenDataset, vocab_size: int, given: bool) -> list[str]:

@@ -14,7 +14,7 @@ from lmtrain.datasources import DataSource, parse_spec, source_problems, val_wei
 from lmtrain.evaluate import dataset_token_bytes
 from lmtrain.main import main
 from lmtrain.sample import tokenizer_for
-from tests.conftest import TINY
+from tests.conftest import TINY, make_shards
 from tests.lmtrain import test_mixture_cli
 from tests.lmtrain.test_main import records
 from tests.lmtrain.test_mixture_cli import brute_force_tokens, mix_args
@@ -209,3 +209,28 @@ def test_an_epoch_run_resumed_with_other_weights_warns_that_the_epoch_is_broken(
     flags[1] = "random"
     assert main([*mix_args(two, out, "0.5", "0.5"), "--max-steps", "5", *flags]) == 2
     assert "the order of rows changed (kind: saved epoch, now random)" in capsys.readouterr().err
+
+
+# -- preflight -------------------------------------------------------------------------------------------------
+def test_preflight_reports_missing_and_too_short_sources_together(two, tmp_path, capsys):
+    write_shards([np.arange(20) % 64], tmp_path / "short" / "train", vocab_size=64, tokenizer="byte")
+    argv = mix_args(two, tmp_path / "run")
+    argv[1], argv[3] = f"{tmp_path}/nope@1", f"{tmp_path}/short/train@1"
+    argv[7] = f"{tmp_path}/short/train"  # a too-short val set too
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--train-data nope: " in err
+    assert "--context-length 32 is too long for the train source short data: its longest shard has 20" in err
+    assert "--context-length 32 is too long for the val source short data: its longest shard has 20" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_vocab_size_required_names_the_sources_without_it(two, tmp_path, capsys):
+    make_shards(tmp_path / "bare" / "train", [3000])  # no manifest: no vocab size
+    bare = tmp_path / "bare" / "train"
+    argv = mix_args(two, tmp_path / "run")
+    argv[3] = f"{bare}@1"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--vocab-size is required: the train source bare data ({bare}) has no manifest.json that states " in err
+    assert "train source web" not in err
