@@ -208,20 +208,22 @@ def check_one_tokenizer(listings: list[Listing | None]) -> None:
 
 def tokenizer_disagreement(named: Sequence[tuple[str, TokenDataset]]) -> str | None:
     """Why the datasets of ``named`` (label, dataset) pairs were not made by one tokenizer, naming the first two
-    that differ; None when they agree. A dataset whose manifests name none (or "unknown") agrees with any. Beyond
-    the name, the bytes of the ``tokenizer.json`` each reads count (two ``bpe:300`` trained apart differ)."""
-    known = [(label, made, ds) for label, ds in named if (made := ds.made_by) is not None and made[0] != "unknown"]
-    identities = [tokenizer_identity(made[0], ds.shards[0].path.parent) for _, made, ds in known]
-    for (label, made, _), identity in zip(known[1:], identities[1:], strict=True):
-        first_label, first_made, _ = known[0]
-        if identity[0] != identities[0][0]:
-            return f"{first_label} has {first_made[0]!r}, {label} has {made[0]!r}; prepare them with one tokenizer"
-        if identity[1] != identities[0][1]:
-            return (
-                f"{first_label} and {label} both name tokenizer {made[0]!r} but their {TOKENIZER_FILE} files differ "
-                "(the same ids stand for different text); prepare them with one tokenizer (prepare's "
-                f"--tokenizer hf:PATH with the {TOKENIZER_FILE} of one of them)"
-            )
+    that differ; None when they agree. A dataset whose manifests name none (or "unknown") agrees with any. A
+    tokenizer read from a ``tokenizer.json`` is that file's bytes (two ``bpe:300`` trained apart differ; a
+    ``bpe:300`` and the ``hf:PATH`` of a copy of its file agree); any other is its name."""
+    known = [(label, made[0], ds) for label, ds in named if (made := ds.made_by) is not None and made[0] != "unknown"]
+    keys = [tokenizer_identity(name, ds.shards[0].path.parent) for _, name, ds in known]
+    for (label, name, _), key in zip(known[1:], keys[1:], strict=True):
+        (first_label, first_name, _), first_key = known[0], keys[0]
+        if key[1] is not None and first_key[1] is not None:
+            if key[1] != first_key[1]:
+                return (
+                    f"{first_label} ({first_name!r}) and {label} ({name!r}) read different {TOKENIZER_FILE} files "
+                    "(the same ids stand for different text); prepare them with one tokenizer (prepare's "
+                    f"--tokenizer hf:PATH with the {TOKENIZER_FILE} of one of them)"
+                )
+        elif name != first_name:
+            return f"{first_label} has {first_name!r}, {label} has {name!r}; prepare them with one tokenizer"
     return None
 
 

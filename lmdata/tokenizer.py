@@ -22,6 +22,7 @@ The end-of-text id of ``hf`` and ``tiktoken`` is, in this order: the ``--eot-tok
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -439,7 +440,19 @@ def tokenizer_identity(name: str, directory: Path) -> tuple[str, str | None]:
     """(name, sha256 of the tokenizer.json it reads, or None): two ``bpe:300`` trained on different text share the
     name but not the ids' meaning, so the name alone does not say two datasets agree."""
     found = tokenizer_file(name, directory)
-    return name, hashlib.sha256(found.read_bytes()).hexdigest() if found is not None else None
+    if found is None:
+        return name, None
+    try:
+        stat = found.stat()
+        return name, _file_sha256(found.resolve(), stat.st_size, stat.st_mtime_ns)
+    except OSError as e:
+        raise TokenizerError(f"{found}: cannot read the tokenizer ({e})") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes, once per (path, size, mtime): every source and val set of a run checks its own."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:

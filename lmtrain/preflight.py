@@ -141,7 +141,10 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
         problems += found
     trained = [(f"the {o.label} data", o.dataset) for o in train_sources]
     for o in val_sources:
-        differ = tokenizer_disagreement([*trained, (f"the {o.label} data", o.dataset)])
+        try:
+            differ = tokenizer_disagreement([*trained, (f"the {o.label} data", o.dataset)])
+        except LmDataError as e:  # a tokenizer.json that cannot be read
+            differ = str(e)
         if differ is not None:
             problems.append(
                 f"the train and val data were made by different tokenizers: {differ}; the val loss would mean nothing"

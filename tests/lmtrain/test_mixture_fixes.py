@@ -37,16 +37,21 @@ def test_a_mixture_of_one_tokenizer_name_but_two_tokenizer_files_is_refused_nami
     with pytest.raises(ManifestError) as e:
         Mixture([(TokenDataset(web / "train"), 1), (TokenDataset(code / "train"), 1)])
     message = str(e.value)
-    assert "web and code both name tokenizer 'bpe:300' but their tokenizer.json files differ" in message
+    assert "web ('bpe:300') and code ('bpe:300') read different tokenizer.json files" in message
     assert "--tokenizer hf:PATH" in message
     same = bpe_source(tmp_path, "same", '{"a": 1}')  # byte-identical file: one tokenizer
     mix = Mixture([(TokenDataset(web / "train"), 1), (TokenDataset(same / "train"), 1)])
     assert mix.names == ["web", "same"]
+    # the advice works: a source prepared again with --tokenizer hf:PATH of the other's file (copied byte for byte)
+    write_shards([np.arange(3000) % 64], tmp_path / "again" / "train", vocab_size=64,
+                 tokenizer=f"hf:{web / 'tokenizer.json'}", eot_id=0)  # fmt: skip
+    (tmp_path / "again" / "tokenizer.json").write_bytes((web / "tokenizer.json").read_bytes())
+    assert Mixture([(TokenDataset(web / "train"), 1), (TokenDataset(tmp_path / "again" / "train"), 1)]).weights
 
 
 def test_a_glob_of_shards_is_checked_by_its_tokenizer_file_too(tmp_path):
     web, code = bpe_source(tmp_path, "web", '{"a": 1}'), bpe_source(tmp_path, "code", '{"a": 2}')
-    with pytest.raises(ManifestError, match="tokenizer.json files differ"):
+    with pytest.raises(ManifestError, match="read different tokenizer.json files"):
         Mixture([(TokenDataset(f"{web}/train/*.bin"), 1), (TokenDataset(code / "train"), 1)], ["w", "c"])
 
 
@@ -55,8 +60,8 @@ def test_train_and_val_of_two_tokenizer_files_are_refused_by_preflight(tmp_path,
     argv = ["--train-data", f"{web}/train", "--val-data", f"{code}/val", "--out-dir", str(tmp_path / "run"), *TINY]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "the train and val data were made by different tokenizers: the train data and the val data both" in err
-    assert "tokenizer.json files differ" in err and "Traceback" not in err
+    assert "the train and val data were made by different tokenizers: the train data ('bpe:300') and the val " in err
+    assert "read different tokenizer.json files" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
