@@ -204,6 +204,14 @@ def check_one_tokenizer(listings: list[Listing | None]) -> None:
     if len(made_by) > 1:
         shown = "; ".join(f"{t} (vocab {v}) in {p}" for (t, v), p in made_by.items())
         raise ManifestError(f"these shards were made by different tokenizers: {shown}; train on one dataset")
+    files = {tokenizer_identity(x.tokenizer, x.manifest_path.parent)[1]: x.manifest_path for x in listings if x}
+    files.pop(None, None)
+    if len(files) > 1:  # one name, but tokenizer.json files that give the ids other meanings
+        shown = " and ".join(str(p) for p in files.values())
+        raise ManifestError(
+            f"these shards were made by different tokenizers: {shown} name {next(iter(made_by))[0]!r} but read "
+            f"different {TOKENIZER_FILE} files; train on one dataset"
+        )
 
 
 def tokenizer_disagreement(named: Sequence[tuple[str, TokenDataset]]) -> str | None:

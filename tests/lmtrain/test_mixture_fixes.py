@@ -239,3 +239,10 @@ def test_vocab_size_required_names_the_sources_without_it(two, tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"--vocab-size is required: the train source bare data ({bare}) has no manifest.json that states " in err
     assert "train source web" not in err
+
+
+def test_a_list_of_shards_from_two_directories_of_one_name_but_two_tokenizer_files_is_refused(tmp_path):
+    web, code = bpe_source(tmp_path, "web", '{"a": 1}'), bpe_source(tmp_path, "code", '{"a": 2}')
+    listed = [*sorted((web / "train").glob("*.bin")), *sorted((code / "train").glob("*.bin"))]
+    with pytest.raises(ManifestError, match="name 'bpe:300' but read different tokenizer.json files"):
+        TokenDataset(listed)
