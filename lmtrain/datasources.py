@@ -4,7 +4,8 @@ A spec is ``[NAME=]PATH[@WEIGHT]`` (a val set takes no weight):
 
 * WEIGHT is what follows the *last* ``@`` when it reads as a number, so a path holding ``@`` still works:
   ``data/a@b/train`` has no weight, ``data/a@b/train@0.5`` has 0.5. A number that is not positive and finite
-  (``0``, ``-1``, ``nan``, ``inf``) is an error, not part of the path.
+  (``0``, ``-1``, ``nan``, ``inf``, ``1e-400``), or not written as a plain ASCII decimal (``1_000``, other
+  scripts' digits, spaces), is an error, not part of the path; so are weights below 2^-32 of the largest.
 * NAME is what precedes the first ``=`` when that holds no ``/`` (a name never does), so ``data/k=v/train`` is
   a path; write ``./x=y`` for a relative path whose first part holds ``=``. Without a name, the source's
   directory (a file's or glob's: its directory) names it; ``train`` and ``val``, the directories prepare
