@@ -28,6 +28,7 @@ from lmdata.errors import DatasetNotFoundError, LmDataError, ManifestError, Unfi
 from lmdata.format import SHARD_SUFFIXES, Shard, dtype_limit, open_shard, sampled_sha256
 from lmdata.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from lmdata.sampler import check_windows
+from lmdata.tokenizer import TOKENIZER_FILE, tokenizer_identity
 from lmdata.writer import MARKER_NAME
 
 PathLike = str | os.PathLike
@@ -203,6 +204,35 @@ def check_one_tokenizer(listings: list[Listing | None]) -> None:
     if len(made_by) > 1:
         shown = "; ".join(f"{t} (vocab {v}) in {p}" for (t, v), p in made_by.items())
         raise ManifestError(f"these shards were made by different tokenizers: {shown}; train on one dataset")
+    files = {tokenizer_identity(x.tokenizer, x.manifest_path.parent)[1]: x.manifest_path for x in listings if x}
+    files.pop(None, None)
+    if len(files) > 1:  # one name, but tokenizer.json files that give the ids other meanings
+        shown = " and ".join(str(p) for p in files.values())
+        raise ManifestError(
+            f"these shards were made by different tokenizers: {shown} name {next(iter(made_by))[0]!r} but read "
+            f"different {TOKENIZER_FILE} files; train on one dataset"
+        )
+
+
+def tokenizer_disagreement(named: Sequence[tuple[str, TokenDataset]]) -> str | None:
+    """Why the datasets of ``named`` (label, dataset) pairs were not made by one tokenizer, naming the first two
+    that differ; None when they agree. A dataset whose manifests name none (or "unknown") agrees with any. A
+    tokenizer read from a ``tokenizer.json`` is that file's bytes (two ``bpe:300`` trained apart differ; a
+    ``bpe:300`` and the ``hf:PATH`` of a copy of its file agree); any other is its name."""
+    known = [(label, made[0], ds) for label, ds in named if (made := ds.made_by) is not None and made[0] != "unknown"]
+    keys = [tokenizer_identity(name, ds.shards[0].path.parent) for _, name, ds in known]
+    for (label, name, _), key in zip(known[1:], keys[1:], strict=True):
+        (first_label, first_name, _), first_key = known[0], keys[0]
+        if key[1] is not None and first_key[1] is not None:
+            if key[1] != first_key[1]:
+                return (
+                    f"{first_label} ({first_name!r}) and {label} ({name!r}) read different {TOKENIZER_FILE} files "
+                    "(the same ids stand for different text); prepare them with one tokenizer (prepare's "
+                    f"--tokenizer hf:PATH with the {TOKENIZER_FILE} of one of them)"
+                )
+        elif name != first_name:
+            return f"{first_label} has {first_name!r}, {label} has {name!r}; prepare them with one tokenizer"
+    return None
 
 
 class TokenDataset:

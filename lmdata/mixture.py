@@ -31,14 +31,17 @@ shared id space.
 
 from __future__ import annotations
 
+import glob
 import math
 import numbers
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from numba import njit
 
-from lmdata.dataset import TokenDataset, starts_for_windows
+from lmdata.dataset import TokenDataset, starts_for_windows, tokenizer_disagreement
 from lmdata.errors import ArgumentError, ManifestError
 from lmdata.sampler import (
     SAMPLERS,
@@ -52,6 +55,7 @@ from lmdata.sampler import (
 
 _FRACTION_BITS = 32  # p and u are P / 2^32 and U / 2^32
 _ONE = 1 << _FRACTION_BITS
+_RESOLUTION = 1 / _ONE  # the smallest weight, relative to the largest, a source may have
 _SOURCE_SEED_KEY = 0x50C3  # hash3(seed, source, this): the seed of a source's own sampler
 _NODE_KEY = 0x7EE  # hash3(seed, node, this): a node's offset u
 
@@ -166,7 +170,7 @@ class Mixture:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], TokenDataset)):
                 raise ArgumentError(f"Mixture source {i} must be a (TokenDataset, weight) pair, got {pair!r}")
         self.datasets = [ds for ds, _ in sources]
-        self.weights = _normalised([w for _, w in sources])
+        self.weights = normalised_weights([w for _, w in sources])
         self.names = _names(self.datasets, names)
         _check_one_tokenizer(self.datasets, self.names)
         self.shards = [s for ds in self.datasets for s in ds.shards]
@@ -213,27 +217,58 @@ class Mixture:
         return f"Mixture({parts}; {self.num_tokens:,} tokens)"
 
 
-def _normalised(weights: list) -> list[float]:
+def normalised_weights(weights: Sequence) -> list[float]:
+    """``weights`` scaled to sum to 1; ArgumentError naming them unless each is a positive finite number at least
+    2^-32 of the largest (the tree's resolution: a smaller one would get next to no rows, and its share could
+    underflow to 0). Scaled by the largest first, so weights near the float limits (1e308) do not overflow."""
+    weights = list(weights)
     bad = [
         w for w in weights if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w) or w <= 0
     ]
     if bad:
         raise ArgumentError(f"mixture weights must be positive finite numbers, got {weights}")
-    total = math.fsum(weights)
-    return [float(w) / total for w in weights]
+    largest = max(float(w) for w in weights)
+    ratios = [float(w) / largest for w in weights]
+    tiny = [w for w, r in zip(weights, ratios, strict=True) if r < _RESOLUTION]
+    if tiny:
+        raise ArgumentError(
+            f"mixture weights {tiny} are below 2^-32 of the largest ({largest!r}) of {weights}: such a source would "
+            "get next to no rows; drop it or give it a larger weight"
+        )
+    total = math.fsum(ratios)
+    return [r / total for r in ratios]
+
+
+SPLIT_DIRS = ("train", "val")  # what prepare writes under its OUT: such a source is named by OUT's name
+
+
+def source_name(path: str | os.PathLike) -> str:
+    """The name of a source given without one: its directory's, or for ``train``/``val`` its parent's. From the
+    path as written (made absolute, links not followed: prepare's ``OUT/train`` is a link into a generation)."""
+    p = Path(os.path.abspath(path))
+    if glob.has_magic(p.name) or p.is_file():
+        p = p.parent
+    if p.name in SPLIT_DIRS and p.parent.name:
+        p = p.parent
+    return p.name
 
 
 def _names(datasets: list[TokenDataset], names: Sequence[str] | None) -> list[str]:
     if names is None:
-        names = [ds.shards[0].path.parent.name for ds in datasets]
+        names = [source_name(ds.shards[0].path) for ds in datasets]
         how = "the sources' directory names"
     else:
+        if isinstance(names, (str, bytes)):  # list("ab") would be two one-letter names
+            raise ArgumentError(f"names must be a list of strings (one per source), got the string {names!r}")
         names = list(names)
         how = "the names given"
         if len(names) != len(datasets):
             raise ArgumentError(f"a Mixture of {len(datasets)} sources got {len(names)} names: {names}")
         if not all(isinstance(n, str) and n for n in names):
             raise ArgumentError(f"mixture source names must be non-empty strings, got {names}")
+    bad = [n for n in names if "/" in n or "=" in n]
+    if bad:  # names become metric keys (val_loss/NAME) and NAME=PATH specs
+        raise ArgumentError(f"mixture source names cannot contain '/' or '=', but {how} are {bad}; pass names=[...]")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ArgumentError(
@@ -243,16 +278,18 @@ def _names(datasets: list[TokenDataset], names: Sequence[str] | None) -> list[st
 
 
 def _check_one_tokenizer(datasets: list[TokenDataset], names: list[str]) -> None:
-    """ManifestError if two sources' manifests name different tokenizers, end-of-text ids or delimiters: their ids
-    would mean different things, or their documents start on different sides of the eot id. A source whose
-    manifest does not name one (no manifest, "unknown"; for the delimiter, no eot id) agrees with any."""
+    """ManifestError if two sources' manifests name different tokenizers (or their tokenizer.json files differ),
+    end-of-text ids or delimiters: their ids would mean different things, or their documents start on different
+    sides of the eot id. A source whose manifest does not name one (no manifest, "unknown"; for the delimiter, no
+    eot id) agrees with any."""
+    differ = tokenizer_disagreement(list(zip(names, datasets, strict=True)))
+    if differ is not None:
+        raise ManifestError(f"mixture sources disagree on the tokenizer: {differ}")
     advice = {
-        "tokenizer": "mix only data prepared with one tokenizer",
         "eot_id": "mix only data prepared with one tokenizer",
         "delimiter": "mix only data whose eot id stands on the same side of each document",
     }
     values = {
-        "tokenizer": [_tokenizer(ds) for ds in datasets],
         "eot_id": [_eot(ds) for ds in datasets],
         "delimiter": [_delimiter(ds) for ds in datasets],
     }
@@ -264,11 +301,6 @@ def _check_one_tokenizer(datasets: list[TokenDataset], names: list[str]) -> None
                     f"mixture sources disagree on the {what}: {named[0][0]} has {named[0][1]!r}, {n} has {v!r}; "
                     f"{advice[what]}"
                 )
-
-
-def _tokenizer(ds: TokenDataset) -> str | None:
-    made = ds.made_by
-    return made[0] if made is not None and made[0] != "unknown" else None
 
 
 def _eot(ds: TokenDataset) -> int | None:

@@ -22,6 +22,8 @@ The end-of-text id of ``hf`` and ``tiktoken`` is, in this order: the ``--eot-tok
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -29,11 +31,16 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lmdata.errors import TokenizerError
 from lmdata.format import DTYPE_LIMITS, token_dtype_for
+from lmdata.manifest import Manifest
+
+if TYPE_CHECKING:
+    from lmdata.dataset import TokenDataset
 
 EOT_TEXT = "<|endoftext|>"
 MAX_VOCAB = DTYPE_LIMITS["uint32"]  # ids 0 .. 2**32 - 1 fit the widest shards
@@ -402,11 +409,50 @@ def load_tokenizer(name: str, directory: Path, eot_id: int | None = None) -> Tok
     if kind == "tiktoken":
         return TiktokenTokenizer(rest, eot_id=eot_id)
     if kind in ("bpe", "hf"):
-        for candidate in (directory / TOKENIZER_FILE, directory.parent / TOKENIZER_FILE):
-            if candidate.exists():
-                return HFTokenizer.load(candidate, name, eot_id=eot_id)
+        found = tokenizer_file(name, directory)
+        if found is not None:
+            return HFTokenizer.load(found, name, eot_id=eot_id)
         raise TokenizerError(f"{directory}: no {TOKENIZER_FILE} here or in its parent for tokenizer {name}")
     raise TokenizerError(f"unknown tokenizer {name!r}: expected {SPECS}")
+
+
+def dataset_tokenizer(dataset: TokenDataset) -> Tokenizer:
+    """The tokenizer ``dataset``'s manifest names, with its end-of-text id: a directory's manifest, or for a glob,
+    shard file or list of listed shards the manifest that lists them (one made them all: TokenDataset checks).
+    TokenizerError when none names one (shards written without a tokenizer, nanoGPT/llm.c files)."""
+    manifest, directory = dataset.manifest, dataset.shards[0].path.parent  # listed shards lie in its directory
+    if manifest is None and dataset.made_by is not None:
+        manifest = Manifest.load(directory)
+    if manifest is None or manifest.tokenizer == "unknown":
+        raise TokenizerError(f"{directory}: no manifest.json names the tokenizer the tokens were made with")
+    return load_tokenizer(manifest.tokenizer, directory, manifest.eot_id)
+
+
+def tokenizer_file(name: str, directory: Path) -> Path | None:
+    """The ``tokenizer.json`` :func:`load_tokenizer` reads for ``name`` in ``directory`` (a split's shards, else its
+    parent), or None: ``byte`` and ``tiktoken`` read none, and a bpe/hf one may be missing."""
+    if name.partition(":")[0] not in ("bpe", "hf"):
+        return None
+    return next((c for c in (directory / TOKENIZER_FILE, directory.parent / TOKENIZER_FILE) if c.exists()), None)
+
+
+def tokenizer_identity(name: str, directory: Path) -> tuple[str, str | None]:
+    """(name, sha256 of the tokenizer.json it reads, or None): two ``bpe:300`` trained on different text share the
+    name but not the ids' meaning, so the name alone does not say two datasets agree."""
+    found = tokenizer_file(name, directory)
+    if found is None:
+        return name, None
+    try:
+        stat = found.stat()
+        return name, _file_sha256(found.resolve(), stat.st_size, stat.st_mtime_ns)
+    except OSError as e:
+        raise TokenizerError(f"{found}: cannot read the tokenizer ({e})") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes, once per (path, size, mtime): every source and val set of a run checks its own."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:

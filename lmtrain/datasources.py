@@ -4,7 +4,8 @@ A spec is ``[NAME=]PATH[@WEIGHT]`` (a val set takes no weight):
 
 * WEIGHT is what follows the *last* ``@`` when it reads as a number, so a path holding ``@`` still works:
   ``data/a@b/train`` has no weight, ``data/a@b/train@0.5`` has 0.5. A number that is not positive and finite
-  (``0``, ``-1``, ``nan``, ``inf``) is an error, not part of the path.
+  (``0``, ``-1``, ``nan``, ``inf``, ``1e-400``), or not written as a plain ASCII decimal (``1_000``, other
+  scripts' digits, spaces), is an error, not part of the path; so are weights below 2^-32 of the largest.
 * NAME is what precedes the first ``=`` when that holds no ``/`` (a name never does), so ``data/k=v/train`` is
   a path; write ``./x=y`` for a relative path whose first part holds ``=``. Without a name, the source's
   directory (a file's or glob's: its directory) names it; ``train`` and ``val``, the directories prepare
@@ -21,15 +22,14 @@ from __future__ import annotations
 
 import glob
 import math
-import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from lmdata import Mixture, TokenDataset
+from lmdata.errors import ArgumentError
+from lmdata.mixture import normalised_weights, source_name
 from lmtrain.errors import ConfigError
-
-SPLIT_DIRS = ("train", "val")  # what prepare writes under its OUT: such a source is named by OUT's name
 
 
 @dataclass(frozen=True)
@@ -41,22 +41,30 @@ class DataSource:
     weight: float | None = None
 
 
-def default_name(path: str) -> str:
-    """The name of a source given without one: its directory's, or for ``train``/``val`` its parent's. From the
-    path as written (made absolute, links not followed: prepare's ``OUT/train`` is a link into a generation)."""
-    p = Path(os.path.abspath(path))
-    if glob.has_magic(p.name) or p.is_file():
-        p = p.parent
-    if p.name in SPLIT_DIRS and p.parent.name:
-        p = p.parent
-    return p.name
+_PLAIN_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")  # ASCII only, no _ or spaces
 
 
 def _as_number(text: str) -> float | None:
+    """``text`` as a number if it reads as one (Python's grammar: what a user may have meant as a weight), else
+    None (then it is part of the path)."""
     try:
         return float(text)
     except ValueError:
         return None
+
+
+def _weight_problem(spec: str, text: str, number: float) -> str | None:
+    """Why ``text`` (reading as ``number``) is no weight: only plain decimal or scientific ASCII numbers are (not
+    Python's ``1_000``, other scripts' digits or surrounding spaces), positive and representable."""
+    if not _PLAIN_NUMBER.fullmatch(text):
+        if math.isfinite(number) and number > 0:
+            return f"{spec!r}: the weight {text!r} must be a plain decimal number such as 0.5, 3 or 1e-3"
+        return f"{spec!r}: the weight {text!r} must be a positive finite number"
+    if number == 0 and any(d in text.partition("e")[0].partition("E")[0] for d in "123456789"):
+        return f"{spec!r}: the weight {text!r} underflows to 0 as a float; give the weights on a larger scale"
+    if not (math.isfinite(number) and number > 0):
+        return f"{spec!r}: the weight {text!r} must be a positive finite number"
+    return None
 
 
 def parse_spec(spec: str, weighted: bool) -> tuple[DataSource | None, list[str]]:
@@ -70,15 +78,33 @@ def parse_spec(spec: str, weighted: bool) -> tuple[DataSource | None, list[str]]
     if at and (number := _as_number(after)) is not None:
         if not weighted:
             return None, [f"{spec!r}: a val set takes no @WEIGHT (val_loss is weighted by the train weights)"]
-        if not (math.isfinite(number) and number > 0):
-            return None, [f"{spec!r}: the weight {after!r} must be a positive finite number"]
+        if (problem := _weight_problem(spec, after, number)) is not None:
+            return None, [problem]
         weight, path = number, before
     if path == "":
         return None, [f"{spec!r}: no path"]
     if name == "":
         return None, [f"{spec!r}: the name before '=' is empty; write NAME=PATH or just PATH"]
     # a default name that cannot be a metric key is a problem only where names are used (_name_problems)
-    return DataSource(default_name(path) if name is None else name, path, weight), []
+    return DataSource(source_name(path) if name is None else name, path, weight), []
+
+
+def spec_hint(spec_path: str) -> str:
+    """A hint for a source path that does not exist ('' if it does, or nothing is suspect): one that reads like
+    NAME=PATH with a ``/`` in NAME (``é/=data/x``, one part before the ``=`` or an existing path after it: names
+    cannot contain '/', so it is all path), or like several
+    specs in one string (``"a@0.5, b@0.5"``, where a TOML list was meant)."""
+    if glob.glob(spec_path):
+        return ""
+    head, eq, tail = spec_path.partition("=")
+    if eq and tail and "/" in head and ("/" not in head.rstrip("/") or glob.glob(tail)):
+        return f" (if {head!r} was meant as a name: names cannot contain '/', so the whole spec was read as a path)"
+    if "," in spec_path:
+        return (
+            " (several sources in one string? give one spec each: a TOML list such as train_data = "
+            '["a@0.5", "b@0.5"], or --train-data once per source)'
+        )
+    return ""
 
 
 def as_specs(value: str | Sequence[str] | None) -> list[str]:
@@ -118,6 +144,11 @@ def _parse(value: str | Sequence[str], weighted: bool) -> tuple[list[DataSource]
     if any(weights) and not all(weights):
         unweighted = [spec for spec, w in zip(specs, weights, strict=True) if not w]
         problems.append(f"a weight on some sources but not all (none on {unweighted}): give @WEIGHT to each")
+    elif all(weights) and sources:
+        try:
+            normalised_weights([s.weight for s in sources])
+        except ArgumentError as e:
+            problems.append(str(e))
     elif weighted and len(sources) > 1 and not any(weights):
         problems.append(
             f"{len(sources)} training sources without weights: give @WEIGHT to each (such as "
@@ -130,7 +161,10 @@ def _name_problems(specs: list[str], sources: list[DataSource]) -> list[str]:
     problems, seen = [], {}
     for spec, source in zip(specs, sources, strict=True):
         if source.name == "" or "=" in source.name:  # only a default name can be so ("/" never is)
-            problems.append(f"{spec!r}: its directory gives no usable name ({source.name!r}); write NAME=PATH")
+            problems.append(
+                f"{spec!r}: its directory gives no usable name ({source.name!r}); write NAME=PATH"
+                + spec_hint(source.path)
+            )
         if source.name in seen:
             problems.append(
                 f"{seen[source.name]!r} and {spec!r} are both named {source.name!r}: names must be unique "

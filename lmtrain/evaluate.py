@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmdata import BatchLoader, LmDataError, Manifest, TokenDataset, TokenizerError
+from lmdata import BatchLoader, LmDataError, TokenDataset
 from lmdata.docindex import DELIMITERS
 from lmdata.sampler import WINDOWS
-from lmdata.tokenizer import load_tokenizer, token_byte_lengths
+from lmdata.tokenizer import dataset_tokenizer, token_byte_lengths
 from lmtrain.config import FIELDS, DataConfig, RunConfig, TrainConfig, _document_flag_problems
 from lmtrain.datasources import made_by, open_train, parse_sources, source_problems
 from lmtrain.documents import DocMask, document_ids, documents_of_config, saved_document_key
@@ -81,12 +81,7 @@ class Score:
 def dataset_token_bytes(dataset: TokenDataset) -> np.ndarray:
     """(vocab,) int64 UTF-8 byte length of each id under the tokenizer the dataset's manifest names; raises
     TokenizerError when no manifest names one (shards written without a tokenizer, nanoGPT/llm.c files)."""
-    manifest, directory = dataset.manifest, dataset.shards[0].path.parent  # listed shards lie in its directory
-    if manifest is None and dataset.made_by is not None:  # a glob or file of listed shards: one manifest made them
-        manifest = Manifest.load(directory)
-    if manifest is None or manifest.tokenizer == "unknown":
-        raise TokenizerError(f"{directory}: no manifest.json names the tokenizer the tokens were made with")
-    return token_byte_lengths(load_tokenizer(manifest.tokenizer, directory, manifest.eot_id))
+    return token_byte_lengths(dataset_tokenizer(dataset))
 
 
 def token_bytes_on(dataset: TokenDataset, vocab_size: int, device: torch.device) -> tuple[torch.Tensor | None, str]:

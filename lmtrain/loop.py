@@ -49,7 +49,7 @@ from lmtrain.evaluate import score_batches, token_bytes_on, weighted_mean
 from lmtrain.metrics import MetricsLog, flops_per_token, peak_flops, perplexity
 from lmtrain.model import TransformerLM
 from lmtrain.optim import lr_cosine_schedule, make_optimizer
-from lmtrain.resume import check_fits_run, choose_start, starts_new_stream
+from lmtrain.resume import check_fits_run, choose_start, epoch_warning, starts_new_stream
 from lmtrain.rng import capture_rng_state, restore_rng_state
 from lmtrain.rundir import trim_metrics
 from lmtrain.runtime import Runtime, agree_on_step
@@ -165,10 +165,13 @@ class Trainer:
             self.scaler.load_state_dict(obj["scaler"])
         restore_rng_state(obj["rng"], self.rt.device)
         try:
-            new_data = starts_new_stream(obj["loader"], self.loader.sampler.identity(), allow_config_change)
+            identity = self.loader.sampler.identity()
+            new_data = starts_new_stream(obj["loader"], identity, allow_config_change)
             self.loader.load_state_dict(obj["loader"], new_stream=new_data)
         except SamplerStateError as e:
             raise ConfigError(f"{path}: {e}") from None
+        if new_data and (warning := epoch_warning(obj["loader"], identity)) is not None:
+            self._say(f"{path}: {warning}")
         self.step = obj["iteration"]
         self.tokens_per_source.resume(obj, self.loader, self._say, str(path))
         if writer:

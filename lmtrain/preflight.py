@@ -21,10 +21,11 @@ import torch
 
 from lmdata import LmDataError, Mixture, TokenDataset
 from lmdata.commit import inside_prepared
+from lmdata.dataset import tokenizer_disagreement
 from lmdata.manifest import MANIFEST_NAME
 from lmtrain.checkpoint_manager import CHECKPOINTS_NAME, checkpoint_tensor_bytes, free_bytes_needed
 from lmtrain.config import CONFIG_NAME, RESUME_MODES, SECTIONS, TrainConfig
-from lmtrain.datasources import DataSource, combine, made_by, parse_sources
+from lmtrain.datasources import DataSource, combine, parse_sources, spec_hint
 from lmtrain.documents import DocMask
 from lmtrain.host_memory import check_memory, document_starts_per_set
 from lmtrain.metrics import METRICS_NAME
@@ -78,7 +79,7 @@ def _open(c: TrainConfig) -> tuple[dict[str, list[_Opened]], list[str]]:
                 try:
                     opened[field_name].append(_Opened(s, TokenDataset(s.path), label))
                 except LmDataError as e:
-                    problems.append(f"{flag}{'' if len(specs) == 1 else ' ' + s.name}: {e}")
+                    problems.append(f"{flag}{'' if len(specs) == 1 else ' ' + s.name}: {e}{spec_hint(s.path)}")
         if before == [os.path.realpath(path) for path in paths]:
             break
     return opened, problems
@@ -124,28 +125,37 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
     """Open every source, settle the vocabulary (the given one, or the largest of the training manifests'), check
     each source's windows fit and its ids, and (``documents``, when a document option is on) where its documents
     start."""
-    opened, problems = _open(c)
-    if problems:
-        return DataChecked(None, None, {}, None, problems)
+    opened, unopened = _open(c)
     train_sources, val_sources = opened["train_data"], opened["val_data"]
+    problems = unopened + _too_short(c, [*train_sources, *val_sources])  # every bad source at once
+    if unopened:
+        return DataChecked(None, None, {}, None, problems)
     try:  # a Mixture refuses sources of different tokenizers or end-of-text ids, naming both
         train = combine([o.source for o in train_sources], [o.dataset for o in train_sources])
     except LmDataError as e:
-        return DataChecked(None, None, {}, None, [f"--train-data: {e}"])
+        return DataChecked(None, None, {}, None, [*problems, f"--train-data: {e}"])
     val = {o.source.name: o.dataset for o in val_sources}
     key = None
     if documents and c.uses_documents:
-        key, problems = check_documents(c, [*train_sources, *val_sources])
-    trained = made_by(train)
+        key, found = check_documents(c, [*train_sources, *val_sources])
+        problems += found
+    trained = [(f"the {o.label} data", o.dataset) for o in train_sources]
     for o in val_sources:
-        if trained and o.dataset.made_by and trained != o.dataset.made_by:
+        try:
+            differ = tokenizer_disagreement([*trained, (f"the {o.label} data", o.dataset)])
+        except LmDataError as e:  # a tokenizer.json that cannot be read
+            differ = str(e)
+        if differ is not None:
             problems.append(
-                f"the train and {o.label} data were made by different tokenizers ({trained[0]}, vocab "
-                f"{trained[1]}; {o.dataset.made_by[0]}, vocab {o.dataset.made_by[1]}): the val loss would mean nothing"
+                f"the train and val data were made by different tokenizers: {differ}; the val loss would mean nothing"
             )
     vocab_size = c.model.vocab_size or train.vocab_size
     if vocab_size is None:
-        problems.append("--vocab-size is required: the training data has no manifest.json that states it")
+        lacking = [f"the {o.label} data ({o.source.path})" for o in train_sources if o.dataset.vocab_size is None]
+        problems.append(
+            f"--vocab-size is required: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no "
+            "manifest.json that states the vocabulary size"
+        )
         return DataChecked(None, train, val, key, problems)
     if key is not None and key.eot_id >= vocab_size:
         problems.append(
@@ -153,14 +163,21 @@ def check_data(c: TrainConfig, documents: bool = True) -> DataChecked:
             "end; pass the data's end-of-text id"
         )
     for o in (*train_sources, *val_sources):
+        problems += _token_range_problems(o.label, o.dataset, vocab_size, given=c.model.vocab_size is not None)
+    return DataChecked(vocab_size, train, val, key, problems)
+
+
+def _too_short(c: TrainConfig, sources: list[_Opened]) -> list[str]:
+    """A problem for each source whose longest shard holds no window of context_length + 1 tokens."""
+    problems = []
+    for o in sources:
         longest = int(o.dataset.lengths.max())
         if longest < c.model.context_length + 1:
             problems.append(
                 f"--context-length {c.model.context_length} is too long for the {o.label} data: its longest shard "
                 f"has {longest} tokens and a window needs context_length + 1"
             )
-        problems += _token_range_problems(o.label, o.dataset, vocab_size, given=c.model.vocab_size is not None)
-    return DataChecked(vocab_size, train, val, key, problems)
+    return problems
 
 
 def _token_range_problems(name: str, ds: TokenDataset, vocab_size: int, given: bool) -> list[str]:

@@ -28,9 +28,12 @@ from pathlib import Path
 
 from lmdata import SamplerStateError
 from lmdata.loader import check_state
+from lmdata.mixture import normalised_weights
+from lmdata.sampler import EPOCH, RANDOM
 from lmtrain.checkpoint import load_object
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import FIELDS, TrainConfig, config_diff
+from lmtrain.datasources import is_mixture, parse_sources
 from lmtrain.errors import CheckpointError, ConfigError
 
 # What a training checkpoint holds, and the type of each part.
@@ -141,6 +144,35 @@ def with_defaults(saved: dict) -> dict:
     return out
 
 
+def resume_diff(saved: dict, now: dict) -> list[str]:
+    """:func:`config_diff`, less the data specs that name the same sources: the same names, paths and normalised
+    weights in the same order (``@7``/``@3`` is ``@0.7``/``@0.3``; a default name is the same explicit name), and
+    val sets in any order (each is scored on its own)."""
+    lines = config_diff(saved, now)
+    same = [
+        f"[data] {key}: "
+        for key in ("train_data", "val_data")
+        if _sources_of(saved, key) is not None and _sources_of(saved, key) == _sources_of(now, key)
+    ]
+    return [line for line in lines if not any(line.startswith(prefix) for prefix in same)]
+
+
+def _sources_of(config: dict, key: str) -> tuple | None:
+    """The parsed sources of a config's ``[data] key`` in a form equal for equivalent specs; None if it does not
+    parse (then the raw values compare)."""
+    value = config.get("data", {}).get(key) if isinstance(config.get("data"), dict) else None
+    try:
+        sources = parse_sources(value, weighted=key == "train_data") if value else []
+    except (ConfigError, TypeError):
+        return None
+    if key == "val_data":
+        return tuple(sorted((s.name, s.path) for s in sources)) if len(sources) > 1 else tuple(s.path for s in sources)
+    if not is_mixture(sources):
+        return tuple(s.path for s in sources)  # one dataset: its name is never used
+    weights = normalised_weights([s.weight for s in sources])
+    return tuple((s.name, s.path, f"{w:.12g}") for s, w in zip(sources, weights, strict=True))
+
+
 def check_fits_run(
     path: Path, obj: dict, c: TrainConfig, data: dict, allow_config_change: bool, world_size: int
 ) -> None:
@@ -152,12 +184,14 @@ def check_fits_run(
             f"{path}: the checkpoint is at step {step}, beyond --max-steps {c.run.max_steps}; raise --max-steps "
             "to train further, or use another --out-dir for a new run"
         )
+    diff = resume_diff(with_defaults(obj["config"]), c.to_dict())
     if not same_data(obj["data"], data) and not allow_config_change:
+        specs = [line for line in diff if line.startswith("[data] ")]
         raise ConfigError(
-            f"{path}: the data differs from the data this run was trained on (file names, "
-            "sizes or checksums changed); pass --allow-config-change to resume anyway"
+            f"{path}: the data differs from the data this run was trained on ("
+            + ("the data specs changed:\n  " + "\n  ".join(specs) + "\n" if specs else "")
+            + "file names, sizes or checksums changed); pass --allow-config-change to resume anyway"
         )
-    diff = config_diff(with_defaults(obj["config"]), c.to_dict())
     if diff and not allow_config_change:
         raise ConfigError(
             f"{path}: settings changed since this run started:\n  "
@@ -207,7 +241,11 @@ def starts_new_stream(saved: dict, identity: dict, allow_config_change: bool) ->
     if not allow_config_change:
         return False
     check_state(saved, identity, new_stream=True)  # its format and rows: the row order below presumes the format
-    diffs = [f"{k}: saved {saved.get(k)}, now {identity[k]}" for k in ROW_ORDER_KEYS if saved.get(k) != identity[k]]
+    diffs = [
+        f"{k}: saved {_shown(k, saved.get(k))}, now {_shown(k, identity[k])}"
+        for k in ROW_ORDER_KEYS
+        if saved.get(k) != identity[k]
+    ]
     if diffs:
         raise SamplerStateError(
             f"the order of rows changed ({'; '.join(diffs)}), which even --allow-config-change cannot continue: "
@@ -215,3 +253,28 @@ def starts_new_stream(saved: dict, identity: dict, allow_config_change: bool) ->
             "weights (--init-from PATH in another --out-dir)"
         )
     return True
+
+
+def _shown(key: str, value) -> str:
+    """A loader state's value as the user wrote it: the sampler's name for its kind (states hold ints only)."""
+    names = {kind: name for name, kind in (("random", RANDOM), ("epoch", EPOCH))}
+    return names.get(value, str(value)) if key == "kind" else str(value)
+
+
+def epoch_warning(saved: dict, identity: dict) -> str | None:
+    """The warning for a ``--sampler epoch`` run that continues another stream (other data or weights, with
+    --allow-config-change) mid-run, or None: the new stream starts at the saved row, inside an epoch of each
+    source's new order, so that epoch's promise of each window once is broken (later epochs keep it)."""
+    if identity.get("kind") != EPOCH or not saved.get("rows"):
+        return None
+    changed = [k for k in identity if k not in ROW_ORDER_KEYS and saved.get(k) != identity[k]]
+    if isinstance(saved.get("mixture"), dict) and isinstance(identity.get("mixture"), dict):
+        changed += [f"mixture {k}" for k, v in identity["mixture"].items() if saved["mixture"].get(k) != v]
+        changed = [k for k in changed if k != "mixture"]
+    if not changed:
+        return None
+    return (
+        f"warning: --sampler epoch: the data changed ({', '.join(changed)}) at row {saved['rows']}, inside an epoch: "
+        "in the current epoch, windows of a source may repeat or be skipped (each window once per epoch holds "
+        "again from each source's next epoch)"
+    )

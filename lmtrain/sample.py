@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lmdata import DatasetNotFoundError, LmDataError, TokenDataset, TokenizerError
-from lmdata.tokenizer import load_tokenizer, open_tokenizer
+from lmdata.tokenizer import dataset_tokenizer, load_tokenizer, open_tokenizer
 from lmtrain.checkpoint import load_object, restore
 from lmtrain.checkpoint_manager import CheckpointManager
 from lmtrain.config import MAX_SEED
@@ -81,11 +81,14 @@ def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None
     sources = parse_sources(value, weighted=True) if value else []
     first = Path(sources[0].path) if sources else Path()
     if spec is not None:  # a bpe is only ever the one saved beside the data; the others name their source
-        return load_tokenizer(spec, first) if spec.partition(":")[0] == "bpe" else open_tokenizer(spec)
+        if spec.partition(":")[0] != "bpe":
+            return open_tokenizer(spec)
+        beside = _open_training(first).shards[0].path.parent if sources else first  # a glob's or file's directory
+        return load_tokenizer(spec, beside)
     if not sources:
         raise TokenizerError("the run's config names no training data ([data] train_data); pass --tokenizer")
     datasets = [_open_training(Path(s.path)) for s in sources]
-    named = next(((Path(s.path), ds) for s, ds in zip(sources, datasets, strict=True) if ds.manifest), None)
+    named = next(((Path(s.path), ds) for s, ds in zip(sources, datasets, strict=True) if ds.made_by), None)
     if named is None:
         raise TokenizerError(f"{first}: no manifest.json names the tokenizer; pass --tokenizer")
     train, dataset = named
@@ -95,7 +98,7 @@ def tokenizer_for(config: dict, spec: str | None, trained_on: dict | None = None
             "tokenizer may not be the model's; pass --tokenizer with the one the model was trained with"
         )
     # the manifest's end-of-text id: prepare may have chosen it with --eot-token, which sampling cannot know
-    return load_tokenizer(dataset.manifest.tokenizer, train, dataset.manifest.eot_id)
+    return dataset_tokenizer(dataset)
 
 
 def _open_training(train: Path) -> TokenDataset:

@@ -1,6 +1,9 @@
 """Training tokens read from each source of a Mixture (``tokens/NAME`` in train records, ``source_tokens`` in a
 checkpoint), cumulative across resumes.
 
+``tokens/NAME`` counts the tokens read while NAME was in the mixture: a run on one dataset logs (and saves) none,
+so a mixture resumed on one dataset stops counting, and one dataset resumed as a mixture counts from the switch.
+
 Counts since the resumed checkpoint come from the mixture's tree for the global rows consumed
 (:meth:`lmdata.mixture.MixtureSampler.rows_per_source`, no replay); those before it are the checkpoint's, sources
 since dropped included, so the counts add up across an allowed change of the mixture too.
@@ -38,9 +41,9 @@ class SourceTokens:
 
     def counts(self, loader) -> dict[str, int]:
         """Training tokens read from each source so far, after ``loader.rows`` global rows (host ints, no sync)."""
-        counts = dict(self.before)
         if not isinstance(self.train_data, Mixture):
-            return counts
+            return {}  # one dataset has no sources: a mixture resumed on one stops counting (and logging) them
+        counts = dict(self.before)
         sampler = loader.sampler
         now, then = sampler.rows_per_source(loader.rows), sampler.rows_per_source(self.resumed_row)
         for name, a, b in zip(self.train_data.names, now, then, strict=True):

@@ -256,7 +256,7 @@ def test_tokenizer_or_eot_mismatch_is_refused(tmp_path):
         Mixture([(a, 1), (b, 1)])
     assert str(err.value) == (
         "mixture sources disagree on the tokenizer: a has 'bpe:80000', b has 'tiktoken:gpt2'; "
-        "mix only data prepared with one tokenizer"
+        "prepare them with one tokenizer"
     )
     with pytest.raises(ManifestError, match="disagree on the eot_id: a has 5, c has 6"):
         Mixture([(a, 1), (c, 1)])
@@ -304,10 +304,12 @@ def test_bad_weights_are_refused(tmp_path, weights, message):
 
 def test_names(tmp_path):
     same = [TokenDataset(make_shards(tmp_path / p / "train", [100])) for p in "xy"]
+    assert Mixture([(same[0], 1), (same[1], 1)]).names == ["x", "y"]  # train/val name their parent, as the CLI's
+    twins = [TokenDataset(make_shards(tmp_path / p / "web", [100])) for p in "xy"]
     with pytest.raises(ArgumentError) as err:
-        Mixture([(same[0], 1), (same[1], 1)])
+        Mixture([(twins[0], 1), (twins[1], 1)])
     assert str(err.value) == (
-        "mixture source names must be unique, but the sources' directory names repeat ['train']; "
+        "mixture source names must be unique, but the sources' directory names repeat ['web']; "
         "pass names=[...] (one per source)"
     )
     mixture = Mixture([(same[0], 3), (same[1], 1)], names=["web", "code"])

@@ -314,7 +314,7 @@ def test_sources_of_two_tokenizers_are_refused_naming_both(two, tmp_path, capsys
     argv[3] = f"{tmp_path}/other/train@1"
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "mixture sources disagree on the tokenizer: web has 'byte', other has 'tiktoken:gpt2'" in err
+    assert "mixture sources disagree on the tokenizer: web has 'byte', other has 'tiktoken:gpt2'; prepare" in err
 
 
 def test_bad_specs_from_the_command_line_exit_2_naming_them(two, tmp_path, capsys):
