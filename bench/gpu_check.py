@@ -182,20 +182,24 @@ def main(argv: list[str] | None = None) -> int:
             results.update(step_timing(trainer, steps, args.rounds or (2 if args.smoke else 6), warmup=5))
         finally:
             loader.close()
-    checks = verdicts(results)
+    return report("gpu_check", results, verdicts(results), args.out, args.smoke, "CPU timings say nothing about a GPU")
+
+
+def report(script: str, results: dict, checks: list, out: Path | None, smoke: bool, smoke_reason: str) -> int:
+    """Print ``results`` (and write them to ``out``) as JSON, then each check's verdict; the exit code: 1 if a check
+    failed on a GPU run. ``checks``: (name, "PASS" | "FAIL", detail); a smoke run shows every check as skipped."""
     results["checks"] = {name: status for name, status, _ in checks}
     text = json.dumps(results, indent=1)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
     for name, status, detail in checks:
-        shown = "SKIP (smoke: CPU timings say nothing about a GPU)" if args.smoke else status
-        print(f"{shown}: {name}: {detail}")
+        print(f"{f'SKIP (smoke: {smoke_reason})' if smoke else status}: {name}: {detail}")
     failed = [name for name, status, _ in checks if status == "FAIL"]
-    if failed and not args.smoke:
-        print(f"gpu_check FAIL: {', '.join(failed)}")
+    if failed and not smoke:
+        print(f"{script} FAIL: {', '.join(failed)}")
         return 1
-    print("gpu_check " + ("SMOKE OK" if args.smoke else "PASS"))
+    print(f"{script} " + ("SMOKE OK" if smoke else "PASS"))
     return 0
 
 

@@ -23,7 +23,6 @@ of the unmasked one (a FlexAttention left uncompiled, which materialises every s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.gpu_check import report
 from lmtrain import TransformerLM, doc_ids
 from lmtrain.documents import document_attention, flex_attend
 
@@ -199,22 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     results.update(numbers(model.eval(), x, args.smoke))  # on the CPU the masked path is the dense SDPA mask
     results.update(attention_speed(s, device, args.smoke, rounds))
     results.update(model_speed(model.train(), x, args.smoke, rounds))
-    checks = verdicts(results)
-    results["checks"] = {name: status for name, status, _ in checks}
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    for name, status, detail in checks:
-        print(f"{'SKIP (smoke: a CPU run says nothing about FlexAttention on a GPU)' if args.smoke else status}: "
-              f"{name}: {detail}")  # fmt: skip
-    failed = [name for name, status, _ in checks if status == "FAIL"]
-    if failed and not args.smoke:
-        print(f"gpu_flex FAIL: {', '.join(failed)}")
-        return 1
-    print("gpu_flex " + ("SMOKE OK" if args.smoke else "PASS"))
-    return 0
+    smoke_reason = "a CPU run says nothing about FlexAttention on a GPU"
+    return report("gpu_flex", results, verdicts(results), args.out, args.smoke, smoke_reason)
 
 
 if __name__ == "__main__":
