@@ -266,7 +266,7 @@ def _shape_problems(c: TrainConfig) -> list[str]:
     return [f"[model] {p}" for p in shape_problems(c.model.d_model, c.model.num_heads, c.model.num_kv_heads)]
 
 
-def _document_flag_problems(c: TrainConfig) -> list[str]:
+def document_flag_problems(c: TrainConfig) -> list[str]:
     given = [f for f, v in (("--eot-id", c.data.eot_id), ("--delimiter", c.data.delimiter)) if v is not None]
     if given and not c.uses_documents:
         return [
@@ -282,7 +282,7 @@ CROSS_CHECKS = (
     (("optim.lr", "optim.min_lr"), _lr_problems),
     (("optim.lr_decay_steps", "optim.warmup_steps"), _schedule_problems),
     (("model.d_model", "model.num_heads", "model.num_kv_heads"), _shape_problems),
-    (("data.eot_id", "data.delimiter", "run.windows", "run.doc_mask"), _document_flag_problems),
+    (("data.eot_id", "data.delimiter", "run.windows", "run.doc_mask"), document_flag_problems),
 )
 
 

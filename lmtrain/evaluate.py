@@ -41,7 +41,7 @@ from lmdata import BatchLoader, LmDataError, TokenDataset
 from lmdata.docindex import DELIMITERS
 from lmdata.sampler import WINDOWS
 from lmdata.tokenizer import dataset_tokenizer, token_byte_lengths
-from lmtrain.config import FIELDS, DataConfig, RunConfig, TrainConfig, _document_flag_problems
+from lmtrain.config import FIELDS, DataConfig, RunConfig, TrainConfig, document_flag_problems
 from lmtrain.datasources import made_by, open_train, parse_sources, source_problems
 from lmtrain.documents import DocMask, document_ids, documents_of_config, saved_document_key
 from lmtrain.errors import ConfigError, LmTrainError
@@ -257,7 +257,7 @@ def _check_document_flags(eot_id: int | None, delimiter: str | None, windows: st
         documents = TrainConfig(
             data=DataConfig(eot_id=eot_id, delimiter=delimiter), run=RunConfig(windows=windows, doc_mask=doc_mask)
         )
-        problems = _document_flag_problems(documents)
+        problems = document_flag_problems(documents)
     if problems:
         raise ConfigError("; ".join(problems))
 
